@@ -1,0 +1,150 @@
+"""Flags every script shares (model, method, UCAG geometry, device, batching, output) and their checks."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from common.errors import UserError
+from methods import Explainer, build_explainer, canonical_name
+from models import DEFAULT_MODEL, ModelSpec, load_model
+from ucag import UCAG
+from ucag.geometry import REFERENCE_SIDE, PatchGrid
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) -> None:
+    parser.add_argument("method", help="explainer name, e.g. gradcam, gradcam++, xgradcam, layercam")
+    model = parser.add_argument_group("model")
+    model.add_argument("--name", default=DEFAULT_MODEL,
+                       help=f"model name (default {DEFAULT_MODEL}, embedded, offline); resnet50, vgg16, vgg19, "
+                            "densenet121, inception_v3 or any torchvision classifier")
+    model.add_argument("--weights", default="default",
+                       help="'default' (torchvision IMAGENET1K_V1 / embedded), 'random', or PATH to a state_dict")
+    model.add_argument("--target-layer", default=None, help="CAM layer (dotted module name) instead of the default")
+    ucag = parser.add_argument_group("UCAG (paper symbols in brackets)")
+    ucag.add_argument("--ucag", action="store_true", help="also compute the UCAG version of the method")
+    ucag.add_argument("-a", "--alpha", type=float, default=2.6, help="[alpha] crop upscaling factor (default 2.6)")
+    ucag.add_argument("-c", "--crop-size", type=float, default=124,
+                      help="[rho*224] crop side in the 224-px frame (default 124, rho=0.555)")
+    ucag.add_argument("-n", "--num-patches", type=int, default=6, help="[n] crops per side, n*n in all (default 6)")
+    ucag.add_argument("--patch-batch", type=int, default=64,
+                      help="crops explained per forward/backward (memory bound, default 64)")
+    ucag.add_argument("--no-confidence", action="store_true",
+                      help="uniform crop weights instead of Y = exp(softmax) (Eq. 4)")
+    ucag.add_argument("--official", action="store_true",
+                      help="official code's quirks: divide by Gamma+1, blur the final map, no confidence "
+                           "weighting unless --score")
+    ucag.add_argument("--score", action="store_true", help="with --official: weight crops by confidence")
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    run.add_argument("--batch-size", type=int, default=default_batch, help=f"images per batch (default {default_batch})")
+    run.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The device to run on; a CUDA request without a usable GPU is a user error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but no CUDA GPU is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"unsupported device '{name}' (use cpu, cuda or cuda:N)")
+    return device
+
+
+def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """n >= 2, alpha > 0, 0 < c <= 224, and scaled crops large enough for the model."""
+    if args.num_patches < 2:
+        raise UserError(f"-n/--num-patches must be at least 2 (got {args.num_patches})")
+    if not args.alpha > 0:
+        raise UserError(f"-a/--alpha must be positive (got {args.alpha})")
+    if not 0 < args.crop_size <= REFERENCE_SIDE:
+        raise UserError(f"-c/--crop-size must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), "
+                        f"got {args.crop_size}")
+    if args.patch_batch < 1:
+        raise UserError(f"--patch-batch must be at least 1 (got {args.patch_batch})")
+    grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
+    side = min(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
+    if side < spec.min_side:
+        raise UserError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha} are "
+                        f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
+
+
+def parse_target(text: str, spec: ModelSpec) -> Optional[int]:
+    """'pred' -> None (explain the prediction); an integer class index, checked against the classes."""
+    if text == "pred":
+        return None
+    try:
+        index = int(text)
+    except ValueError:
+        raise UserError(f"--target must be 'pred' or a class index, got '{text}'") from None
+    if not 0 <= index < spec.num_classes:
+        raise UserError(f"--target {index} is out of range: {spec.name} has classes 0..{spec.num_classes - 1}")
+    return index
+
+
+@dataclass
+class Setup:
+    """What a script builds from the common flags."""
+
+    device: torch.device
+    spec: ModelSpec
+    method: str
+    explainer: Explainer
+    ucag: Optional[UCAG]
+
+
+def build_setup(args: argparse.Namespace, need_ucag: Optional[bool] = None) -> Setup:
+    """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {args.workers})")
+    method = canonical_name(args.method)
+    device = resolve_device(args.device)
+    spec = load_model(args.name, args.weights, device, args.target_layer)
+    check_geometry(args, spec)
+    explainer = build_explainer(method, spec)
+    wrapped = None
+    if args.ucag if need_ucag is None else need_ucag:
+        confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)
+        wrapped = UCAG(explainer, crop=args.crop_size, n=args.num_patches, alpha=args.alpha,
+                       patch_batch=args.patch_batch, confidence=confidence, official=args.official)
+    return Setup(device, spec, method, explainer, wrapped)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
+            prog: str = "ucag") -> None:
+    """Run a script's ``main``: user errors become one stderr line and exit code 2."""
+    warnings.formatwarning = _format_warning
+    try:
+        code = main(argv)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,45 @@
+"""Pictures people look at: heat-map overlays and side-by-side panels with titles (OpenCV)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+PANEL_HEIGHT = 300
+TITLE_HEIGHT = 26
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] map (H, W) over an RGB uint8 image (H, W, 3) with the jet colormap."""
+    colored = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)
+    colored = cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1 - weight, colored, weight, 0)
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    scale = PANEL_HEIGHT / panel.shape[0]
+    panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), PANEL_HEIGHT), interpolation=cv2.INTER_AREA)
+    strip = np.full((TITLE_HEIGHT, panel.shape[1], 3), 255, np.uint8)
+    font_scale = 0.5
+    while font_scale > 0.3 and cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)[0][0] > panel.shape[1] - 8:
+        font_scale -= 0.05
+    cv2.putText(strip, title, (4, TITLE_HEIGHT - 8), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([strip, panel])
+
+
+def save_panels(path: Path, panels: Sequence[tuple[np.ndarray, str]], header: str = "") -> None:
+    """Write RGB panels side by side, each under its title, with an optional header line, as PNG."""
+    row = [_titled(image, title) for image, title in panels]
+    gap = np.full((row[0].shape[0], 6, 3), 255, np.uint8)
+    figure = row[0]
+    for panel in row[1:]:
+        figure = np.hstack([figure, gap, panel])
+    if header:
+        strip = np.full((TITLE_HEIGHT + 4, figure.shape[1], 3), 255, np.uint8)
+        cv2.putText(strip, header, (4, TITLE_HEIGHT - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        figure = np.vstack([strip, figure])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(figure, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")

@@ -1,0 +1,66 @@
+"""The explainer contract shared by every method, UCAG and the scripts.
+
+An explainer maps a batch ``x: (B, 3, H, W)`` and per-sample targets ``(B,)`` to raw, signed,
+unnormalised maps ``(B, 1, h, w)`` on ``x``'s device plus the model's logits ``(B, K)`` for ``x``.
+No ReLU, min-max or NumPy happens inside: callers post-process explicitly
+(:func:`methods.postprocess.finalize_maps`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+Targets = Optional[Union[torch.Tensor, Sequence[int], int]]
+
+
+class Explanation(NamedTuple):
+    """maps: (B, 1, h, w) raw signed saliency; logits: (B, K) model outputs for the explained batch."""
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+
+
+def as_targets(targets: Targets, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Normalise targets to a (B,) int64 tensor on ``device`` (None stays None: explain the prediction)."""
+    if targets is None:
+        return None
+    tensor = torch.as_tensor(targets, device=device).long().flatten()
+    if tensor.numel() == 1 and batch > 1:
+        tensor = tensor.expand(batch)
+    if tensor.numel() != batch:
+        raise ValueError(f"got {tensor.numel()} targets for a batch of {batch} images")
+    return tensor
+
+
+def resolve_targets(targets: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """Targets given, or the predicted classes; checks the range against the number of classes."""
+    if targets is None:
+        return logits.argmax(dim=1)
+    num_classes = logits.shape[1]
+    if bool(((targets < 0) | (targets >= num_classes)).any()):
+        raise ValueError(f"target class out of range 0..{num_classes - 1}: {targets.tolist()}")
+    return targets
+
+
+class Explainer(ABC):
+    """Base class: subclasses implement :meth:`explain` under the contract above."""
+
+    name = "explainer"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @abstractmethod
+    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+        """Maps and logits for ``x``; ``targets`` is a (B,) tensor or None for the predicted classes."""
+
+    def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+        return self.explain(x, as_targets(targets, x.shape[0], x.device))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}()"

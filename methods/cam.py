@@ -1,0 +1,105 @@
+"""CAM family: Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM.
+
+Each combines the target layer's activation A (B, C, h, w) with the gradient g = dS_k/dA of the target
+logit S_k. Maps are raw and signed (no ReLU): ``sum_c w_c A_c`` or an elementwise variant.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from methods.base import Explainer, Explanation, resolve_targets
+from methods.hooks import LayerCapture, restored_state
+
+
+class CAM(Explainer):
+    """Gradient-weighted class activation maps at ``layer``; subclasses define :meth:`combine`."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module,
+                 activation_post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        super().__init__(model)
+        self.layer = layer
+        self.activation_post = activation_post
+
+    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+        with restored_state(self.model), torch.enable_grad(), \
+                LayerCapture(self.layer, self.activation_post) as capture:
+            logits = capture.forward(self.model, x)
+            targets = resolve_targets(targets, logits)
+            score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
+            (grads,) = torch.autograd.grad(score, capture.activation)
+        activations = capture.activation.detach()
+        return Explanation(self.combine(activations, grads), logits.detach())
+
+    @abstractmethod
+    def combine(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) activations and gradients -> (B, 1, h, w) raw map."""
+
+
+class WeightedCAM(CAM):
+    """CAMs of the form M = sum_c w_c A_c; subclasses give the channel weights w_c."""
+
+    def combine(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        weights = self.channel_weights(activations, grads)
+        return (weights[:, :, None, None] * activations).sum(dim=1, keepdim=True)
+
+    @abstractmethod
+    def channel_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """(B, C) weights w_c."""
+
+
+class GradCAM(WeightedCAM):
+    """Grad-CAM (Selvaraju et al. 2017): w_c = mean over positions of g."""
+
+    name = "gradcam"
+
+    def channel_weights(self, activations, grads):
+        return grads.mean(dim=(2, 3))
+
+
+class GradCAMPlusPlus(WeightedCAM):
+    """Grad-CAM++ (Chattopadhyay et al. 2018): w_c = sum_ij alpha_ij relu(g_ij),
+    alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab g_ij^3).
+
+    ``eps`` is added to the denominator (pytorch-grad-cam uses 1e-6); the default 0 follows the authors'
+    code, which only guards zero denominators. With small gradients (g^2 near 1e-6, common at the last
+    layer) the two differ noticeably.
+    """
+
+    name = "gradcam++"
+
+    def __init__(self, *args, eps: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def channel_weights(self, activations, grads):
+        grads2 = grads.pow(2)
+        denominator = 2 * grads2 + activations.sum(dim=(2, 3), keepdim=True) * grads2 * grads + self.eps
+        denominator = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+        alpha = torch.where(grads != 0, grads2 / denominator, torch.zeros_like(grads))
+        return (alpha * grads.clamp(min=0)).sum(dim=(2, 3))
+
+
+class XGradCAM(WeightedCAM):
+    """XGrad-CAM (Fu et al. 2020): w_c = sum_ij g_ij A_ij / (sum_ij A_ij + eps)."""
+
+    name = "xgradcam"
+
+    def __init__(self, *args, eps: float = 1e-7, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def channel_weights(self, activations, grads):
+        return (grads * activations).sum(dim=(2, 3)) / (activations.sum(dim=(2, 3)) + self.eps)
+
+
+class LayerCAM(CAM):
+    """LayerCAM (Jiang et al. 2021): M = sum_c relu(g_c) * A_c, elementwise."""
+
+    name = "layercam"
+
+    def combine(self, activations, grads):
+        return (grads.clamp(min=0) * activations).sum(dim=1, keepdim=True)

@@ -1,0 +1,54 @@
+"""Turning raw maps into pictures and metric inputs: ReLU, resize, per-map min-max, official blur."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each (1, h, w) map of a (B, 1, h, w) batch to [0, 1].
+
+    Constant maps (span within float rounding of their magnitude, e.g. a resized constant) become zeros.
+    """
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    span = high - low
+    rounding = 16 * torch.finfo(maps.dtype).eps * torch.maximum(high.abs(), low.abs())
+    varies = span > rounding
+    return torch.where(varies, (maps - low) / torch.where(varies, span, torch.ones_like(span)),
+                       torch.zeros_like(maps))
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, 1, h, w) maps (anti-aliased when shrinking)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    shrinking = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def official_blur(maps: torch.Tensor) -> torch.Tensor:
+    """The official UCAG code's final smoothing: 5 x 5 Gaussian, sigma 3, reflect padding."""
+    return gaussian_blur(maps, kernel_size=[5, 5], sigma=[3.0, 3.0])
+
+
+def finalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None, relu: bool = True,
+                  blur: bool = False) -> torch.Tensor:
+    """Raw (B, 1, h, w) maps -> [0, 1] maps at ``size``: ReLU, resize, min-max.
+
+    ``blur`` reproduces the official code's UCAG output: ReLU, min-max, blur in the model's input frame,
+    then the resize (no second min-max, as there).
+    """
+    maps = maps.float()
+    if relu:
+        maps = maps.clamp(min=0)
+    if blur:
+        maps = official_blur(min_max(maps))
+        return resize_maps(maps, size) if size else maps
+    if size:
+        maps = resize_maps(maps, size)
+    return min_max(maps)

@@ -1,0 +1,53 @@
+"""One registry of explainers by name, used by every script and by UCAG."""
+from __future__ import annotations
+
+from typing import Callable
+
+from common.errors import UserError
+from methods.base import Explainer
+from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
+from models.spec import ModelSpec
+
+Builder = Callable[..., Explainer]
+_BUILDERS: dict[str, Builder] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, *aliases: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(spec, **options) -> Explainer`` available as ``name``."""
+    def decorate(builder: Builder) -> Builder:
+        _BUILDERS[name] = builder
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return builder
+    return decorate
+
+
+def available_methods() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def canonical_name(name: str) -> str:
+    """Registry name for ``name`` or an alias (case-insensitive); unknown names raise UserError."""
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in _BUILDERS:
+        raise UserError(f"unknown method '{name}'; valid names: {', '.join(available_methods())}")
+    return key
+
+
+def build_explainer(name: str, spec: ModelSpec, **options) -> Explainer:
+    """The explainer ``name`` for the model described by ``spec``."""
+    return _BUILDERS[canonical_name(name)](spec, **options)
+
+
+def _cam_builder(cls):
+    def build(spec: ModelSpec, **options) -> Explainer:
+        return cls(spec.model, spec.layer, spec.activation_post, **options)
+    return build
+
+
+register("gradcam", "grad-cam")(_cam_builder(GradCAM))
+register("gradcam++", "gradcampp", "gradcamplusplus", "grad-cam++")(_cam_builder(GradCAMPlusPlus))
+register("xgradcam", "xgrad-cam", "axiom")(_cam_builder(XGradCAM))
+register("layercam", "layer-cam")(_cam_builder(LayerCAM))

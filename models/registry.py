@@ -1,0 +1,146 @@
+"""Model registry: the embedded EfficientNet-Lite0 and torchvision classifiers by name."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from common.errors import UserError
+from models.efficientnet_lite import efficientnet_lite0, packaged_weights_path
+from models.spec import ModelSpec
+from models.target_layer import find_target_layer, get_layer
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+# The paper's models with their CAM layers (the official code's choices).
+PAPER_MODELS = {
+    "resnet50": dict(target_layer="layer4"),
+    "vgg16": dict(target_layer="features.29"),
+    "vgg19": dict(target_layer="features.35"),
+    "densenet121": dict(target_layer="features", activation_post=torch.relu),
+    "inception_v3": dict(target_layer="Mixed_7c", min_side=75),
+}
+# Architecture arguments that the pretrained checkpoints of these models were saved with.
+PRETRAINED_ARCH_KWARGS = {
+    "inception_v3": dict(transform_input=True, aux_logits=True, init_weights=False),
+    "googlenet": dict(transform_input=True, aux_logits=True, init_weights=False),
+}
+MIN_SIDE = {"inception_v3": 75, "googlenet": 15}
+
+
+def torchvision_classifiers() -> list[str]:
+    """Names of torchvision's ImageNet classification models."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available_models() -> list[str]:
+    return [DEFAULT_MODEL] + torchvision_classifiers()
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names in the standard (torchvision) order."""
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _read_state_dict(path: str) -> dict:
+    """A state_dict from a file: plain, nested under 'state_dict'/'model', or saved from DataParallel."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"weights file not found: {file}")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and format errors all mean the same to a user
+        raise UserError(f"cannot read weights file {file}: {exc.__class__.__name__}: {exc}") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights file {file} does not hold a state_dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_into(model: nn.Module, state_dict: dict, name: str, path: str) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise UserError(f"weights file {path} does not fit {name}: {detail[:300]}") from None
+
+
+def _warn_random(name: str) -> None:
+    warnings.warn(f"{name} uses RANDOM weights: maps show the pipeline, not a trained model's evidence",
+                  stacklevel=3)
+
+
+def _default_weights_enum(name: str):
+    weights_enum = torchvision.models.get_model_weights(name)
+    return getattr(weights_enum, "IMAGENET1K_V1", None) or weights_enum.DEFAULT
+
+
+def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, int]:
+    """Build a torchvision classifier; returns (model, input side)."""
+    enum = _default_weights_enum(name)
+    side = int(enum.transforms().crop_size[0])
+    if weights == "random":
+        _warn_random(name)
+        quiet_init = {"init_weights": False} if name in PRETRAINED_ARCH_KWARGS else {}
+        return torchvision.models.get_model(name, weights=None, **quiet_init), side
+    if weights == "default":
+        cache_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+        try:
+            return torchvision.models.get_model(name, weights=enum), side
+        except (URLError, OSError, ConnectionError, TimeoutError) as exc:
+            raise UserError(
+                f"{name} weights {enum} are not cached and cannot be downloaded ({exc.__class__.__name__}): "
+                f"put {Path(enum.url).name} at {cache_file} (or set TORCH_HOME), "
+                f"or pass --weights PATH to a local state_dict, or --weights random") from None
+    model = torchvision.models.get_model(name, weights=None, **PRETRAINED_ARCH_KWARGS.get(name, {}))
+    _load_into(model, _read_state_dict(weights), name, weights)
+    return model, side
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str | torch.device = "cpu",
+               target_layer: str | None = None) -> ModelSpec:
+    """Build a classifier by name, ready for explanation.
+
+    weights: 'default' (embedded ImageNet weights for efficientnet_lite0; torchvision's IMAGENET1K_V1,
+    from the torch hub cache or downloaded, for the others), 'random', or a path to a state_dict.
+    target_layer: overrides the CAM layer (dotted module name).
+    """
+    categories = imagenet_categories()
+    if name == DEFAULT_MODEL:
+        if weights == "random":
+            _warn_random(name)
+            state_dict = None
+        else:
+            path = str(packaged_weights_path()) if weights == "default" else weights
+            state_dict = _read_state_dict(path)
+        try:
+            model = efficientnet_lite0(state_dict)
+        except RuntimeError as exc:
+            raise UserError(f"weights file {weights} does not fit {name}: {str(exc).splitlines()[0]}") from None
+        spec = ModelSpec(name, model, "head", categories)
+    elif name in torchvision_classifiers():
+        model, side = _torchvision_model(name, weights)
+        known = dict(PAPER_MODELS.get(name, {}))
+        known.setdefault("min_side", MIN_SIDE.get(name, 32))
+        spec = ModelSpec(name, model, known.pop("target_layer", ""), categories, input_size=(side, side), **known)
+    else:
+        raise UserError(f"unknown model '{name}'; valid names: {', '.join(available_models())}")
+    spec.weights = weights
+    spec.model.eval().to(device)
+    if target_layer:
+        spec.target_layer = target_layer
+        spec.activation_post = None
+    if not spec.target_layer:
+        spec.target_layer = find_target_layer(spec.model, spec.input_size)
+    get_layer(spec.model, spec.target_layer)
+    return spec

@@ -1,0 +1,51 @@
+"""What the rest of the toolkit needs to know about a classifier: the network, its CAM layer, its input."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelSpec:
+    """A classifier ready for explanation.
+
+    name: registry name. model: the network in eval mode. target_layer: dotted module name whose
+    output is the CAM activation A. activation_post: an idempotent op applied to that output before it
+    is used as A (DenseNet's final ReLU lives in ``forward``, not in a module). input_size: (H, W) the
+    image is resized to, without cropping. min_side: smallest input side the architecture accepts.
+    """
+
+    name: str
+    model: nn.Module
+    target_layer: str
+    categories: list[str]
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    activation_post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    min_side: int = 32
+    weights: str = "default"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layer(self) -> nn.Module:
+        """The target layer module."""
+        return self.model.get_submodule(self.target_layer)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "ModelSpec":
+        self.model.to(device)
+        return self

@@ -1,0 +1,55 @@
+"""Finding the CAM target layer: the last module with a spatial 4-D output before global pooling."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+
+POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` with a one-line error that suggests names."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        tops = ", ".join(n for n, _ in model.named_children())
+        raise UserError(f"target layer '{name}' not found in the model (top-level modules: {tops})") from None
+
+
+@torch.no_grad()
+def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
+    """Name of the last non-pooling module whose output is (B, C, h, w) with h*w > 1.
+
+    The outermost of the enclosing modules that finish right after it (a residual block and its stage, an
+    Inception block that concatenates its branches) is chosen, as long as their output is still spatial.
+    """
+    records: list[tuple[str, torch.Tensor, nn.Module]] = []
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: records.append((name, o, m)))
+        for name, module in model.named_modules() if name
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for index in range(len(records) - 1, -1, -1):
+        name, output, module = records[index]
+        spatial = isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1
+        is_leaf = next(module.children(), None) is None
+        if spatial and is_leaf and not isinstance(module, POOLING):
+            best = name
+            for later_name, later_output, _ in records[index + 1:]:
+                encloses = best.startswith(later_name + ".")
+                if not (encloses and isinstance(later_output, torch.Tensor) and later_output.dim() == 4
+                        and later_output.shape[-1] * later_output.shape[-2] > 1):
+                    break
+                best = later_name
+            return best
+    raise UserError("could not find a convolutional target layer automatically; pass --target-layer NAME")

@@ -1,0 +1,147 @@
+"""visualization.py end to end on the bundled photos, and one clear line for every bad input."""
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visualization
+from common.cli import run_cli
+from common.images import load_rgb
+from tests.conftest import EXAMPLES, REPO
+
+FAST = ["-n", "3", "-a", "1.3", "--workers", "0"]
+
+
+def run(argv, capsys):
+    """Run visualization.py in-process like the shell does: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(visualization.main, argv, prog=visualization.PROG)
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_examples_end_to_end(tmp_path, capsys):
+    code, out, err = run(["gradcam", "--ucag", *FAST, "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert [row["class"] for row in rows] == ["tripod", "Egyptian cat", "espresso", "moped"]
+    for image_path in sorted(EXAMPLES.iterdir()):
+        height, width = load_rgb(image_path).shape[:2]
+        for suffix in ["", "_ucag"]:
+            saliency = np.load(tmp_path / f"{image_path.stem}_gradcam{suffix}.npy")
+            assert saliency.dtype == np.float32 and saliency.shape == (height, width)
+            assert saliency.min() == 0.0 and saliency.max() == 1.0
+        figure = np.asarray(Image.open(tmp_path / f"{image_path.stem}_gradcam.png"))
+        panel_width = round(width * 300 / height)
+        assert figure.shape[1] == 3 * panel_width + 2 * 6  # input | map | UCAG map, 300 px high
+    assert (tmp_path / "skipped.txt").read_text() == ""
+    assert "wrote maps of 4 image(s)" in out
+
+
+def test_default_geometry_single_image_matches_library(tmp_path, capsys, lite):
+    image = EXAMPLES / "chelsea.jpg"
+    code, _, err = run(["layercam", "--ucag", "--img-path", str(image), "--out", str(tmp_path), "--device", "cpu"],
+                       capsys)
+    assert code == 0, err
+    from methods import build_explainer, finalize_maps
+    from models import preprocess
+    from ucag import UCAG
+    rgb = load_rgb(image)
+    x = preprocess([rgb], lite, "cpu")
+    ucag = UCAG(build_explainer("layercam", lite), crop=124, n=6, alpha=2.6)
+    expected = finalize_maps(ucag(x).maps, rgb.shape[:2])[0, 0].numpy()
+    assert np.allclose(np.load(tmp_path / "chelsea_layercam_ucag.npy"), expected, atol=1e-4)
+
+
+def test_official_mode_and_fixed_target(tmp_path, capsys):
+    code, _, err = run(["gradcam++", "--ucag", "--official", *FAST, "--target", "281",
+                        "--img-path", str(EXAMPLES / "chelsea.jpg"), "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    row = next(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert row["target"] == "281" and row["class"] == "tabby"
+    blurred = np.load(tmp_path / "chelsea_gradcam++_ucag.npy")
+    assert 0 <= blurred.min() and blurred.max() <= 1
+
+
+def make_messy_folder(root):
+    """Class sub-folders with grayscale, RGBA, palette, 16-bit, tiny and corrupt files."""
+    (root / "n02123045").mkdir(parents=True)
+    (root / "n07920052").mkdir()
+    shutil.copy(EXAMPLES / "chelsea.jpg", root / "n02123045" / "cat.jpg")
+    cat = load_rgb(EXAMPLES / "chelsea.jpg")
+    Image.fromarray(cat).convert("L").save(root / "n02123045" / "gray.png")
+    Image.fromarray(cat).convert("RGBA").save(root / "n02123045" / "alpha.png")
+    Image.fromarray(cat).convert("P").save(root / "n07920052" / "palette.png")
+    Image.fromarray((load_rgb(EXAMPLES / "camera.png")[..., 0].astype(np.uint16) * 257)).save(root / "deep16.png")
+    Image.fromarray(cat[:20, :30]).save(root / "tiny.png")
+    (root / "n07920052" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+
+
+def test_folder_run_converts_odd_images_and_skips_bad_ones(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_messy_folder(data)
+    code, stdout, err = run(["xgradcam", "--ucag", *FAST, "--img-path", str(data), "--out", str(out),
+                             "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert "skipped" in err + stdout and "broken.jpg" in (out / "skipped.txt").read_text()
+    assert "smaller than a crop" in err + stdout
+    for stem in ["n02123045/cat", "n02123045/gray", "n02123045/alpha", "n07920052/palette", "deep16", "tiny"]:
+        assert (out / f"{stem}_xgradcam.png").exists() and (out / f"{stem}_xgradcam_ucag.npy").exists()
+    assert np.load(out / "tiny_xgradcam.npy").shape == (20, 30)
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 6
+
+
+def corrupt(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG garbage")
+    return str(path)
+
+
+BAD_INPUTS = [
+    (lambda t: ["gradcam", "--img-path", str(t / "missing")], "does not exist"),
+    (lambda t: ["gradcam", "--img-path", str(t)], "no image files"),
+    (lambda t: ["gradcam", "--img-path", corrupt(t)], "cannot read image"),
+    (lambda t: ["gradcam", "--name", "resnet9000"], "unknown model 'resnet9000'; valid names: efficientnet_lite0"),
+    (lambda t: ["gradcrap"], "unknown method 'gradcrap'; valid names: gradcam"),
+    (lambda t: ["gradcam", "--ucag", "-n", "1"], "at least 2"),
+    (lambda t: ["gradcam", "--ucag", "-a", "0"], "alpha must be positive"),
+    (lambda t: ["gradcam", "--ucag", "-a", "-1"], "alpha must be positive"),
+    (lambda t: ["gradcam", "--ucag", "-c", "300"], "crop-size must be in (0, 224]"),
+    (lambda t: ["gradcam", "--ucag", "-c", "20", "-a", "0.5"], "below the 32 px"),
+    (lambda t: ["gradcam", "--target", "1000"], "out of range"),
+    (lambda t: ["gradcam", "--target", "cat"], "'pred' or a class index"),
+    (lambda t: ["gradcam", "--weights", str(t / "nope.pth")], "weights file not found"),
+    (lambda t: ["gradcam", "--target-layer", "nothere"], "target layer 'nothere' not found"),
+    (lambda t: ["gradcam", "--batch-size", "0"], "batch-size must be at least 1"),
+    (lambda t: ["gradcam", "--device", "tpu"], "device"),
+    (lambda t: ["gradcam", "-n", "two"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("make_argv,message", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_2(make_argv, message, tmp_path, capsys):
+    code, _, err = run(make_argv(tmp_path) + ["--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line and not line.startswith("warning:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("visualization.py: error: ")
+    assert message in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu(tmp_path, capsys):
+    code, _, err = run(["gradcam", "--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no CUDA GPU is available" in err
+
+
+def test_script_as_a_subprocess_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "visualization.py", "gradcam", "--ucag", "-n", "1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "visualization.py: error: -n/--num-patches must be at least 2 (got 1)"]

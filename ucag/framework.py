@@ -1,0 +1,97 @@
+"""UCAG (Hong et al., AAAI 2023): unfold, explain every crop at scale alpha, conquer with confidence.
+
+For an input I and target k:
+  I_s = Psi(U(I, rho, n), alpha)                 crops, bicubic upscaling by alpha      (Eq. 1)
+  E_s = E(I_s, f, k)                             any explainer, raw partial maps        (Eq. 2-3)
+  Y_s = exp(softmax(f(I_s))_k)                   patch confidence                       (Eq. 4)
+  M_s = Psi(E_s * Y_s, beta)                     weighted and resized back to the crop  (Eq. 5)
+  M   = V(M_s, Gamma)                            folded, divided by the duplication     (Eq. 6)
+The result is raw and signed like any explainer's; :func:`methods.postprocess.finalize_maps` applies
+the final ReLU, resize and min-max (``UCAG.finalize`` adds the official blur in ``official`` mode).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from methods.base import Explainer, Explanation, resolve_targets
+from methods.hooks import restored_state
+from methods.postprocess import finalize_maps
+from ucag.geometry import PatchGrid
+
+
+def patch_confidence(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Y = exp(softmax(logits)[target]) per patch (paper Eq. 4)."""
+    return torch.softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1).exp()
+
+
+class UCAG(Explainer):
+    """Wraps ``explainer`` (any registered method) into Unfold and Conquer Attribution Guidance.
+
+    crop: c, crop side in the 224 frame (rho = c/224). n: crops per side. alpha: upscaling factor.
+    patch_batch: crops explained per call (the memory bound). confidence: weight partial maps by Y.
+    official: reproduce the official code (divide by Gamma + 1, blur the final map, and no confidence
+    weighting unless ``confidence`` is passed explicitly).
+    """
+
+    name = "ucag"
+
+    def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
+                 patch_batch: int = 64, confidence: Optional[bool] = None, official: bool = False,
+                 progress: bool = False):
+        super().__init__(explainer.model)
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        if patch_batch < 1:
+            raise ValueError(f"patch_batch must be at least 1, got {patch_batch}")
+        self.explainer, self.crop, self.n, self.alpha = explainer, crop, n, alpha
+        self.patch_batch, self.official, self.progress = patch_batch, official, progress
+        self.confidence = (not official) if confidence is None else confidence
+
+    def grid(self, height: int, width: int) -> PatchGrid:
+        return PatchGrid(height, width, self.crop, self.n)
+
+    def scaled_size(self, grid: PatchGrid) -> tuple[int, int]:
+        """(int(ch * alpha), int(cw * alpha)): the side of each crop given to the explainer."""
+        ch, cw = grid.crop_size
+        return int(ch * self.alpha), int(cw * self.alpha)
+
+    @torch.no_grad()
+    def _image_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with restored_state(self.model):
+            return self.model(x)
+
+    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+        batch, _, height, width = x.shape
+        grid = self.grid(height, width)
+        logits = self._image_logits(x)
+        targets = resolve_targets(targets, logits)
+        crops = grid.unfold(x)                                   # (B*n*n, 3, ch, cw)
+        crop_targets = targets.repeat_interleave(grid.num_patches)
+        scaled = self.scaled_size(grid)
+        partial = torch.empty(crops.shape[0], *grid.crop_size, device=x.device, dtype=torch.float32)
+        starts = range(0, crops.shape[0], self.patch_batch)
+        for start in tqdm(starts, desc="UCAG patches", leave=False, disable=not self.progress):
+            stop = start + self.patch_batch
+            chunk = F.interpolate(crops[start:stop], size=scaled, mode="bicubic", align_corners=False)
+            maps, chunk_logits = self.explainer(chunk, crop_targets[start:stop])
+            maps = maps.float()
+            if self.confidence:
+                maps = maps * patch_confidence(chunk_logits, crop_targets[start:stop]).view(-1, 1, 1, 1)
+            shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
+            partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
+                                                align_corners=False, antialias=shrinking)[:, 0]
+        gamma = grid.duplication(x.device)
+        folded = grid.fold(partial) / (gamma + 1 if self.official else gamma)
+        return Explanation(folded, logits)
+
+    def finalize(self, maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Final [0, 1] UCAG maps: ReLU, resize, min-max (official mode: blur as the official code)."""
+        return finalize_maps(maps, size, blur=self.official)
+
+    def __repr__(self) -> str:
+        return (f"UCAG({self.explainer!r}, c={self.crop}, n={self.n}, alpha={self.alpha}, "
+                f"confidence={self.confidence}, official={self.official})")

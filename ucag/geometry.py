@@ -1,0 +1,101 @@
+"""Spatial unfoldment U(I, rho, n) and its inverse fold V(., Gamma) for an n x n grid of crops.
+
+Crop size ch x cw = int(c*H/224) x int(c*W/224) (c in the 224-pixel frame, rho = c/224), stride
+(H - ch) // (n - 1) per axis; when that does not divide evenly the last crop is placed flush with the
+border, so every pixel is covered. Patch (i, j) is number i*n + j (row-major), as ``x.unfold``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+REFERENCE_SIDE = 224  # c is given in a 224-pixel frame (paper: rho = c / 224)
+
+
+def crop_starts(size: int, crop: int, n: int) -> list[int]:
+    """First row (or column) of each of the n crops along an axis of ``size`` pixels."""
+    if not 1 <= crop <= size:
+        raise ValueError(f"crop of {crop} px does not fit an axis of {size} px")
+    stride = (size - crop) // (n - 1)
+    starts = [stride * i for i in range(n)]
+    starts[-1] = size - crop
+    return starts
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Geometry of UCAG's n x n crops of an (H, W) input; c is the crop size in the 224 frame."""
+
+    height: int
+    width: int
+    crop: float = 124
+    n: int = 6
+
+    def __post_init__(self):
+        if self.n < 2:
+            raise ValueError(f"n must be at least 2, got {self.n}")
+        if not 0 < self.crop <= REFERENCE_SIDE:
+            raise ValueError(f"crop size c must be in (0, {REFERENCE_SIDE}], got {self.crop}")
+        if self.crop_size[0] < 1 or self.crop_size[1] < 1:
+            raise ValueError(f"crop size c={self.crop} gives an empty crop on a {self.height}x{self.width} input")
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """(ch, cw) in pixels."""
+        return int(self.crop * self.height / REFERENCE_SIDE), int(self.crop * self.width / REFERENCE_SIDE)
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """(sh, sw): spacing of all crops but possibly the last on each axis."""
+        ch, cw = self.crop_size
+        return (self.height - ch) // (self.n - 1), (self.width - cw) // (self.n - 1)
+
+    @cached_property
+    def row_starts(self) -> list[int]:
+        return crop_starts(self.height, self.crop_size[0], self.n)
+
+    @cached_property
+    def col_starts(self) -> list[int]:
+        return crop_starts(self.width, self.crop_size[1], self.n)
+
+    @property
+    def num_patches(self) -> int:
+        return self.n * self.n
+
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """(top, left, bottom, right) of each patch, bottom/right exclusive, in patch order."""
+        ch, cw = self.crop_size
+        return [(top, left, top + ch, left + cw) for top in self.row_starts for left in self.col_starts]
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ch, cw = self.crop_size
+        rows = torch.tensor(self.row_starts, device=device)[:, None] + torch.arange(ch, device=device)
+        cols = torch.tensor(self.col_starts, device=device)[:, None] + torch.arange(cw, device=device)
+        return rows, cols  # (n, ch), (n, cw)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B * n * n, C, ch, cw): every crop of every image, image-major."""
+        batch, channels = x.shape[:2]
+        ch, cw = self.crop_size
+        rows, cols = self._indices(x.device)
+        crops = x[:, :, rows.flatten()][..., cols.flatten()]  # (B, C, n*ch, n*cw)
+        crops = crops.view(batch, channels, self.n, ch, self.n, cw).permute(0, 2, 4, 1, 3, 5)
+        return crops.reshape(batch * self.num_patches, channels, ch, cw)
+
+    def fold(self, patches: torch.Tensor) -> torch.Tensor:
+        """Sum (B * n * n, ch, cw) patch maps back into (B, 1, H, W) (no division)."""
+        ch, cw = self.crop_size
+        batch = patches.shape[0] // self.num_patches
+        rows, cols = self._indices(patches.device)
+        # linear pixel index of every patch pixel, in the same order as the patches
+        index = (rows[:, None, :, None] * self.width + cols[None, :, None, :]).flatten()
+        out = torch.zeros(batch, self.height * self.width, device=patches.device, dtype=patches.dtype)
+        out.index_add_(1, index, patches.reshape(batch, -1))
+        return out.view(batch, 1, self.height, self.width)
+
+    def duplication(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Gamma: (1, 1, H, W) number of crops covering each pixel."""
+        ones = torch.ones(self.num_patches, *self.crop_size, device=device, dtype=dtype)
+        return self.fold(ones)

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Saliency maps of a method (and its UCAG version) for an image or a folder of images.
+
+    python visualization.py gradcam --ucag -a 2.6 -c 124 -n 6
+    python visualization.py gradcam --ucag --name resnet50 --img-path /data/imagenet/val --device cuda
+
+For every image, writes under --out (mirroring sub-folders): <stem>_<method>.png (input, map overlay and,
+with --ucag, the UCAG overlay), <stem>_<method>.npy and <stem>_<method>_ucag.npy (float32, original
+H x W, values in [0, 1]); plus predictions.csv and skipped.txt for the whole run.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common.cli import Parser, Setup, add_common_flags, build_setup, parse_target, run_cli
+from common.errors import UserError
+from common.images import find_images, load_rgb
+from common.render import overlay, save_panels
+from evaluation.data import ImageRecord, image_batches
+from methods import finalize_maps
+from models import preprocess
+
+PROG = "visualization.py"
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
+    add_common_flags(parser)
+    parser.add_argument("--img-path", default="examples", help="image file or folder, read recursively (default examples/)")
+    parser.add_argument("--target", default="pred", help="'pred' (predicted class, default) or a class index")
+    parser.add_argument("--out", default="results", help="output folder (default results/)")
+    return parser
+
+
+def output_stem(record: ImageRecord, root: Path, out: Path, method: str) -> Path:
+    """out/<sub-folders of the image below root>/<stem>_<method>."""
+    try:
+        relative = record.path.parent.relative_to(root)
+    except ValueError:
+        relative = Path()
+    return out / relative / f"{record.path.stem}_{method}"
+
+
+def explain_batch(setup: Setup, records: list[ImageRecord], target: Optional[int]):
+    """Raw maps of the method (and UCAG) for a batch of decoded images, with targets and probabilities."""
+    x = preprocess([record.image for record in records], setup.spec, setup.device)
+    targets = None if target is None else torch.full((len(records),), target, device=setup.device)
+    base = setup.explainer(x, targets)
+    probabilities = torch.softmax(base.logits.float(), dim=1)
+    targets = base.logits.argmax(dim=1) if targets is None else targets
+    ucag_maps = setup.ucag(x, targets).maps if setup.ucag is not None else None
+    return base.maps, ucag_maps, targets, probabilities.gather(1, targets[:, None])[:, 0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup = build_setup(args)
+    target = parse_target(args.target, setup.spec)
+    files = find_images(args.img_path)
+    if len(files) == 1:
+        load_rgb(files[0])  # a single unreadable file is an error, not a skip
+    root = Path(args.img_path) if Path(args.img_path).is_dir() else Path(args.img_path).parent
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = setup.method if setup.ucag is None else f"{setup.method}+UCAG"
+    print(f"{label} on {setup.spec.name} ({setup.spec.weights} weights, layer {setup.spec.target_layer}) "
+          f"over {len(files)} image(s), device {setup.device}")
+    smallest_crop = int(args.crop_size * min(setup.spec.input_size) / 224)
+    rows, skipped = [], []
+    bar = tqdm(total=len(files), unit="img", desc=label)
+    for batch in image_batches(files, args.batch_size, args.workers if len(files) > 1 else 0):
+        for record in batch:
+            if record.error:
+                skipped.append(record)
+                tqdm.write(f"skipped {record.path}: {record.error}")
+        records = [record for record in batch if record.image is not None]
+        if records:
+            base_maps, ucag_maps, targets, probs = explain_batch(setup, records, target)
+            for i, record in enumerate(records):
+                rows.append(save_outputs(setup, args, record, root, out, base_maps[i:i + 1],
+                                         None if ucag_maps is None else ucag_maps[i:i + 1],
+                                         int(targets[i]), float(probs[i]), smallest_crop))
+        bar.update(len(batch))
+    bar.close()
+    write_run_files(out, rows, skipped, setup.ucag is not None)
+    print(f"wrote maps of {len(rows)} image(s) to {out}/" + (f"; skipped {len(skipped)} (see skipped.txt)" if skipped else ""))
+    if not rows:
+        raise_no_images(skipped)
+    return 0
+
+
+def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path, base_map: torch.Tensor,
+                 ucag_map: Optional[torch.Tensor], target: int, prob: float, smallest_crop: int) -> dict:
+    """Write the .npy maps and the .png panel of one image; returns its predictions.csv row."""
+    height, width = record.image.shape[:2]
+    if min(height, width) < smallest_crop:
+        tqdm.write(f"note: {record.path} ({width}x{height}) is smaller than a crop; upsampled to "
+                   f"{setup.spec.input_size[1]}x{setup.spec.input_size[0]} before unfolding")
+    stem = output_stem(record, root, out, setup.method)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
+    base = finalize_maps(base_map, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+    np.save(f"{stem}.npy", base)
+    panels = [(record.image, "input"), (overlay(record.image, base), setup.method)]
+    if ucag_map is not None:
+        final = setup.ucag.finalize(ucag_map, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+        np.save(f"{stem}_ucag.npy", final)
+        panels.append((overlay(record.image, final), f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, "
+                                                     f"n={args.num_patches})"))
+    save_panels(Path(f"{stem}.png"), panels, header=f"{record.path.name}: {class_name} (class {target}), p={prob:.3f}")
+    return {"file": str(record.path), "target": target, "class": class_name, "probability": f"{prob:.6f}",
+            "figure": f"{stem}.png"}
+
+
+def write_run_files(out: Path, rows: list[dict], skipped: list[ImageRecord], with_ucag: bool) -> None:
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "target", "class", "probability", "figure"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "skipped.txt", "w") as handle:
+        handle.writelines(f"{record.path}\t{record.error}\n" for record in skipped)
+
+
+def raise_no_images(skipped: list[ImageRecord]) -> None:
+    raise UserError(f"none of the {len(skipped)} image files could be read (see skipped.txt)")
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)
