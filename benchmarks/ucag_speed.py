@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""UCAG speed against its floor: per-image time of the base method, of UCAG, and of a no-grad forward of
+the same n*n alpha-upscaled crops (the floor, in the same chunk size), with ratios and peak memory.
+
+    python benchmarks/ucag_speed.py                       # embedded model + random resnet50, CPU or GPU
+    python benchmarks/ucag_speed.py --device cuda --images 16 --patch-batch 288
+
+Target: UCAG(GradCAM) <= 1.15 x floor.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import resolve_device  # noqa: E402
+from common.images import find_images, load_rgb  # noqa: E402
+from methods import build_explainer  # noqa: E402
+from models import load_model, preprocess  # noqa: E402
+from ucag import UCAG  # noqa: E402
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Best wall time of ``repeats`` runs after one warm-up (seconds)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_memory(device: torch.device, fn) -> str:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU"
+    fn()
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS (process peak)"
+
+
+def bench_model(name: str, weights: str, args, device: torch.device) -> None:
+    torch.manual_seed(0)
+    spec = load_model(name, weights, device)
+    photos = [load_rgb(p) for p in find_images(Path(__file__).resolve().parents[1] / "examples")]
+    photos = (photos * args.images)[:args.images]
+    x = preprocess(photos, spec, device)
+    explainer = build_explainer(args.method, spec)
+    ucag = UCAG(explainer, crop=args.crop, n=args.n, alpha=args.alpha, patch_batch=args.patch_batch)
+    grid = ucag.grid(*x.shape[-2:])
+    crops = F.interpolate(grid.unfold(x), size=ucag.scaled_size(grid), mode="bicubic", align_corners=False)
+
+    @torch.no_grad()
+    def floor():
+        for start in range(0, crops.shape[0], args.patch_batch):
+            spec.model(crops[start:start + args.patch_batch])
+
+    base_s = timed(lambda: explainer(x), device, args.repeats)
+    ucag_s = timed(lambda: ucag(x), device, args.repeats)
+    floor_s = timed(floor, device, args.repeats)
+    memory = peak_memory(device, lambda: ucag(x))
+    per = lambda s: f"{1000 * s / args.images:8.1f} ms"  # noqa: E731
+    print(f"{name:<20} {args.method} base {per(base_s)} | UCAG {per(ucag_s)} | floor {per(floor_s)} "
+          f"| UCAG/floor {ucag_s / floor_s:5.2f} x | UCAG/base {ucag_s / base_s:6.1f} x | peak {memory}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--images", type=int, default=2, help="images per batch (default 2)")
+    parser.add_argument("--patch-batch", type=int, default=36)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("-n", type=int, default=6)
+    parser.add_argument("-a", "--alpha", type=float, default=2.6)
+    parser.add_argument("-c", "--crop", type=float, default=124)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    warnings.simplefilter("ignore")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {gpu}; n={args.n}, alpha={args.alpha}, c={args.crop}, "
+          f"{args.images} image(s)/batch, patch batch {args.patch_batch}; per-image times, best of {args.repeats}")
+    for name in args.models:
+        bench_model(name, "default" if name == "efficientnet_lite0" else "random", args, device)
+
+
+if __name__ == "__main__":
+    main()
