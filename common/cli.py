@@ -52,6 +52,20 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     run.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
 
 
+def add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the dataset evaluation scripts (insdel.py, density.py)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--img-path", required=True,
+                      help="ImageNet val class folders, a flat folder (+ --labels), or any folder of images")
+    data.add_argument("--labels", default=None,
+                      help="labels for a flat folder: devkit ILSVRC2012_validation_ground_truth.txt (meta.mat "
+                           "beside it), a text file with one class index or wnid per image, or a CSV file,label")
+    data.add_argument("--target", choices=["gt", "pred"], default=None,
+                      help="class to explain: ground truth (default when labels exist) or the prediction")
+    data.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    data.add_argument("--out", required=True, help="output folder; a rerun with the same folder resumes")
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     """The device to run on; a CUDA request without a usable GPU is a user error."""
     if name is None:

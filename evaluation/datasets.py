@@ -1,0 +1,128 @@
+"""Which images to evaluate and their ground-truth classes.
+
+Layouts: ImageNet val as class folders (``n01440764/*.JPEG``; index = position of the wnid in the
+standard sorted list of the 1000 ImageNet wnids, torchvision's class order), a flat folder plus a labels
+file (the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with ``meta.mat`` beside it, a text file
+with one class index or wnid per line in sorted file-name order, or a CSV ``file,label``), or any folder
+of images (no labels: the target is the model's prediction).
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence
+
+from common.errors import UserError
+from common.images import find_images
+
+WNID = re.compile(r"^n\d{8}$")
+RESOURCES = Path(__file__).resolve().parent / "resources"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to evaluate: its path, a stable key for results, and its label (None: unknown)."""
+
+    path: Path
+    key: str
+    label: Optional[int] = None
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in the standard (sorted, torchvision) class order."""
+    return tuple((RESOURCES / "imagenet_wnids.txt").read_text().split())
+
+
+def wnid_index(wnid: str) -> int:
+    try:
+        return imagenet_wnids().index(wnid)
+    except ValueError:
+        raise UserError(f"'{wnid}' is not one of the 1000 ImageNet-1k wnids") from None
+
+
+def _parse_label(text: str, where: str, num_classes: int) -> int:
+    text = text.strip()
+    if WNID.match(text):
+        return wnid_index(text)
+    try:
+        label = int(text)
+    except ValueError:
+        raise UserError(f"{where}: label '{text}' is neither a class index nor a wnid") from None
+    if not 0 <= label < num_classes:
+        raise UserError(f"{where}: class index {label} is outside 0..{num_classes - 1}")
+    return label
+
+
+def _devkit_labels(path: Path) -> list[int]:
+    """ILSVRC2012_IDs (1-based, devkit order) -> torchvision indices through the devkit's meta.mat."""
+    meta = path.parent / "meta.mat"
+    if not meta.is_file():
+        raise UserError(f"{path.name} holds devkit ILSVRC2012_IDs; their mapping needs {meta} "
+                        "(the devkit's data/meta.mat) beside it")
+    from torchvision.datasets.imagenet import parse_meta_mat
+    index_to_wnid, _ = parse_meta_mat(str(path.parent.parent))
+    labels = []
+    for number, line in enumerate(path.read_text().split(), 1):
+        ilsvrc_id = int(line)
+        if ilsvrc_id not in index_to_wnid:
+            raise UserError(f"{path}:{number}: ILSVRC2012_ID {ilsvrc_id} not in meta.mat")
+        labels.append(wnid_index(index_to_wnid[ilsvrc_id]))
+    return labels
+
+
+def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: int) -> list[int]:
+    if not labels_file.is_file():
+        raise UserError(f"labels file not found: {labels_file}")
+    if labels_file.suffix.lower() == ".csv":
+        with open(labels_file, newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+        if rows and rows[0][0].strip().lower() in ("file", "filename", "image", "path"):
+            rows = rows[1:]
+        by_name = {}
+        for number, row in enumerate(rows, 1):
+            if len(row) < 2:
+                raise UserError(f"{labels_file}:{number}: expected 'file,label'")
+            by_name[row[0].strip()] = _parse_label(row[1], f"{labels_file}:{number}", num_classes)
+        missing = [f for f in files if f.relative_to(root).as_posix() not in by_name and f.name not in by_name]
+        if missing:
+            raise UserError(f"labels file {labels_file} has no label for {len(missing)} of {len(files)} images "
+                            f"(first: {missing[0].name})")
+        return [by_name.get(f.relative_to(root).as_posix(), by_name.get(f.name)) for f in files]
+    if labels_file.name.startswith("ILSVRC2012_validation_ground_truth"):
+        labels = _devkit_labels(labels_file)
+    else:
+        lines = [line for line in labels_file.read_text().splitlines() if line.strip()]
+        labels = [_parse_label(line.split()[-1], f"{labels_file}:{n}", num_classes) for n, line in enumerate(lines, 1)]
+    if len(labels) != len(files):
+        raise UserError(f"labels file {labels_file} has {len(labels)} labels but {root} holds {len(files)} images "
+                        "(one label per image, in sorted file-name order)")
+    return labels
+
+
+def discover(img_path: str | Path, labels_file: Optional[str | Path] = None, num_classes: int = 1000,
+             need_labels: bool = False) -> list[Sample]:
+    """The samples under ``img_path`` with labels from class folders or ``labels_file``.
+
+    need_labels: the caller evaluates ground-truth classes, so images without a label are an error.
+    """
+    root = Path(img_path)
+    files = find_images(root)
+    root = root if root.is_dir() else root.parent
+    keys = [f.relative_to(root).as_posix() for f in files]
+    if labels_file is not None:
+        labels: Sequence[Optional[int]] = _labels_for(files, root, Path(labels_file), num_classes)
+    elif all(WNID.match(f.parent.name) for f in files):
+        if num_classes != 1000:
+            raise UserError("class folders name ImageNet-1k wnids but the model has "
+                            f"{num_classes} classes; pass --target pred or --labels")
+        labels = [wnid_index(f.parent.name) for f in files]
+    else:
+        if need_labels:
+            raise UserError(f"--target gt needs ground truth: ImageNet class folders (n01440764/...) under "
+                            f"{img_path} or --labels FILE; use --target pred for a plain folder")
+        labels = [None] * len(files)
+    return [Sample(f, key, label) for f, key, label in zip(files, keys, labels)]

@@ -1,0 +1,105 @@
+"""Writing a finished run: per_image.csv, summary.json, table.md (the paper's layout), curves.png."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+PAPER = json.loads((Path(__file__).resolve().parent / "resources" / "paper_tables.json").read_text())
+PAPER_MODEL = {"resnet50": "resnet50", "densenet121": "densenet121", "inception_v3": "inception_v3"}
+DENSITY_MODEL = {"resnet50": "resnet50", "densenet121": "densenet", "inception_v3": "inceptionv3"}
+
+
+def write_per_image(path: Path, results: list[dict], row_names: Sequence[str], fields: Sequence[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "target"] + [f"{row}_{field}" for row in row_names for field in fields])
+        for record in results:
+            values = [record["rows"][row][field] for row in row_names for field in fields]
+            writer.writerow([record["file"], record["target"]] + [f"{v:.6f}" for v in values])
+
+
+def write_skipped(path: Path, skipped: list[dict]) -> None:
+    path.write_text("".join(f"{record['key']}\t{record['skipped']}\n" for record in skipped))
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    def clean(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+    rows = [{k: clean(v) for k, v in row.items()} for row in summary["rows"]]
+    path.write_text(json.dumps({**summary, "rows": rows}, indent=2) + "\n")
+
+
+def _paper_insdel(model: str, row_name: str) -> Optional[str]:
+    table = PAPER["table1_insertion_deletion_imagenet"]
+    if model not in PAPER_MODEL or row_name not in table["rows"]:
+        return None
+    deletion, insertion = table["rows"][row_name][table["columns"].index(PAPER_MODEL[model])]
+    return f"{deletion}/{insertion}"
+
+
+def insdel_table(summary: dict) -> str:
+    model = summary["model"]
+    paper = [_paper_insdel(model, row["name"]) for row in summary["rows"]]
+    with_paper = any(paper)
+    lines = [
+        "Insertion / deletion games (layout of the paper's Table 1). AUC x100, deletion (lower is better) / "
+        f"insertion (higher is better); {summary['n_images']} images, step {summary['step']} px, "
+        f"target: {summary['target']}. `*` = with UCAG.",
+        "",
+        f"| Methods | {model} |" + (" paper |" if with_paper else ""),
+        "|---|---|" + ("---|" if with_paper else ""),
+    ]
+    for row, reference in zip(summary["rows"], paper):
+        cell = f"{row['deletion']:.1f}/{row['insertion']:.1f}"
+        lines.append(f"| {row['name']} | {cell} |" + (f" {reference or '-'} |" if with_paper else ""))
+    return "\n".join(lines) + "\n"
+
+
+def density_table(summary: dict) -> str:
+    model = summary["model"]
+    table = PAPER["table5_map_density"]
+    lines = [
+        "Map densities (layout of the paper's Table 5; CAMERAS definition, Eq. 7-8). Positive density: higher "
+        f"is better; negative density: lower is better. {summary['n_images']} images, target: "
+        f"{summary['target']}. `*` = with UCAG.",
+        "",
+        "| Metric | " + " | ".join(row["name"] for row in summary["rows"]) + " |",
+        "|---|" + "---|" * len(summary["rows"]),
+    ]
+    for field, label in [("positive", "Positive map density"), ("negative", "Negative map density")]:
+        values = " | ".join(f"{row[field]:.2f}" for row in summary["rows"])
+        lines.append(f"| {label} ({model}) | {values} |")
+    key = DENSITY_MODEL.get(model)
+    if key:
+        lines += ["", f"Paper, {model}: " + ", ".join(
+            f"{field} {dict(zip(table['columns'], table['rows'][f'{field}_{key}']))}" for field in ("positive", "negative"))]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, results: list[dict], rows: Sequence[str], summary_rows: list[dict]) -> None:
+    """Mean deletion and insertion curves of every row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for axis, game in zip(axes, ["deletion", "insertion"]):
+        for name in rows:
+            curves = np.array([r["rows"][name][f"{game}_curve"] for r in results], dtype=float)
+            mean = curves.mean(axis=0)
+            auc = next(row[game] for row in summary_rows if row["name"] == name)
+            axis.plot(np.linspace(0, 1, len(mean)), mean, label=f"{name} (AUC {auc:.1f})")
+        axis.set_title(f"{game.capitalize()} game, mean of {len(results)} images")
+        axis.set_xlabel(f"fraction of pixels {'removed' if game == 'deletion' else 'inserted'}")
+        axis.set_ylabel("probability of the explained class")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,103 @@
+"""The loop shared by the evaluation scripts: data -> maps of every row (method, method+UCAG) -> metric ->
+results appended per batch; resumable, sharded under torchrun, with a progress bar of running means."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common.cli import Setup
+from evaluation.data import image_batches
+from evaluation.datasets import Sample
+from evaluation.distributed import Dist
+from evaluation.store import ResultStore
+from methods import finalize_maps
+from models import preprocess
+
+# metric(model, images, maps01 (B,1,H,W), targets) -> {field: (B,) tensor or (B, K) curves}
+Metric = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a results table: a method, with or without UCAG."""
+
+    name: str
+    ucag: bool
+
+
+def table_rows(setup: Setup) -> list[Row]:
+    rows = [Row(setup.method, False)]
+    if setup.ucag is not None:
+        rows.append(Row(f"{setup.method}*", True))
+    return rows
+
+
+def row_maps(setup: Setup, row: Row, x: torch.Tensor, targets: torch.Tensor, official_alpha: float) -> torch.Tensor:
+    """[0, 1] maps at the model's input size for one row."""
+    size = tuple(x.shape[-2:])
+    if row.ucag:
+        return setup.ucag.finalize(setup.ucag(x, targets).maps, size)
+    if setup.ucag is not None and setup.ucag.official and official_alpha != 1:
+        # the official code's baseline for alpha != 1: the explainer on the whole image upscaled by alpha
+        scaled = (int(size[0] * official_alpha), int(size[1] * official_alpha))
+        x = F.interpolate(x, size=scaled, mode="bicubic", align_corners=False)
+    return finalize_maps(setup.explainer(x, targets).maps, size)
+
+
+def evaluate(samples: Sequence[Sample], setup: Setup, store: ResultStore, dist: Dist, metric: Metric,
+             target_mode: str, batch_size: int, workers: int, alpha: float, desc: str,
+             running: Callable[[list[dict]], str], on_batch: Optional[Callable[[int], None]] = None) -> None:
+    """Evaluate this rank's share of the samples not yet in ``store``."""
+    done = store.done()
+    pending = dist.shard([s for s in samples if s.key not in done])
+    rows = table_rows(setup)
+    by_path = {s.path: s for s in pending}
+    records: list[dict] = []
+    bar = tqdm(total=len(pending), unit="img", desc=desc, disable=not dist.is_main and dist.world > 1)
+    for number, batch in enumerate(image_batches([s.path for s in pending], batch_size, workers)):
+        skipped = [{"key": by_path[r.path].key, "skipped": r.error} for r in batch if r.error]
+        for record in skipped:
+            tqdm.write(f"skipped {record['key']}: {record['skipped']}")
+        good = [r for r in batch if r.image is not None]
+        new = []
+        if good:
+            x = preprocess([r.image for r in good], setup.spec, setup.device)
+            samples_batch = [by_path[r.path] for r in good]
+            if target_mode == "gt":
+                targets = torch.tensor([s.label for s in samples_batch], device=setup.device)
+            else:
+                with torch.no_grad():
+                    targets = setup.spec.model(x).argmax(dim=1)
+            results = {row.name: metric(setup.spec.model, x, row_maps(setup, row, x, targets, alpha), targets)
+                       for row in rows}
+            for i, sample in enumerate(samples_batch):
+                record = {"key": sample.key, "file": str(sample.path), "target": int(targets[i])}
+                record["rows"] = {name: {field: values[i].tolist() for field, values in fields.items()}
+                                  for name, fields in results.items()}
+                new.append(record)
+        store.append(skipped + new)
+        records.extend(new)
+        bar.update(len(batch))
+        bar.set_postfix_str(running(records), refresh=False)
+        if on_batch is not None:
+            on_batch(number)
+    bar.close()
+
+
+def row_means(results: list[dict], rows: list[Row], fields: Sequence[str]) -> list[dict]:
+    """Mean of each scalar field over images per row (NaN values left out)."""
+    summary = []
+    for row in rows:
+        entry = {"name": row.name, "ucag": row.ucag}
+        for field in fields:
+            values = np.array([r["rows"][row.name][field] for r in results if row.name in r["rows"]], dtype=float)
+            values = values[np.isfinite(values)]
+            entry[field] = float(values.mean()) if values.size else float("nan")
+        summary.append(entry)
+    return summary

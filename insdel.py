@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Insertion and deletion games (paper Table 1) of a method and, with --ucag, of its UCAG version.
+
+    python insdel.py gradcam --ucag -a 2.6 -c 124 -n 6 --name resnet50 --img-path /data/imagenet/val --out runs/r50
+    torchrun --nproc_per_node=4 insdel.py gradcam --ucag --name resnet50 --img-path ... --out runs/r50
+
+Writes per_image.csv, summary.json, table.md, curves.png and skipped.txt in --out; rerunning with the
+same --out resumes where the last run stopped.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from common.cli import Parser, add_common_flags, add_eval_flags, run_cli
+from evaluation.causal import auc, game_curves
+from evaluation.reports import insdel_table, plot_curves, write_per_image, write_skipped, write_summary
+from evaluation.script import run_evaluation
+
+PROG = "insdel.py"
+FIELDS = ("deletion", "insertion")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
+    add_common_flags(parser)
+    add_eval_flags(parser)
+    parser.add_argument("--step", type=int, default=224 * 8, help="pixels changed per step (default 224*8)")
+    parser.add_argument("--score-batch", type=int, default=128,
+                        help="perturbed images per no-grad forward (default 128)")
+    return parser
+
+
+def games(step: int, score_batch: int):
+    def metric(model, images, maps, targets):
+        deletion = game_curves(model, images, maps, targets, "deletion", step, score_batch)
+        insertion = game_curves(model, images, maps, targets, "insertion", step, score_batch)
+        return {"deletion": auc(deletion) * 100, "insertion": auc(insertion) * 100,
+                "deletion_curve": deletion, "insertion_curve": insertion}
+    return metric
+
+
+def running_means(records: list[dict]) -> str:
+    if not records:
+        return ""
+    parts = []
+    for name in records[0]["rows"]:
+        deletion = np.mean([r["rows"][name]["deletion"] for r in records])
+        insertion = np.mean([r["rows"][name]["insertion"] for r in records])
+        parts.append(f"{name} {deletion:.1f}/{insertion:.1f}")
+    return ", ".join(parts)
+
+
+def write_outputs(out, results, skipped, rows, summary) -> None:
+    names = [row.name for row in rows]
+    write_per_image(out / "per_image.csv", results, names, FIELDS)
+    write_skipped(out / "skipped.txt", skipped)
+    write_summary(out / "summary.json", summary)
+    (out / "table.md").write_text(insdel_table(summary))
+    plot_curves(out / "curves.png", results, names, summary["rows"])
+    print(insdel_table(summary))
+
+
+def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.step < 1 or args.score_batch < 1:
+        from common.errors import UserError
+        raise UserError("--step and --score-batch must be at least 1")
+    return run_evaluation(args, games(args.step, args.score_batch), FIELDS, {"step": args.step},
+                          running_means, write_outputs, on_batch)
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)
