@@ -63,8 +63,13 @@ def _devkit_labels(path: Path) -> list[int]:
     if not meta.is_file():
         raise UserError(f"{path.name} holds devkit ILSVRC2012_IDs; their mapping needs {meta} "
                         "(the devkit's data/meta.mat) beside it")
-    from torchvision.datasets.imagenet import parse_meta_mat
-    index_to_wnid, _ = parse_meta_mat(str(path.parent.parent))
+    import scipy.io
+    try:
+        synsets = scipy.io.loadmat(meta, squeeze_me=True)["synsets"]
+        # leaf synsets (num_children == 0) are the 1000 classes: (ILSVRC2012_ID, WNID, ...)
+        index_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot read the devkit's {meta}: {exc.__class__.__name__}: {exc}") from None
     labels = []
     for number, line in enumerate(path.read_text().split(), 1):
         ilsvrc_id = int(line)

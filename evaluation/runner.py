@@ -55,6 +55,7 @@ def evaluate(samples: Sequence[Sample], setup: Setup, store: ResultStore, dist: 
              running: Callable[[list[dict]], str], on_batch: Optional[Callable[[int], None]] = None) -> None:
     """Evaluate this rank's share of the samples not yet in ``store``."""
     done = store.done()
+    dist.barrier()  # every rank reads the same done-set before any rank appends to it
     pending = dist.shard([s for s in samples if s.key not in done])
     rows = table_rows(setup)
     by_path = {s.path: s for s in pending}

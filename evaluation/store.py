@@ -28,7 +28,9 @@ class ResultStore:
                 detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
                 raise UserError(f"{self.out} holds results of other settings ({detail}); use another --out")
         elif is_main:
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            partial = path.with_suffix(".json.tmp")
+            partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            os.replace(partial, path)  # other ranks never see a half-written file
 
     def records(self) -> list[dict]:
         """Every complete record of every part (a line cut short by a crash is ignored)."""
@@ -48,8 +50,13 @@ class ResultStore:
         lines = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
         if not lines:
             return
-        with open(self.path, "a") as handle:
-            handle.write(lines)
+        with open(self.path, "a+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":  # a line cut short by a crash: start a fresh one
+                    lines = "\n" + lines
+            handle.write(lines.encode())
             handle.flush()
             os.fsync(handle.fileno())
 

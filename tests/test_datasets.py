@@ -1,0 +1,83 @@
+"""ImageNet layouts: class folders, flat folder + labels (devkit, text, CSV), plain folders."""
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+
+from common.errors import UserError
+from evaluation.datasets import discover, imagenet_wnids, wnid_index
+from tests.conftest import EXAMPLES
+
+CAT, ESPRESSO = "n02124075", "n07920052"
+
+
+def test_wnid_order_is_torchvisions():
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 and list(wnids) == sorted(wnids)
+    assert wnid_index("n01440764") == 0 and wnid_index(CAT) == 285 and wnid_index(ESPRESSO) == 967
+
+
+def test_class_folders_even_when_only_some_classes_are_present(tmp_path):
+    for wnid, name in [(CAT, "chelsea.jpg"), (ESPRESSO, "coffee.jpg")]:
+        (tmp_path / wnid).mkdir()
+        shutil.copy(EXAMPLES / name, tmp_path / wnid / name)
+    samples = discover(tmp_path, need_labels=True)
+    assert [(s.key, s.label) for s in samples] == [(f"{CAT}/chelsea.jpg", 285), (f"{ESPRESSO}/coffee.jpg", 967)]
+
+
+def flat(tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "coffee.jpg", folder / "ILSVRC2012_val_00000001.JPEG")
+    shutil.copy(EXAMPLES / "chelsea.jpg", folder / "ILSVRC2012_val_00000002.JPEG")
+    return folder
+
+
+def test_flat_folder_with_index_wnid_and_csv_labels(tmp_path):
+    folder = flat(tmp_path)
+    (tmp_path / "labels.txt").write_text("967\n285\n")
+    assert [s.label for s in discover(folder, tmp_path / "labels.txt")] == [967, 285]
+    (tmp_path / "wnids.txt").write_text(f"ILSVRC2012_val_00000001.JPEG {ESPRESSO}\nx {CAT}\n")
+    assert [s.label for s in discover(folder, tmp_path / "wnids.txt")] == [967, 285]
+    (tmp_path / "labels.csv").write_text(f"file,label\nILSVRC2012_val_00000002.JPEG,{CAT}\n"
+                                         "ILSVRC2012_val_00000001.JPEG,967\n")
+    assert [s.label for s in discover(folder, tmp_path / "labels.csv")] == [967, 285]
+
+
+def test_devkit_ground_truth_through_meta_mat(tmp_path):
+    folder = flat(tmp_path)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O")]
+    synsets = np.array([(1, ESPRESSO, "espresso", "coffee", 0), (2, CAT, "Egyptian cat", "a cat", 0),
+                        (1001, "n00001740", "entity", "root", 2)], dtype=fields)
+    scipy.io.savemat(data / "meta.mat", {"synsets": synsets})
+    truth = data / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("1\n2\n")
+    assert [s.label for s in discover(folder, truth)] == [967, 285]
+    (data / "meta.mat").unlink()
+    with pytest.raises(UserError, match="meta.mat"):
+        discover(folder, truth)
+
+
+def test_mismatched_and_bad_labels(tmp_path):
+    folder = flat(tmp_path)
+    (tmp_path / "short.txt").write_text("967\n")
+    with pytest.raises(UserError, match="has 1 labels but .* holds 2 images"):
+        discover(folder, tmp_path / "short.txt")
+    (tmp_path / "partial.csv").write_text("ILSVRC2012_val_00000001.JPEG,1\n")
+    with pytest.raises(UserError, match="no label for 1 of 2 images"):
+        discover(folder, tmp_path / "partial.csv")
+    (tmp_path / "range.txt").write_text("967\n1000\n")
+    with pytest.raises(UserError, match="outside 0..999"):
+        discover(folder, tmp_path / "range.txt")
+    with pytest.raises(UserError, match="labels file not found"):
+        discover(folder, tmp_path / "none.txt")
+
+
+def test_plain_folder_targets_are_predictions(tmp_path):
+    samples = discover(EXAMPLES)
+    assert all(s.label is None for s in samples) and len(samples) == 4
+    with pytest.raises(UserError, match="--target gt needs ground truth"):
+        discover(EXAMPLES, need_labels=True)
