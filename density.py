@@ -50,7 +50,7 @@ def write_outputs(out, results, skipped, rows, summary) -> None:
 
 def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_evaluation(args, densities, FIELDS, {}, running_means, write_outputs, on_batch)
+    return run_evaluation(args, "density", densities, FIELDS, {}, running_means, write_outputs, on_batch)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
     if args.step < 1 or args.score_batch < 1:
         from common.errors import UserError
         raise UserError("--step and --score-batch must be at least 1")
-    return run_evaluation(args, games(args.step, args.score_batch), FIELDS, {"step": args.step},
+    return run_evaluation(args, "insdel", games(args.step, args.score_batch), FIELDS, {"step": args.step},
                           running_means, write_outputs, on_batch)
 
 

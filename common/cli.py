@@ -63,7 +63,9 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--target", choices=["gt", "pred"], default=None,
                       help="class to explain: ground truth (default when labels exist) or the prediction")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    data.add_argument("--out", required=True, help="output folder; a rerun with the same folder resumes")
+    data.add_argument("--out", default=None,
+                      help="output folder (default results/<script>/<model>_<method>[_ucag]); a rerun with the "
+                           "same folder resumes")
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

@@ -13,7 +13,11 @@ from evaluation.runner import Metric, evaluate, row_means, table_rows
 from evaluation.store import ResultStore
 
 
-def run_evaluation(args: argparse.Namespace, metric: Metric, fields: Sequence[str], extra_config: dict,
+def default_out(args: argparse.Namespace, script: str, method: str) -> Path:
+    return Path("results") / script / f"{args.name}_{method}{'_ucag' if args.ucag else ''}"
+
+
+def run_evaluation(args: argparse.Namespace, script: str, metric: Metric, fields: Sequence[str], extra_config: dict,
                    running: Callable[[list[dict]], str], write_outputs: Callable[..., None],
                    on_batch: Optional[Callable[[int], None]] = None) -> int:
     if args.limit is not None and args.limit < 1:
@@ -24,7 +28,7 @@ def run_evaluation(args: argparse.Namespace, metric: Metric, fields: Sequence[st
         samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt")
         target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
         samples = samples[:args.limit] if args.limit else samples
-        out = Path(args.out)
+        out = Path(args.out) if args.out else default_out(args, script, setup.method)
         store = ResultStore(out, info.rank)
         config = {"model": setup.spec.name, "weights": setup.spec.weights, "layer": setup.spec.target_layer,
                   "method": setup.method, "ucag": setup.ucag is not None, "target": target_mode,

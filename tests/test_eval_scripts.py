@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import density
 import insdel
@@ -139,3 +140,33 @@ def test_torchrun_two_processes_equal_one(script, tmp_path):
         for field, value in row_one.items():
             assert value == pytest.approx(row_two[field], rel=1e-5), field
     assert (tmp_path / "one" / "skipped.txt").read_text() == (tmp_path / "two" / "skipped.txt").read_text()
+
+
+def test_default_output_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(density, ["gradcam", *FAST, "--img-path", str(EXAMPLES / "coffee.jpg")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "results" / "density" / "efficientnet_lite0_gradcam_ucag" / "summary.json").exists()
+
+
+def test_official_baseline_runs_the_explainer_on_the_upscaled_image(lite, photo_batch):
+    import argparse
+
+    import torch.nn.functional as F
+
+    from common.cli import build_setup
+    from evaluation.runner import Row, row_maps
+    from methods import finalize_maps
+    args = argparse.Namespace(method="gradcam", name="efficientnet_lite0", weights="default", target_layer=None,
+                              ucag=True, alpha=2.0, crop_size=124, num_patches=2, patch_batch=8,
+                              no_confidence=False, official=True, score=False, device="cpu", batch_size=1,
+                              workers=0)
+    setup = build_setup(args)
+    targets = torch.tensor([285])
+    x = photo_batch[1:2]
+    upscaled = F.interpolate(x, size=(448, 448), mode="bicubic", align_corners=False)
+    expected = finalize_maps(setup.explainer(upscaled, targets).maps, (224, 224))
+    assert torch.allclose(row_maps(setup, Row("gradcam", False), x, targets, 2.0), expected, atol=1e-6)
+    setup.ucag.official = False
+    plain = finalize_maps(setup.explainer(x, targets).maps, (224, 224))
+    assert torch.allclose(row_maps(setup, Row("gradcam", False), x, targets, 2.0), plain, atol=1e-6)
