@@ -128,22 +128,27 @@ class Setup:
     ucag: Optional[UCAG]
 
 
-def build_setup(args: argparse.Namespace, need_ucag: Optional[bool] = None) -> Setup:
-    """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper."""
+def build_setup(args: argparse.Namespace, need_ucag: Optional[bool] = None,
+                load_spec: Optional[Callable[[torch.device], ModelSpec]] = None) -> Setup:
+    """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper.
+
+    load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
+    """
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more (got {args.workers})")
     method = canonical_name(args.method)
     device = resolve_device(args.device)
-    spec = load_model(args.name, args.weights, device, args.target_layer)
+    spec = load_spec(device) if load_spec else load_model(args.name, args.weights, device, args.target_layer)
     check_geometry(args, spec)
     explainer = build_explainer(method, spec)
     wrapped = None
     if args.ucag if need_ucag is None else need_ucag:
         confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)
         wrapped = UCAG(explainer, crop=args.crop_size, n=args.num_patches, alpha=args.alpha,
-                       patch_batch=args.patch_batch, confidence=confidence, official=args.official)
+                       patch_batch=args.patch_batch, confidence=confidence, official=args.official,
+                       multilabel=spec.multilabel)
     return Setup(device, spec, method, explainer, wrapped)
 
 

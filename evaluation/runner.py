@@ -9,12 +9,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from common.cli import Setup
-from evaluation.data import image_batches
+from evaluation.data import ImageFiles
 from evaluation.datasets import Sample
 from evaluation.distributed import Dist
+from evaluation.loop import sharded_loop
 from evaluation.store import ResultStore
 from methods import finalize_maps
 from models import preprocess
@@ -53,42 +53,27 @@ def row_maps(setup: Setup, row: Row, x: torch.Tensor, targets: torch.Tensor, off
 def evaluate(samples: Sequence[Sample], setup: Setup, store: ResultStore, dist: Dist, metric: Metric,
              target_mode: str, batch_size: int, workers: int, alpha: float, desc: str,
              running: Callable[[list[dict]], str], on_batch: Optional[Callable[[int], None]] = None) -> None:
-    """Evaluate this rank's share of the samples not yet in ``store``."""
-    done = store.done()
-    dist.barrier()  # every rank reads the same done-set before any rank appends to it
-    pending = dist.shard([s for s in samples if s.key not in done])
+    """Evaluate this rank's share of the ImageNet-style samples not yet in ``store``."""
     rows = table_rows(setup)
-    by_path = {s.path: s for s in pending}
-    records: list[dict] = []
-    bar = tqdm(total=len(pending), unit="img", desc=desc, disable=not dist.is_main and dist.world > 1)
-    for number, batch in enumerate(image_batches([s.path for s in pending], batch_size, workers)):
-        skipped = [{"key": by_path[r.path].key, "skipped": r.error} for r in batch if r.error]
-        for record in skipped:
-            tqdm.write(f"skipped {record['key']}: {record['skipped']}")
-        good = [r for r in batch if r.image is not None]
-        new = []
-        if good:
-            x = preprocess([r.image for r in good], setup.spec, setup.device)
-            samples_batch = [by_path[r.path] for r in good]
-            if target_mode == "gt":
-                targets = torch.tensor([s.label for s in samples_batch], device=setup.device)
-            else:
-                with torch.no_grad():
-                    targets = setup.spec.model(x).argmax(dim=1)
-            results = {row.name: metric(setup.spec.model, x, row_maps(setup, row, x, targets, alpha), targets)
-                       for row in rows}
-            for i, sample in enumerate(samples_batch):
-                record = {"key": sample.key, "file": str(sample.path), "target": int(targets[i])}
-                record["rows"] = {name: {field: values[i].tolist() for field, values in fields.items()}
-                                  for name, fields in results.items()}
-                new.append(record)
-        store.append(skipped + new)
-        records.extend(new)
-        bar.update(len(batch))
-        bar.set_postfix_str(running(records), refresh=False)
-        if on_batch is not None:
-            on_batch(number)
-    bar.close()
+
+    def load(sample: Sample) -> dict:
+        record = ImageFiles([sample.path])[0]
+        return {"key": sample.key, "sample": sample, "image": record.image, "error": record.error}
+
+    def process(batch: list[dict]) -> list[dict]:
+        x = preprocess([r["image"] for r in batch], setup.spec, setup.device)
+        if target_mode == "gt":
+            targets = torch.tensor([r["sample"].label for r in batch], device=setup.device)
+        else:
+            with torch.no_grad():
+                targets = setup.spec.model(x).argmax(dim=1)
+        results = {row.name: metric(setup.spec.model, x, row_maps(setup, row, x, targets, alpha), targets)
+                   for row in rows}
+        return [{"key": r["key"], "file": str(r["sample"].path), "target": int(targets[i]),
+                 "rows": {name: {field: values[i].tolist() for field, values in fields.items()}
+                          for name, fields in results.items()}} for i, r in enumerate(batch)]
+
+    sharded_loop(samples, lambda s: s.key, load, process, store, dist, batch_size, workers, desc, running, on_batch)
 
 
 def row_means(results: list[dict], rows: list[Row], fields: Sequence[str]) -> list[dict]:

@@ -5,6 +5,7 @@ from typing import Callable
 
 from common.errors import UserError
 from methods.base import Explainer
+from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from models.spec import ModelSpec
 
@@ -51,3 +52,4 @@ register("gradcam", "grad-cam")(_cam_builder(GradCAM))
 register("gradcam++", "gradcampp", "gradcamplusplus", "grad-cam++")(_cam_builder(GradCAMPlusPlus))
 register("xgradcam", "xgrad-cam", "axiom")(_cam_builder(XGradCAM))
 register("layercam", "layer-cam")(_cam_builder(LayerCAM))
+register("center")(lambda spec, **options: Center(spec.model))

@@ -37,6 +37,22 @@ def unnormalize(batch: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return batch * std + mean
 
 
+def model_input_size(height: int, width: int, spec: ModelSpec) -> tuple[int, int]:
+    """Size an (height, width) image is resized to: the model's input, or shorter side = input side."""
+    if not spec.keep_aspect:
+        return spec.input_size
+    side = spec.input_size[0]
+    if height <= width:
+        return side, max(1, round(width * side / height))
+    return max(1, round(height * side / width)), side
+
+
+def preprocess_one(image: np.ndarray, spec: ModelSpec, device: torch.device | str) -> torch.Tensor:
+    """One uint8 RGB image -> a normalised (1, 3, h, w) batch at :func:`model_input_size`."""
+    size = model_input_size(*image.shape[:2], spec)
+    return normalize(resize_image(to_tensor(image, device), size)[None], spec)
+
+
 def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, device: torch.device | str) -> torch.Tensor:
     """uint8 RGB images of any sizes -> one normalised (B, 3, H, W) batch at ``spec.input_size``."""
     resized = [resize_image(to_tensor(image, device), spec.input_size) for image in images]

@@ -18,7 +18,9 @@ class ModelSpec:
     name: registry name. model: the network in eval mode. target_layer: dotted module name whose
     output is the CAM activation A. activation_post: an idempotent op applied to that output before it
     is used as A (DenseNet's final ReLU lives in ``forward``, not in a module). input_size: (H, W) the
-    image is resized to, without cropping. min_side: smallest input side the architecture accepts.
+    image is resized to, without cropping (keep_aspect: the shorter side to input_size[0] instead, the
+    TorchRay protocol). min_side: smallest input side the architecture accepts. multilabel: sigmoid
+    outputs (VOC/COCO pointing-game models).
     """
 
     name: str
@@ -31,6 +33,8 @@ class ModelSpec:
     activation_post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     min_side: int = 32
     weights: str = "default"
+    keep_aspect: bool = False
+    multilabel: bool = False
     extra: dict = field(default_factory=dict)
 
     @property

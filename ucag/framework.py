@@ -23,8 +23,11 @@ from methods.postprocess import finalize_maps
 from ucag.geometry import PatchGrid
 
 
-def patch_confidence(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Y = exp(softmax(logits)[target]) per patch (paper Eq. 4)."""
+def patch_confidence(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """Y = exp(softmax(logits)[target]) per patch (paper Eq. 4); exp(sigmoid(logit)) for multi-label models."""
+    scores = logits.float().gather(1, targets[:, None]).squeeze(1)
+    if multilabel:
+        return torch.sigmoid(scores).exp()
     return torch.softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1).exp()
 
 
@@ -34,14 +37,14 @@ class UCAG(Explainer):
     crop: c, crop side in the 224 frame (rho = c/224). n: crops per side. alpha: upscaling factor.
     patch_batch: crops explained per call (the memory bound). confidence: weight partial maps by Y.
     official: reproduce the official code (divide by Gamma + 1, blur the final map, and no confidence
-    weighting unless ``confidence`` is passed explicitly).
+    weighting unless ``confidence`` is passed explicitly). multilabel: sigmoid instead of softmax in Y.
     """
 
     name = "ucag"
 
     def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
                  patch_batch: int = 64, confidence: Optional[bool] = None, official: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, multilabel: bool = False):
         super().__init__(explainer.model)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
@@ -50,6 +53,7 @@ class UCAG(Explainer):
         self.explainer, self.crop, self.n, self.alpha = explainer, crop, n, alpha
         self.patch_batch, self.official, self.progress = patch_batch, official, progress
         self.confidence = (not official) if confidence is None else confidence
+        self.multilabel = multilabel
 
     def grid(self, height: int, width: int) -> PatchGrid:
         return PatchGrid(height, width, self.crop, self.n)
@@ -80,7 +84,7 @@ class UCAG(Explainer):
             maps, chunk_logits = self.explainer(chunk, crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
-                maps = maps * patch_confidence(chunk_logits, crop_targets[start:stop]).view(-1, 1, 1, 1)
+                maps = maps * patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel).view(-1, 1, 1, 1)
             shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
