@@ -49,6 +49,7 @@ class Explainer(ABC):
     """Base class: subclasses implement :meth:`explain` under the contract above."""
 
     name = "explainer"
+    signed = False  # True for relevance maps whose sign carries meaning (thresholded at 0 by segmentation)
 
     def __init__(self, model: nn.Module):
         self.model = model

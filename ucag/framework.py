@@ -55,6 +55,10 @@ class UCAG(Explainer):
         self.confidence = (not official) if confidence is None else confidence
         self.multilabel = multilabel
 
+    @property
+    def signed(self) -> bool:
+        return self.explainer.signed
+
     def grid(self, height: int, width: int) -> PatchGrid:
         return PatchGrid(height, width, self.crop, self.n)
 
