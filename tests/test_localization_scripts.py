@@ -1,0 +1,131 @@
+"""pointing_game.py and segmentation.py end to end on tiny datasets; resume; torchrun; bad inputs."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+import pointing_game
+import segmentation
+from common.cli import run_cli
+from tests.conftest import REPO
+from tests.localization_fixtures import coco_dataset, segmentation_file, voc_dataset
+from tests.test_eval_scripts import free_port
+
+FAST = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu"]
+
+
+def run(module, argv, capsys, on_batch=None):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda a: module.main(a, on_batch=on_batch), argv, prog=module.PROG)
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_pointing_game_on_voc_with_difficult_list(tmp_path, capsys):
+    root = voc_dataset(tmp_path / "data")
+    flags = tmp_path / "difficult.txt"
+    row = ["0"] * 20
+    row[13] = "1"  # motorbike in 000002 is 'difficult'
+    flags.write_text("000001\t" + "\t".join(["0"] * 20) + "\n000002\t" + "\t".join(row) + "\n")
+    out = tmp_path / "out"
+    code, stdout, err = run(pointing_game, ["gradcam", *FAST, "--dataset", "voc07", "--data-root", str(root),
+                                            "--weights", "random", "--difficult-list", str(flags),
+                                            "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 3 and summary["n_pairs"] == 4
+    assert [(r["name"], r["ucag"]) for r in summary["rows"]] == [("center", False), ("gradcam", False),
+                                                                 ("gradcam*", True)]
+    for entry in summary["rows"]:
+        assert set(entry) == {"name", "ucag", "pointing_all", "pointing_difficult", "energy_all", "energy_difficult"}
+        assert 0 <= entry["pointing_all"] <= 100 and entry["pointing_difficult"] in (0.0, 100.0)
+    center = summary["rows"][0]
+    # the centre of each image lies inside every annotated box of these three images
+    assert center["pointing_all"] == pytest.approx(100 * (1 + 1 + 1 + 1) / 4)
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "per_class.csv"))}
+    assert rows["motorbike"]["pairs_difficult"] == "1" and rows["cat"]["pairs_difficult"] == "0"
+    assert "not in" in err + stdout  # 000003 is missing from the list
+    table = (out / "table.md").read_text()
+    assert "| center | 100.0/100.0 |" in table and "| vgg16 | voc07 |" in table
+
+
+def test_pointing_game_on_coco_with_resume(tmp_path, capsys):
+    root = coco_dataset(tmp_path / "coco")
+    out = tmp_path / "out"
+    argv = ["layercam", *FAST, "--dataset", "coco14", "--data-root", str(root), "--name", "resnet50",
+            "--weights", "random", "--batch-size", "1", "--out", str(out)]
+
+    def interrupt(number):
+        if number == 0:
+            raise KeyboardInterrupt
+
+    assert run(pointing_game, argv, capsys, on_batch=interrupt)[0] == 130
+    assert len((out / "parts" / "part-0.jsonl").read_text().splitlines()) == 1
+    code, _, err = run(pointing_game, argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 3 and summary["n_pairs"] == 2
+    assert summary["rows"][0]["pointing_difficult"] is None  # no difficult list given
+
+
+def test_segmentation_end_to_end(tmp_path, capsys):
+    data = segmentation_file(tmp_path / "gtsegs_ijcv.mat")
+    out = tmp_path / "out"
+    code, stdout, err = run(segmentation, ["gradcam", *FAST, "--data", str(data), "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 2 and [r["name"] for r in summary["rows"]] == ["gradcam", "gradcam*"]
+    for entry in summary["rows"]:
+        assert 0 < entry["pixel_accuracy"] <= 1 and 0 < entry["map"] <= 1
+    lines = (out / "per_image.csv").read_text().splitlines()
+    assert lines[0].startswith("file,target,gradcam_correct,gradcam_labelled,gradcam_ap") and len(lines) == 3
+    assert "| Pixel Acc. |" in (out / "table.md").read_text()
+
+
+def test_segmentation_under_torchrun_equals_one_process(tmp_path):
+    data = segmentation_file(tmp_path / "gtsegs_ijcv.mat")
+    argv = ["gradcam", *FAST, "--data", str(data), "--batch-size", "1"]
+    one = subprocess.run([sys.executable, "segmentation.py", *argv, "--out", str(tmp_path / "one")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", "segmentation.py", *argv,
+                          "--workers", "1", "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    first, second = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    for a, b in zip(first["rows"], second["rows"]):
+        assert a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"]) and a["map"] == pytest.approx(b["map"], rel=1e-5)
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    (pointing_game, ["--dataset", "voc07", "--data-root", "{tmp}/none", "--weights", "random"], "no VOC2007 folder"),
+    (pointing_game, ["--dataset", "coco14", "--data-root", "{tmp}", "--weights", "random"], "missing COCO annotation"),
+    (pointing_game, ["--dataset", "voc07", "--data-root", "{voc}", "--weights", "random",
+                     "--difficult-list", "{tmp}/none.txt"], "difficult list not found"),
+    (pointing_game, ["--dataset", "voc07", "--data-root", "{voc}"], "needs --weights PATH"),
+    (pointing_game, ["--dataset", "voc07", "--data-root", "{voc}", "--name", "vgg19", "--weights", "random"],
+     "supports --name vgg16 or resnet50"),
+    (segmentation, ["--data", "{tmp}/gtsegs_ijcv.mat"], "segmentation file not found"),
+])
+def test_bad_localization_inputs(module, argv, message, tmp_path, capsys):
+    voc = voc_dataset(tmp_path / "data")
+    argv = [a.format(tmp=tmp_path, voc=voc) for a in argv]
+    code, _, err = run(module, ["gradcam", *argv, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_voc_image_with_unknown_class_is_skipped_not_fatal(tmp_path, capsys):
+    root = voc_dataset(tmp_path / "data")
+    xml = root / "VOC2007" / "Annotations" / "000003.xml"
+    xml.write_text(xml.read_text().replace("bottle", "unicorn"))
+    (root / "VOC2007" / "Annotations" / "000002.xml").unlink()
+    out = tmp_path / "out"
+    code, stdout, err = run(pointing_game, ["center", "--workers", "0", "--dataset", "voc07", "--data-root",
+                                            str(root), "--weights", "random", "--out", str(out)], capsys)
+    assert code == 0, err
+    skipped = (out / "skipped.txt").read_text()
+    assert "class 'unicorn' is not a VOC class" in skipped and "missing annotation file" in skipped
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 1
