@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from common.cli import Parser, Setup, add_common_flags, build_setup, parse_target, run_cli
 from common.errors import UserError
 from common.images import find_images, load_rgb
-from common.render import overlay, save_panels
+from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches
-from methods import finalize_maps
+from methods import finalize_maps, finalize_signed
 from models import preprocess
 
 PROG = "visualization.py"
@@ -105,14 +105,18 @@ def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path,
     stem = output_stem(record, root, out, setup.method)
     stem.parent.mkdir(parents=True, exist_ok=True)
     class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
-    base = finalize_maps(base_map, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+    signed = setup.explainer.signed
+    finalize = finalize_signed if signed else finalize_maps
+    draw = signed_overlay if signed else overlay
+    base = finalize(base_map, (height, width))[0, 0].cpu().numpy().astype(np.float32)
     np.save(f"{stem}.npy", base)
-    panels = [(record.image, "input"), (overlay(record.image, base), setup.method)]
+    panels = [(record.image, "input"), (draw(record.image, base), setup.method)]
     if ucag_map is not None:
-        final = setup.ucag.finalize(ucag_map, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+        final = (setup.ucag.finalize_signed if signed else setup.ucag.finalize)(ucag_map, (height, width))
+        final = final[0, 0].cpu().numpy().astype(np.float32)
         np.save(f"{stem}_ucag.npy", final)
-        panels.append((overlay(record.image, final), f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, "
-                                                     f"n={args.num_patches})"))
+        panels.append((draw(record.image, final), f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, "
+                                                  f"n={args.num_patches})"))
     save_panels(Path(f"{stem}.png"), panels, header=f"{record.path.name}: {class_name} (class {target}), p={prob:.3f}")
     return {"file": str(record.path), "target": target, "class": class_name, "probability": f"{prob:.6f}",
             "figure": f"{stem}.png"}

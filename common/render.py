@@ -18,6 +18,19 @@ def overlay(image: np.ndarray, heat: np.ndarray, weight: float = 0.5) -> np.ndar
     return cv2.addWeighted(image, 1 - weight, colored, weight, 0)
 
 
+def signed_overlay(image: np.ndarray, relevance: np.ndarray, weight: float = 0.75) -> np.ndarray:
+    """A [-1, 1] relevance map over the image's gray version: red positive, blue negative, white zero
+    (the paper's Figure 4 colours)."""
+    value = np.clip(relevance, -1, 1)[..., None]
+    white = np.ones_like(value)
+    red, blue = np.concatenate([white, 1 - value, 1 - value], -1), np.concatenate([1 + value, 1 + value, white], -1)
+    colored = np.where(value >= 0, red, blue) * 255
+    gray = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB).astype(np.float32)
+    strength = weight * np.abs(value)
+    blended = gray * (1 - strength) + colored * strength
+    return np.clip(blended, 0, 255).astype(np.uint8)
+
+
 def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     scale = PANEL_HEIGHT / panel.shape[0]
     panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), PANEL_HEIGHT), interpolation=cv2.INTER_AREA)

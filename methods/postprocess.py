@@ -52,3 +52,12 @@ def finalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None, re
     if size:
         maps = resize_maps(maps, size)
     return min_max(maps)
+
+
+def finalize_signed(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Signed relevance maps -> [-1, 1] at ``size``: resize, divide by the largest magnitude (sign kept)."""
+    maps = maps.float()
+    if size:
+        maps = resize_maps(maps, size)
+    scale = maps.flatten(1).abs().max(dim=1).values.view(-1, 1, 1, 1)
+    return torch.where(scale > 0, maps / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(maps))

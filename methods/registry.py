@@ -6,6 +6,7 @@ from typing import Callable
 from common.errors import UserError
 from methods.base import Explainer
 from methods.baselines import Center
+from methods.relevance import CLRP, LRP, SGLRP
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from models.spec import ModelSpec
 
@@ -53,3 +54,22 @@ register("gradcam++", "gradcampp", "gradcamplusplus", "grad-cam++")(_cam_builder
 register("xgradcam", "xgrad-cam", "axiom")(_cam_builder(XGradCAM))
 register("layercam", "layer-cam")(_cam_builder(LayerCAM))
 register("center")(lambda spec, **options: Center(spec.model))
+
+
+def input_bounds(spec: ModelSpec) -> tuple:
+    """Normalised values of black and white pixels: the z^B rule's box."""
+    import torch
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def _relevance_builder(cls):
+    def build(spec: ModelSpec, **options) -> Explainer:
+        return cls(spec.model, input_bounds(spec), **options)
+    return build
+
+
+register("lrp")(_relevance_builder(LRP))
+register("clrp", "c-lrp")(_relevance_builder(CLRP))
+register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))

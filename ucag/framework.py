@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.hooks import restored_state
-from methods.postprocess import finalize_maps
+from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from ucag.geometry import PatchGrid
 
 
@@ -99,6 +99,12 @@ class UCAG(Explainer):
     def finalize(self, maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Final [0, 1] UCAG maps: ReLU, resize, min-max (official mode: blur as the official code)."""
         return finalize_maps(maps, size, blur=self.official)
+
+    def finalize_signed(self, maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Final [-1, 1] UCAG maps of a signed explainer (red/blue pictures); official mode blurs first."""
+        if self.official:
+            maps = official_blur(maps.float())
+        return finalize_signed(maps, size)
 
     def __repr__(self) -> str:
         return (f"UCAG({self.explainer!r}, c={self.crop}, n={self.n}, alpha={self.alpha}, "

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Relevance methods against one forward+backward: per-image time of each method on VGG16 and ResNet50
+(random weights) at 224 px, alone and through UCAG.
+
+    python benchmarks/relevance_speed.py                       # CPU: UCAG with n=3, alpha=1.3 to stay short
+    python benchmarks/relevance_speed.py --device cuda -n 6 -a 2.6 --images 8
+
+Target: each relevance method <= 3 x a forward+backward.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.ucag_speed import timed  # noqa: E402
+from common.cli import resolve_device  # noqa: E402
+from methods import build_explainer  # noqa: E402
+from models import load_model  # noqa: E402
+from ucag import UCAG  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
+    parser.add_argument("--methods", nargs="+", default=["lrp", "clrp", "sglrp"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("-n", type=int, default=3)
+    parser.add_argument("-a", "--alpha", type=float, default=1.3)
+    parser.add_argument("--no-ucag", action="store_true")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    warnings.simplefilter("ignore")
+    print(f"torch {torch.__version__}, {device}; {args.images} images of 224 px; per-image times, best of "
+          f"{args.repeats}; UCAG n={args.n}, alpha={args.alpha}")
+    for name in args.models:
+        torch.manual_seed(0)
+        spec = load_model(name, "random", device)
+        x = torch.randn(args.images, 3, 224, 224, device=device)
+
+        def forward_backward():
+            leaf = x.clone().requires_grad_(True)
+            spec.model(leaf).max(dim=1).values.sum().backward()
+            spec.model.zero_grad(set_to_none=True)
+
+        reference = timed(forward_backward, device, args.repeats)
+        print(f"{name}: forward+backward {1000 * reference / args.images:.1f} ms")
+        for method in args.methods:
+            explainer = build_explainer(method, spec)
+            alone = timed(lambda: explainer(x), device, args.repeats)
+            line = f"  {method:<6} {1000 * alone / args.images:8.1f} ms ({alone / reference:4.2f} x fwd+bwd)"
+            if not args.no_ucag:
+                ucag = UCAG(explainer, n=args.n, alpha=args.alpha, patch_batch=16)
+                through = timed(lambda: ucag(x), device, 1)
+                line += f" | with UCAG {through / args.images:7.2f} s"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
