@@ -6,7 +6,7 @@ from typing import Callable
 from common.errors import UserError
 from methods.base import Explainer
 from methods.baselines import Center
-from methods.relevance import CLRP, LRP, SGLRP
+from methods.relevance import CLRP, LRP, RAP, SGLRP
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from models.spec import ModelSpec
 
@@ -73,3 +73,4 @@ def _relevance_builder(cls):
 register("lrp")(_relevance_builder(LRP))
 register("clrp", "c-lrp")(_relevance_builder(CLRP))
 register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
+register("rap")(_relevance_builder(RAP))

@@ -108,6 +108,7 @@ def test_two_branch_skip_sum_by_hand():
     block = Residual(Chain([Affine(linear)]), None)
     net = RelevanceNet.__new__(RelevanceNet)
     net.rule, net.first_rule, net.bounds, net.rule_eps = Rule("zplus", eps=0.0), Rule("zplus", eps=0.0), None, 0.0
+    net.mode = "lrp"
     x = torch.tensor([[1.0, 2.0]])
     out = block.forward(x)
     assert out.tolist() == [[6.0, 4.0]]
@@ -152,7 +153,7 @@ def test_unsupported_architectures_are_named(lite):
         build_explainer("rap" if False else "clrp", load_model("inception_v3", "random"))
 
 
-@pytest.mark.parametrize("method", ["lrp", "clrp", "sglrp"])
+@pytest.mark.parametrize("method", ["lrp", "clrp", "sglrp", "rap"])
 def test_every_relevance_method_runs_through_ucag(method):
     torch.manual_seed(0)
     spec = load_model("resnet18", "random")

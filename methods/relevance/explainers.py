@@ -95,3 +95,15 @@ class SGLRP(LRP):
 
     def combine(self, maps):
         return _contrast(*maps)
+
+
+class RAP(LRP):
+    """Relative Attributing Propagation (Nam et al., AAAI 2020); see :mod:`methods.relevance.rap`."""
+
+    name = "rap"
+
+    def network(self) -> RelevanceNet:
+        return RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="rap")
+
+    def initial_relevance(self, logits, targets):
+        return [torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)]

@@ -45,6 +45,9 @@ class Step:
 class Affine(Step):
     def __init__(self, layer: nn.Module, norm: Optional[nn.BatchNorm2d] = None):
         self.weight, self.bias = merged_parameters(layer, norm)
+        self.raw_weight = layer.weight.detach()  # RAP works on the convolution itself (BatchNorm passes R)
+        self.raw_bias = None if layer.bias is None else layer.bias.detach()
+        self.last = False
         if isinstance(layer, nn.Conv2d):
             self.op = AffineOp("conv", layer.stride, layer.padding, layer.dilation, layer.groups)
         else:
@@ -55,6 +58,13 @@ class Affine(Step):
         return self.op.forward(x, self.weight, self.bias)
 
     def relprop(self, relevance, net):
+        if net.mode == "rap":
+            from methods.relevance import rap
+            if self.last:
+                return rap.first_propagation(self.x, self.raw_weight, self.raw_bias, relevance)
+            if self.first:
+                return rap.input_propagation(self.op, self.x, self.raw_weight, relevance)
+            return rap.hidden_propagation(self.op, self.x, self.raw_weight, relevance, nonnegative=True)
         rule = net.first_rule if self.first else net.rule
         # every affine layer but the first follows a ReLU (or pooling of one) in VGG and ResNet
         return affine_relevance(self.op, self.x, self.weight, self.bias, relevance, rule, net.bounds,
@@ -88,7 +98,7 @@ class AvgPool(Step):
         return self.pool(x)
 
     def relprop(self, relevance, net):
-        return norm_relevance(self.pool, self.x, relevance, net.rule_eps)
+        return norm_relevance(self.pool, self.x, relevance, net.rule_eps, exact=net.mode == "rap")
 
 
 class Flatten(Step):
@@ -126,8 +136,10 @@ class Residual(Step):
         return F.relu(self.identity + self.residual)
 
     def relprop(self, relevance, net):
+        from methods.relevance.rap import safe_divide
         from methods.relevance.rules import stabilize
-        share = relevance / stabilize(self.identity + self.residual, net.rule_eps)
+        total = self.identity + self.residual
+        share = safe_divide(relevance, total) if net.mode == "rap" else relevance / stabilize(total, net.rule_eps)
         to_skip, to_branch = self.identity * share, self.residual * share
         from_skip = self.skip.relprop(to_skip, net) if self.skip else to_skip
         return from_skip + self.branch.relprop(to_branch, net)
@@ -182,8 +194,8 @@ def build_chain(model: nn.Module) -> Chain:
         raise UserError(f"relevance methods support {SUPPORTED}, not {type(model).__name__} "
                         "(e.g. --name vgg16 or --name resnet50)")
     chain = Chain(steps)
-    first = next(step for step in _walk(chain) if isinstance(step, Affine))
-    first.first = True
+    affine = [step for step in _walk(chain) if isinstance(step, Affine)]
+    affine[0].first, affine[-1].last = True, True
     return chain
 
 
@@ -203,9 +215,9 @@ class RelevanceNet:
     """Forward through the chain (recording inputs), then propagate relevance from the outputs."""
 
     def __init__(self, model: nn.Module, rule: Rule, first_rule: Rule,
-                 bounds: tuple[torch.Tensor, torch.Tensor]):
+                 bounds: tuple[torch.Tensor, torch.Tensor], mode: str = "lrp"):
         self.chain = build_chain(model)
-        self.rule, self.first_rule, self.bounds = rule, first_rule, bounds
+        self.rule, self.first_rule, self.bounds, self.mode = rule, first_rule, bounds, mode
         self.rule_eps = 1e-6  # stabiliser of the sum / average-pool redistribution (zennit's Norm)
 
     @torch.no_grad()

@@ -97,12 +97,22 @@ def affine_relevance(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 def norm_relevance(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, relevance: torch.Tensor,
-                   eps: float = 1e-6) -> torch.Tensor:
-    """Proportional redistribution through a parameter-free linear map (sum or average pooling)."""
+                   eps: float = 1e-6, exact: bool = False) -> torch.Tensor:
+    """Proportional redistribution through a parameter-free linear map (sum or average pooling).
+
+    exact: divide without a stabiliser (0 where the output is 0), as RAP does.
+    """
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         z = forward(leaf)
-        (grad,) = torch.autograd.grad(z, leaf, relevance / stabilize(z.detach(), eps))
+        detached = z.detach()
+        if exact:
+            nonzero = detached != 0
+            share = torch.where(nonzero, relevance / torch.where(nonzero, detached, torch.ones_like(detached)),
+                                torch.zeros_like(relevance))
+        else:
+            share = relevance / stabilize(detached, eps)
+        (grad,) = torch.autograd.grad(z, leaf, share)
     return x * grad
 
 

@@ -1,0 +1,94 @@
+"""RAP: the properties its paper states (conservation, relevant/irrelevant separation, the shift that
+keeps totals), the first propagation by hand, and a fixed-seed regression value."""
+import pytest
+import torch
+import torchvision
+
+from common.errors import UserError
+from methods import build_explainer
+from methods.relevance import RAP
+from methods.relevance.rap import first_propagation, hidden_propagation, shift_to_total
+from methods.relevance.rules import AffineOp
+from models import load_model
+from tests.test_relevance import BOUNDS
+
+
+def test_first_propagation_by_hand():
+    """x = (1, 2, 0.5), w_t = (2, -1, 1), b_t = 0.5: contributions (2, -2, 0.5); positive total 2.5,
+    negative -2, so the bias goes 2.5 to the positive and -2 to the negative contributions: (4, -4, 1),
+    sum 1 = logit; RAP keeps magnitudes, rescaled to that sum: (4, 4, 1) / 9."""
+    x = torch.tensor([[1.0, 2.0, 0.5]])
+    weight = torch.tensor([[2.0, -1.0, 1.0], [0.3, 0.3, 0.3]])
+    bias = torch.tensor([0.5, -1.0])
+    one_hot = torch.tensor([[1.0, 0.0]])
+    relevance = first_propagation(x, weight, bias, one_hot)
+    assert torch.allclose(relevance, torch.tensor([[4.0, 4.0, 1.0]]) / 9)
+    assert torch.allclose(relevance.sum(), x @ weight[0] + bias[0])
+
+
+def test_shift_keeps_totals():
+    relevance = torch.tensor([[[[1.0, 0.0], [2.0, 3.0]]]])
+    shifted = shift_to_total(relevance, torch.tensor(3.0).view(1, 1, 1, 1))
+    assert torch.allclose(shifted, torch.tensor([[[[0.0, 0.0], [1.0, 2.0]]]]))  # zeros stay zero
+    torch.manual_seed(0)
+    op = AffineOp("conv", (1, 1), (1, 1))
+    x = torch.rand(2, 4, 6, 6, dtype=torch.float64)
+    out_relevance = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    propagated = hidden_propagation(op, x, torch.randn(5, 4, 3, 3, dtype=torch.float64), out_relevance)
+    assert torch.allclose(propagated.flatten(1).sum(1), out_relevance.flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("arch,dtype,rtol", [("vgg16", torch.float32, 1e-4), ("resnet50", torch.float64, 1e-8)])
+def test_rap_conserves_the_explained_logit(arch, dtype, rtol):
+    """The input map sums to the target logit (float32 round-off in ResNet50's many shifts is ~1e-3,
+    hence float64 there)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch).eval().to(dtype)
+    x = torch.randn(2, 3, 224, 224, dtype=dtype)
+    maps, logits = RAP(model, tuple(b.to(dtype) for b in BOUNDS))(x, torch.tensor([3, 8]))
+    assert torch.allclose(maps.flatten(1).sum(1).to(dtype), logits[[0, 1], [3, 8]], rtol=rtol)
+
+
+def test_relevant_and_irrelevant_parts_are_separated():
+    """After the first propagation every unit carries relevance of one sign (magnitudes); below, the
+    positive and negative parts travel separately, so the input map holds both signs."""
+    torch.manual_seed(1)
+    model = torchvision.models.vgg11().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = torch.flatten(model.avgpool(model.features(x)), 1)
+        hidden = model.classifier[:-1](features)
+        logit = model(x)[0, 5]
+    first = first_propagation(hidden, model.classifier[-1].weight, model.classifier[-1].bias,
+                              torch.nn.functional.one_hot(torch.tensor([5]), 1000).float())
+    assert bool((first * torch.sign(logit) >= 0).all())
+    maps, _ = RAP(model, BOUNDS)(x, torch.tensor([5]))
+    assert float(maps.min()) < 0 < float(maps.max())
+
+
+def test_fixed_seed_regression_value():
+    torch.manual_seed(3)
+    model = torchvision.models.vgg11().eval()
+    maps, logits = RAP(model, BOUNDS)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
+    assert float(maps.abs().sum()) == pytest.approx(0.21961751580238342, rel=1e-4)
+    assert float(maps[0, 0, 40, 33]) == pytest.approx(-0.0001328483340330422, rel=1e-3)
+    assert float(maps.sum()) == pytest.approx(float(logits[0, 7]), rel=1e-4)
+
+
+def test_rap_batch_equals_single():
+    """In float64 a batch equals one image at a time to round-off. (In float32 it does not: RAP's masks
+    test values for exact zero, and float32 round-off flips some of them; the published code has the same
+    sensitivity.)"""
+    torch.manual_seed(2)
+    model = torchvision.models.resnet18().eval().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    explainer = RAP(model, tuple(b.double() for b in BOUNDS))
+    maps, _ = explainer(x, torch.tensor([1, 2]))
+    for i in range(2):
+        single, _ = explainer(x[i:i + 1], torch.tensor([1 + i]))
+        assert torch.allclose(maps[i], single[0], rtol=1e-8, atol=1e-10)
+
+
+def test_rap_refuses_inception():
+    with pytest.raises(UserError, match="support torchvision VGG .* not Inception3"):
+        build_explainer("rap", load_model("inception_v3", "random"))
