@@ -28,6 +28,7 @@ from evaluation.loop import sharded_loop
 from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit
 from evaluation.reports import write_skipped, write_summary
 from evaluation.runner import Row
+from evaluation.script import ucag_settings
 from evaluation.store import ResultStore
 from methods import build_explainer, finalize_maps
 from models.multilabel import load_multilabel
@@ -169,10 +170,7 @@ def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
         config = {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()), "model": args.name,
                   "weights": args.weights, "method": setup.method, "ucag": args.ucag, "tolerance": args.tolerance,
                   "difficult_list": args.difficult_list, "layer": setup.spec.target_layer}
-        if setup.ucag is not None:
-            config.update(alpha=args.alpha, crop=args.crop_size, n=args.num_patches, official=args.official,
-                          confidence=setup.ucag.confidence)
-        store.check_config(config, info.is_main)
+        store.check_config({**config, **ucag_settings(args, setup)}, info.is_main)
         rows = rows_for(setup)
 
         def running(results: list[dict]) -> str:

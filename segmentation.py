@@ -25,6 +25,7 @@ from evaluation.loop import sharded_loop
 from evaluation.reports import write_per_image, write_skipped, write_summary
 from evaluation.runner import Row, table_rows
 from evaluation.segmentation import image_scores
+from evaluation.script import ucag_settings
 from evaluation.store import ResultStore
 from methods import finalize_maps
 from methods.postprocess import resize_maps
@@ -108,10 +109,7 @@ def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
         store = ResultStore(out, info.rank)
         config = {"data": str(Path(args.data).resolve()), "model": args.name, "weights": args.weights,
                   "method": setup.method, "ucag": args.ucag, "ap": args.ap, "layer": setup.spec.target_layer}
-        if setup.ucag is not None:
-            config.update(alpha=args.alpha, crop=args.crop_size, n=args.num_patches, official=args.official,
-                          confidence=setup.ucag.confidence)
-        store.check_config(config, info.is_main)
+        store.check_config({**config, **ucag_settings(args, setup)}, info.is_main)
         rows = table_rows(setup)
 
         def running(results: list[dict]) -> str:

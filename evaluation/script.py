@@ -13,6 +13,14 @@ from evaluation.runner import Metric, evaluate, row_means, table_rows
 from evaluation.store import ResultStore
 
 
+def ucag_settings(args: argparse.Namespace, setup) -> dict:
+    """The UCAG geometry a run's results depend on (recorded in run.json; empty without --ucag)."""
+    if setup.ucag is None:
+        return {}
+    return {"alpha": args.alpha, "crop": args.crop_size, "n": args.num_patches,
+            "confidence": setup.ucag.confidence, "official": setup.ucag.official}
+
+
 def default_out(args: argparse.Namespace, script: str, method: str) -> Path:
     return Path("results") / script / f"{args.name}_{method}{'_ucag' if args.ucag else ''}"
 
@@ -32,10 +40,7 @@ def run_evaluation(args: argparse.Namespace, script: str, metric: Metric, fields
         store = ResultStore(out, info.rank)
         config = {"model": setup.spec.name, "weights": setup.spec.weights, "layer": setup.spec.target_layer,
                   "method": setup.method, "ucag": setup.ucag is not None, "target": target_mode,
-                  "img_path": str(Path(args.img_path).resolve()), **extra_config}
-        if setup.ucag is not None:
-            config.update(alpha=args.alpha, crop=args.crop_size, n=args.num_patches,
-                          confidence=setup.ucag.confidence, official=setup.ucag.official)
+                  "img_path": str(Path(args.img_path).resolve()), **extra_config, **ucag_settings(args, setup)}
         store.check_config(config, info.is_main)
         if info.is_main:
             print(f"{len(samples)} images, {info.world} process(es), device {setup.device}; results in {out}/")

@@ -8,19 +8,11 @@ import pytest
 
 import pointing_game
 import segmentation
-from common.cli import run_cli
 from tests.conftest import REPO
 from tests.localization_fixtures import coco_dataset, segmentation_file, voc_dataset
-from tests.test_eval_scripts import free_port
+from tests.test_eval_scripts import free_port, run
 
 FAST = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu"]
-
-
-def run(module, argv, capsys, on_batch=None):
-    with pytest.raises(SystemExit) as stop:
-        run_cli(lambda a: module.main(a, on_batch=on_batch), argv, prog=module.PROG)
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
 
 
 def test_pointing_game_on_voc_with_difficult_list(tmp_path, capsys):

@@ -14,7 +14,9 @@ import torchvision
 from torch import nn
 
 from common.errors import UserError
-from methods.relevance.rules import AffineOp, Rule, affine_relevance, gradient_relevance, norm_relevance
+from methods.relevance import rap
+from methods.relevance.rules import (AffineOp, Rule, affine_relevance, gradient_relevance, norm_relevance,
+                                      stabilize)
 
 
 def merged_parameters(layer: nn.Module, norm: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -59,7 +61,6 @@ class Affine(Step):
 
     def relprop(self, relevance, net):
         if net.mode == "rap":
-            from methods.relevance import rap
             if self.last:
                 return rap.first_propagation(self.x, self.raw_weight, self.raw_bias, relevance)
             if self.first:
@@ -136,10 +137,8 @@ class Residual(Step):
         return F.relu(self.identity + self.residual)
 
     def relprop(self, relevance, net):
-        from methods.relevance.rap import safe_divide
-        from methods.relevance.rules import stabilize
         total = self.identity + self.residual
-        share = safe_divide(relevance, total) if net.mode == "rap" else relevance / stabilize(total, net.rule_eps)
+        share = rap.safe_divide(relevance, total) if net.mode == "rap" else relevance / stabilize(total, net.rule_eps)
         to_skip, to_branch = self.identity * share, self.residual * share
         from_skip = self.skip.relprop(to_skip, net) if self.skip else to_skip
         return from_skip + self.branch.relprop(to_branch, net)
