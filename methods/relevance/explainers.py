@@ -107,3 +107,20 @@ class RAP(LRP):
 
     def initial_relevance(self, logits, targets):
         return [torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)]
+
+
+class RSP(LRP):
+    """Relative Sectional Propagation (Nam et al., AAAI 2021); see :mod:`methods.relevance.rsp`."""
+
+    name = "rsp"
+
+    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+        with restored_state(self.model):
+            net = RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="rsp")
+            logits = net.forward(x)
+            targets = resolve_targets(targets, logits)
+            start = net.block_gradcam_terms(targets)
+            peak = start.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
+            start = start / (peak + 1e-9)
+            maps = net.relprop_below(start).sum(dim=1, keepdim=True)
+        return Explanation(maps, logits)

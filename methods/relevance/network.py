@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from common.errors import UserError
-from methods.relevance import rap
+from methods.relevance import rap, rsp
 from methods.relevance.rules import (AffineOp, Rule, affine_relevance, gradient_relevance, norm_relevance,
                                       stabilize)
 
@@ -60,6 +60,12 @@ class Affine(Step):
         return self.op.forward(x, self.weight, self.bias)
 
     def relprop(self, relevance, net):
+        if net.mode == "rsp":
+            if self.first:
+                return rap.input_propagation(self.op, self.x, self.raw_weight, relevance)
+            if self.op.kind != "conv":
+                raise ValueError("RSP starts below the classifier; no linear layer is propagated")
+            return rsp.hidden_propagation(self.op, self.x, self.raw_weight, relevance)
         if net.mode == "rap":
             if self.last:
                 return rap.first_propagation(self.x, self.raw_weight, self.raw_bias, relevance)
@@ -137,9 +143,13 @@ class Residual(Step):
         return F.relu(self.identity + self.residual)
 
     def relprop(self, relevance, net):
-        total = self.identity + self.residual
-        share = rap.safe_divide(relevance, total) if net.mode == "rap" else relevance / stabilize(total, net.rule_eps)
-        to_skip, to_branch = self.identity * share, self.residual * share
+        identity, residual = self.identity, self.residual
+        if net.mode == "rsp":  # RSP clamps both summands (plus 1e-9) before the proportional split
+            identity, residual = identity.clamp(min=0) + 1e-9, residual.clamp(min=0) + 1e-9
+        total = identity + residual
+        share = rap.safe_divide(relevance, total) if net.mode in ("rap", "rsp") else \
+            relevance / stabilize(total, net.rule_eps)
+        to_skip, to_branch = identity * share, residual * share
         from_skip = self.skip.relprop(to_skip, net) if self.skip else to_skip
         return from_skip + self.branch.relprop(to_branch, net)
 
@@ -182,17 +192,21 @@ SUPPORTED = "torchvision VGG (vgg11..vgg19, with or without _bn) and ResNet (res
 def build_chain(model: nn.Module) -> Chain:
     """The relevance chain of a torchvision VGG or ResNet; other architectures raise UserError."""
     if isinstance(model, torchvision.models.VGG):
-        steps = _sequential_steps(model.features) + [AvgPool(model.avgpool), Flatten()]
+        features = _sequential_steps(model.features)
+        cam_index = len(features) - 1 if isinstance(features[-1], MaxPool) else len(features)
+        steps = features + [AvgPool(model.avgpool), Flatten()]
         steps += _sequential_steps(model.classifier)
     elif isinstance(model, torchvision.models.ResNet):
         steps = [Affine(model.conv1, model.bn1), Pass(F.relu), MaxPool(model.maxpool)]
         for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
             steps += [_resnet_block(block) for block in stage]
+        cam_index = len(steps)
         steps += [AvgPool(model.avgpool), Flatten(), Affine(model.fc)]
     else:
         raise UserError(f"relevance methods support {SUPPORTED}, not {type(model).__name__} "
                         "(e.g. --name vgg16 or --name resnet50)")
     chain = Chain(steps)
+    chain.cam_index = cam_index  # steps[:cam_index] end at the last convolutional block (RSP's start)
     affine = [step for step in _walk(chain) if isinstance(step, Affine)]
     affine[0].first, affine[-1].last = True, True
     return chain
@@ -226,3 +240,21 @@ class RelevanceNet:
     @torch.no_grad()
     def relprop(self, relevance: torch.Tensor) -> torch.Tensor:
         return self.chain.relprop(relevance, self)
+
+    def block_gradcam_terms(self, targets: torch.Tensor) -> torch.Tensor:
+        """w_c A_c at the end of the last convolutional block (Grad-CAM without the channel sum)."""
+        head = self.chain.steps[self.chain.cam_index:]
+        with torch.enable_grad():
+            activation = head[0].x.detach().requires_grad_(True)
+            out = activation
+            for step in head:
+                out = step.apply(out)
+            (grads,) = torch.autograd.grad(out.gather(1, targets[:, None]).sum(), activation)
+        return grads.mean(dim=(2, 3), keepdim=True) * activation.detach()
+
+    @torch.no_grad()
+    def relprop_below(self, relevance: torch.Tensor) -> torch.Tensor:
+        """Propagate relevance given at the end of the last convolutional block down to the input."""
+        for step in reversed(self.chain.steps[:self.chain.cam_index]):
+            relevance = step.relprop(relevance, self)
+        return relevance

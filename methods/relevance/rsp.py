@@ -1,0 +1,85 @@
+"""Relative Sectional Propagation (Nam et al., AAAI 2021), following the authors' public implementation.
+
+RSP starts at the CAM layer (the last convolutional block) from the channel-wise Grad-CAM terms
+w_c A_c scaled by their maximum, and propagates them to the input. At a hidden convolution the positive
+and the negative relevance each build their own "section" kernel, the weight gradient of that relevance
+(G+ = dL+/dW with L+ = sum R+ * (x conv W)), and are redistributed through x conv G+ and x conv G-:
+R_in = 2 (C+ - C-) shifted uniformly to keep the layer's total (3x3 kernels), or C+ - C- (1x1 kernels,
+which are conservative as they are). The input layer uses z^B with the image's own minimum and maximum,
+BatchNorm passes relevance through, and a residual sum splits relevance in proportion to its clamped
+summands. The authors' code sums the section kernels over the images of a batch; here each image gets
+its own (grouped convolutions), so a batch gives the same maps as one image at a time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.relevance.rap import safe_divide, shift_to_total
+from methods.relevance.rules import AffineOp
+
+
+def _grouped(op: AffineOp, batch: int) -> dict:
+    return dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=batch * op.groups)
+
+
+def per_sample_weight_gradient(op: AffineOp, x: torch.Tensor, grad_output: torch.Tensor,
+                               weight_shape: torch.Size) -> torch.Tensor:
+    """(B * C_out, C_in, k, k): for each image, the gradient of sum(grad_output * conv(x, W)) w.r.t. W."""
+    batch = x.shape[0]
+    stacked = x.reshape(1, -1, *x.shape[2:])
+    out = grad_output.reshape(1, -1, *grad_output.shape[2:])
+    size = (batch * weight_shape[0], *weight_shape[1:])
+    return torch.nn.grad.conv2d_weight(stacked, size, out, **_grouped(op, batch))
+
+
+def _conv_each(op: AffineOp, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    batch = x.shape[0]
+    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernels, None, **_grouped(op, batch))
+    return out.reshape(batch, -1, *out.shape[2:])
+
+
+def _conv_each_transpose(op: AffineOp, s: torch.Tensor, kernels: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    batch = shape[0]
+    stacked_shape = (1, batch * shape[1], *shape[2:])
+    grad = torch.nn.grad.conv2d_input(stacked_shape, kernels, s.reshape(1, -1, *s.shape[2:]), **_grouped(op, batch))
+    return grad.reshape(shape)
+
+
+def _pointwise_propagation(op: AffineOp, x: torch.Tensor, positive: torch.Tensor,
+                           negative: torch.Tensor) -> torch.Tensor:
+    """The 1x1 case with batched matrix products: section kernels K = R X^T, z = K X, R_in = x * K^T (R / z)."""
+    sampled = x[:, :, ::op.stride[0], ::op.stride[1]]
+    inputs = sampled.flatten(2)                                     # (B, C_in, L)
+    result = []
+    for part in (positive, negative):
+        rel = part.flatten(2)                                       # (B, C_out, L)
+        mask = (rel != 0).to(x.dtype)
+        kernels = rel @ inputs.transpose(1, 2)                      # (B, C_out, C_in)
+        z = (kernels @ inputs) * mask
+        back = kernels.transpose(1, 2) @ (safe_divide(rel, z) * mask)
+        spread = torch.zeros_like(x)
+        spread[:, :, ::op.stride[0], ::op.stride[1]] = back.view_as(sampled)
+        result.append(x * spread)
+    return result[0] - result[1]
+
+
+def hidden_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """A hidden convolution (input x >= 0, bias ignored)."""
+    positive, negative = relevance.clamp(min=0), -relevance.clamp(max=0)
+    pointwise = weight.shape[-2:] == (1, 1)
+    if pointwise and op.padding == (0, 0) and op.dilation == (1, 1) and op.groups == 1:
+        return _pointwise_propagation(op, x, positive, negative)
+    positive_mask, negative_mask = (positive != 0).to(x.dtype), (negative != 0).to(x.dtype)
+    # d/dW of sum(R+ * mask+ * conv(x, W)) = the weight gradient of R+ * mask+ (= R+)
+    kernel_pos = per_sample_weight_gradient(op, x, positive * positive_mask, weight.shape)
+    kernel_neg = per_sample_weight_gradient(op, x, negative * negative_mask, weight.shape)
+    z_pos = _conv_each(op, x, kernel_pos) * positive_mask
+    z_neg = _conv_each(op, x, kernel_neg) * negative_mask
+    shape = x.shape
+    from_pos = x * _conv_each_transpose(op, safe_divide(positive, z_pos) * positive_mask, kernel_pos, shape)
+    from_neg = x * _conv_each_transpose(op, safe_divide(negative, z_neg) * negative_mask, kernel_neg, shape)
+    if pointwise:
+        return from_pos - from_neg
+    total = (positive - negative).flatten(1).sum(1).view(-1, 1, 1, 1)
+    return shift_to_total(2 * (from_pos - from_neg), total)
