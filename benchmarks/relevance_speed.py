@@ -28,7 +28,7 @@ from ucag import UCAG  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
-    parser.add_argument("--methods", nargs="+", default=["lrp", "clrp", "sglrp"])
+    parser.add_argument("--methods", nargs="+", default=["lrp", "clrp", "sglrp", "rap", "rsp", "agf"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)

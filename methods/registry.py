@@ -6,7 +6,7 @@ from typing import Callable
 from common.errors import UserError
 from methods.base import Explainer
 from methods.baselines import Center
-from methods.relevance import CLRP, LRP, RAP, RSP, SGLRP
+from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from models.spec import ModelSpec
 
@@ -75,3 +75,4 @@ register("clrp", "c-lrp")(_relevance_builder(CLRP))
 register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
 register("rap")(_relevance_builder(RAP))
 register("rsp")(_relevance_builder(RSP))
+register("agf")(_relevance_builder(AGF))

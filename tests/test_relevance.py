@@ -153,7 +153,7 @@ def test_unsupported_architectures_are_named(lite):
         build_explainer("rap" if False else "clrp", load_model("inception_v3", "random"))
 
 
-@pytest.mark.parametrize("method", ["lrp", "clrp", "sglrp", "rap", "rsp"])
+@pytest.mark.parametrize("method", ["lrp", "clrp", "sglrp", "rap", "rsp", "agf"])
 def test_every_relevance_method_runs_through_ucag(method):
     torch.manual_seed(0)
     spec = load_model("resnet18", "random")

@@ -124,3 +124,25 @@ class RSP(LRP):
             start = start / (peak + 1e-9)
             maps = net.relprop_below(start).sum(dim=1, keepdim=True)
         return Explanation(maps, logits)
+
+
+class AGF(LRP):
+    """Attribution Guided Factorization (Gur et al., AAAI 2021); see :mod:`methods.relevance.agf`."""
+
+    name = "agf"
+
+    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+        from methods.relevance import agf
+        with restored_state(self.model):
+            net = RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="agf")
+            logits, targets = agf.run_streams(net, x, lambda out: resolve_targets(targets, out))
+            last = net.chain.steps[-1]
+            with torch.no_grad():
+                start = last.x.detach() * last.x.grad
+                relevance = start
+                for index in range(len(net.chain.steps) - 2, -1, -1):
+                    step = net.chain.steps[index]
+                    before = net.chain.steps[index - 1] if index > 0 else None
+                    relevance = agf.propagate(step, relevance, net.chain.steps[index + 1].x.grad, before)
+                maps = (relevance / agf.sample_max(relevance)).sum(dim=1, keepdim=True)
+        return Explanation(maps, logits)

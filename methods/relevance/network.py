@@ -140,7 +140,8 @@ class Residual(Step):
     def apply(self, x):
         self.identity = self.skip.forward(x) if self.skip else x
         self.residual = self.branch.forward(x)
-        return F.relu(self.identity + self.residual)
+        self.total = self.identity + self.residual
+        return F.relu(self.total)
 
     def relprop(self, relevance, net):
         identity, residual = self.identity, self.residual

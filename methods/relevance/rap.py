@@ -109,12 +109,13 @@ class _MaskedOp:
         return self.op.transpose(s * self.mask, weight, shape)
 
 
-def input_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+def input_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
+                      divide=None) -> torch.Tensor:
     """The input layer: z^B with the image's own minimum and maximum as the box (no bias)."""
     shape = x.shape
     low = x.flatten(1).min(dim=1).values.view(-1, 1, 1, 1).expand_as(x)
     high = x.flatten(1).max(dim=1).values.view(-1, 1, 1, 1).expand_as(x)
     wp, wn = weight.clamp(min=0), weight.clamp(max=0)
     z = op.forward(x, weight, None) - op.forward(low, wp, None) - op.forward(high, wn, None)
-    s = safe_divide(relevance, z)
+    s = (divide or safe_divide)(relevance, z)
     return x * op.transpose(s, weight, shape) - low * op.transpose(s, wp, shape) - high * op.transpose(s, wn, shape)
