@@ -31,9 +31,9 @@ def sample_max(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).max(dim=1).values.view(-1, *([1] * (t.dim() - 1)))
 
 
-def delta_shift(base: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+def delta_shift(base: torch.Tensor, extra: torch.Tensor, nonzero=None) -> torch.Tensor:
     """base + extra - mean(extra) over base's non-zero entries: the total of ``base`` is kept."""
-    nonzero = base != 0
+    nonzero = base != 0 if nonzero is None else nonzero
     dims = list(range(1, extra.dim()))
     mean = extra.sum(dim=dims, keepdim=True) / nonzero.sum(dim=dims, keepdim=True)
     return base + extra - torch.where(nonzero, mean, 0.0)
@@ -50,10 +50,10 @@ def _cluster_weights(hard: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """W1 - W0 of the ridge regression (R^T R + I)^-1 R^T H, R = per-channel representatives of the
     positive and negative regions of phi, H = the hard map; ReLU'd as the authors do."""
     batch, channels = hard.shape[:2]
-    positive_region = (phi.clamp(min=0) != 0).to(hard.dtype)
-    negative_region = (phi.clamp(max=0) != 0).to(hard.dtype)
-    rep_pos = divide((hard * positive_region).sum(dim=(2, 3)), positive_region.sum(dim=(1, 2, 3))[:, None])
-    rep_neg = divide((hard * negative_region).sum(dim=(2, 3)), negative_region.sum(dim=(1, 2, 3))[:, None])
+    positive_region = (phi > 0).to(hard.dtype)[:, 0]
+    negative_region = (phi < 0).to(hard.dtype)[:, 0]
+    rep_pos = divide(torch.einsum("bchw,bhw->bc", hard, positive_region), positive_region.sum(dim=(1, 2))[:, None])
+    rep_neg = divide(torch.einsum("bchw,bhw->bc", hard, negative_region), negative_region.sum(dim=(1, 2))[:, None])
     reps = torch.stack([rep_neg, rep_pos], dim=-1)                         # (B, C, 2)
     gram = reps.transpose(1, 2) @ reps + torch.eye(2, dtype=hard.dtype, device=hard.device)
     weights = torch.linalg.solve(gram, reps.transpose(1, 2) @ hard.reshape(batch, channels, -1))
@@ -61,18 +61,24 @@ def _cluster_weights(hard: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     return weights[:, 1:2] - weights[:, 0:1]
 
 
+def _hardness(t: torch.Tensor) -> torch.Tensor:
+    """10 / max(t) per image (0 where the max is 0): sigmoid(10 * t / max) in one multiply."""
+    peak = sample_max(t)
+    return torch.where(peak != 0, 10 / (peak + 1e-9), 0.0)
+
+
 def factorization(x: torch.Tensor, grad: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(F_x, F_dx), (B, 1, H, W): foreground-minus-background weights of the activations and gradients."""
-    grad_hard = torch.sigmoid(10 * divide(grad, sample_max(grad)))
-    x_hard = torch.sigmoid(10 * divide(x, sample_max(x)))
+    grad_hard = torch.sigmoid(grad * _hardness(grad))
+    x_hard = torch.sigmoid(x * _hardness(x))
     return _cluster_weights(x_hard, phi), _cluster_weights(grad_hard, phi)
 
 
 def _abs_rule(op: AffineOp, x_abs: torch.Tensor, weight_abs: torch.Tensor, relevance: torch.Tensor,
               nonzero: torch.Tensor, shape) -> torch.Tensor:
-    """d/dx of <(|x| conv |W|) masked, R / that>: the |W|-rule's backward factor (x_abs may be one image)."""
-    z = torch.where(nonzero, op.forward(x_abs, weight_abs, None), 0.0)
-    return op.transpose(divide(relevance, z), weight_abs, shape)
+    """d/dx of <(|x| conv |W|) masked, R / that>: the |W|-rule's backward factor (x_abs may be one image).
+    The authors mask z where R == 0; the quotient is 0 there anyway, so no mask is needed."""
+    return op.transpose(divide(relevance, op.forward(x_abs, weight_abs, None)), weight_abs, shape)
 
 
 def hidden_conv(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, weight: torch.Tensor,
@@ -91,8 +97,10 @@ def hidden_conv(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, weight:
     masked_grad = op.transpose(torch.where(nonzero, grad_out, 0.0), weight, x.shape)
     f_x, f_dx = factorization(x, masked_grad, c.mean(dim=1, keepdim=True))
     a = _abs_rule(op, torch.ones_like(x[:1]), w_abs, relevance, nonzero, x.shape)
-    residual = divide(F.relu(f_x) + m, 1 + torch.exp(-c)) + F.relu(f_dx) + a
-    return delta_shift(c, torch.where(c != 0, residual, 0.0))
+    # (F_x + M) / (1 + e^-C), as sigmoid(C) (the authors add 1e-9 to that denominator)
+    residual = (F.relu(f_x) + m) * torch.sigmoid(c) + F.relu(f_dx) + a
+    c_nonzero = c != 0
+    return delta_shift(c, torch.where(c_nonzero, residual, 0.0), c_nonzero)
 
 
 def hidden_linear(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, relevance: torch.Tensor,
