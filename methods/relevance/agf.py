@@ -127,27 +127,14 @@ def proportional(forward, x: torch.Tensor, relevance: torch.Tensor) -> torch.Ten
     return x * grad
 
 
-def _steps(step):
-    """Every step, containers included, in forward order."""
-    from methods.relevance.network import Chain, Residual
-    yield step
-    if isinstance(step, Chain):
-        for sub in step.steps:
-            yield from _steps(sub)
-    elif isinstance(step, Residual):
-        if step.skip:
-            yield from _steps(step.skip)
-        yield from _steps(step.branch)
-
-
 def run_streams(net, x: torch.Tensor, targets_fn):
     """Forward through the chain with autograd and backpropagate the sharpened target, keeping the gradient
     at every step's input (and at every residual sum). Returns (logits, targets)."""
-    from methods.relevance.network import Residual
+    from methods.relevance.network import Residual, walk
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logits = net.chain.forward(leaf)
-        for step in _steps(net.chain):
+        for step in walk(net.chain, containers=True):
             if getattr(step, "x", None) is not None and step.x.requires_grad and step.x is not leaf:
                 step.x.retain_grad()
             if isinstance(step, Residual):

@@ -9,7 +9,7 @@ from torch import nn
 
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.hooks import restored_state
-from methods.relevance.network import RelevanceNet
+from methods.relevance.network import Chain, RelevanceNet
 from methods.relevance.rules import Rule
 
 RULES = ("zplus", "alpha2beta1", "epsilon")
@@ -138,11 +138,8 @@ class AGF(LRP):
             logits, targets = agf.run_streams(net, x, lambda out: resolve_targets(targets, out))
             last = net.chain.steps[-1]
             with torch.no_grad():
-                start = last.x.detach() * last.x.grad
-                relevance = start
-                for index in range(len(net.chain.steps) - 2, -1, -1):
-                    step = net.chain.steps[index]
-                    before = net.chain.steps[index - 1] if index > 0 else None
-                    relevance = agf.propagate(step, relevance, net.chain.steps[index + 1].x.grad, before)
+                # the last layer starts the relevance stream: x * dy'_t/dx; the rest is a chain below it
+                below = Chain(net.chain.steps[:-1])
+                relevance = agf.propagate(below, last.x.detach() * last.x.grad, last.x.grad)
                 maps = (relevance / agf.sample_max(relevance)).sum(dim=1, keepdim=True)
         return Explanation(maps, logits)

@@ -208,21 +208,23 @@ def build_chain(model: nn.Module) -> Chain:
                         "(e.g. --name vgg16 or --name resnet50)")
     chain = Chain(steps)
     chain.cam_index = cam_index  # steps[:cam_index] end at the last convolutional block (RSP's start)
-    affine = [step for step in _walk(chain) if isinstance(step, Affine)]
+    affine = [step for step in walk(chain) if isinstance(step, Affine)]
     affine[0].first, affine[-1].last = True, True
     return chain
 
 
-def _walk(step: Step):
+def walk(step: Step, containers: bool = False):
+    """Every step in forward order; with ``containers`` the chains and residual blocks too."""
+    is_container = isinstance(step, (Chain, Residual))
+    if containers or not is_container:
+        yield step
     if isinstance(step, Chain):
         for sub in step.steps:
-            yield from _walk(sub)
+            yield from walk(sub, containers)
     elif isinstance(step, Residual):
         if step.skip:
-            yield from _walk(step.skip)
-        yield from _walk(step.branch)
-    else:
-        yield step
+            yield from walk(step.skip, containers)
+        yield from walk(step.branch, containers)
 
 
 class RelevanceNet:
