@@ -55,6 +55,8 @@ def main() -> None:
         for method in args.methods:
             explainer = build_explainer(method, spec)
             alone = timed(lambda: explainer(x), device, args.repeats)
+            # the machine's speed drifts on shared hosts: the ratio uses the reference timed right after
+            reference = timed(forward_backward, device, args.repeats)
             line = f"  {method:<6} {1000 * alone / args.images:8.1f} ms ({alone / reference:4.2f} x fwd+bwd)"
             if not args.no_ucag:
                 ucag = UCAG(explainer, n=args.n, alpha=args.alpha, patch_batch=16)

@@ -6,7 +6,8 @@ import torch
 import torchvision
 
 from methods.relevance import AGF
-from methods.relevance.agf import _abs_rule, _cluster_weights, delta_shift, divide, sharpened_target
+from methods.relevance.agf import (_abs_rule, _cluster_weights, _ones_response, delta_shift, divide,
+                                  sharpened_target)
 from methods.relevance.rules import AffineOp
 from tests.test_relevance import BOUNDS
 
@@ -26,8 +27,21 @@ def test_abs_rule_is_conservative():
     x = torch.rand(2, 4, 6, 6, dtype=torch.float64) + 0.1
     weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
     relevance = torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    c = x * _abs_rule(op, x, weight.abs(), relevance, relevance != 0, x.shape)
+    z = op.forward(x, weight.abs(), None)
+    c = x * _abs_rule(op, z, weight.abs(), relevance, x.shape)
     assert torch.allclose(c.flatten(1).sum(1), relevance.flatten(1).sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("stride,padding,kernel", [((1, 1), (1, 1), 3), ((2, 2), (1, 1), 3), ((2, 2), (0, 0), 1)])
+def test_ones_response_sums_channels_into_the_kernel(stride, padding, kernel):
+    op = AffineOp("conv", stride, padding)
+    weight_abs = torch.randn(5, 4, kernel, kernel, dtype=torch.float64).abs()
+    shape = (3, 4, 7, 9)
+    full = op.forward(torch.ones(1, 4, 7, 9, dtype=torch.float64), weight_abs, None)
+    assert torch.allclose(_ones_response(op, weight_abs, shape), full, rtol=1e-12)
+    # borders see fewer kernel taps than the interior, so the response is not a constant
+    if padding != (0, 0):
+        assert full[0, 0, 0, 0] < full[0, 0, 1, 1]
 
 
 def test_factorization_solves_the_two_cluster_ridge_regression():

@@ -92,3 +92,50 @@ def test_rap_batch_equals_single():
 def test_rap_refuses_inception():
     with pytest.raises(UserError, match="support torchvision VGG .* not Inception3"):
         build_explainer("rap", load_model("inception_v3", "random"))
+
+
+def _literal_hidden_propagation(op, x, weight, relevance):
+    """RAP's hidden-layer rule written term by term as in the authors' code: every z masked by the non-zero
+    output relevance, four safe-divided terms per input sign, masked transposes, then the total shift."""
+    def divide(a, b):
+        return torch.where(b != 0, a / torch.where(b != 0, b, 1.0), 0.0)
+
+    nonzero = (relevance != 0).to(x.dtype)
+    positive, negative = relevance.clamp(min=0), relevance.clamp(max=0)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    linear = op.kind == "linear"
+    result = torch.zeros_like(x)
+    for xs, sign1 in ((x.clamp(min=0), 1.0), (x.clamp(max=0), -1.0)):
+        z1 = sign1 * op.forward(xs, wp, None) * nonzero
+        z2 = -sign1 * op.forward(xs, wn, None) * nonzero
+        total = z1 + z2
+        alive = (total != 0).to(x.dtype)
+        share2 = divide(z2, total)
+        through1 = divide(positive * alive, z1)
+        through2 = divide(positive * share2, z2) + divide(negative * share2, z2)
+        if linear:
+            through1 = through1 + divide(negative * alive, z1)
+        else:
+            through2 = through2 + divide(negative * alive, z2)
+        result = result + shift_to_total(
+            xs * sign1 * (op.transpose(through1 * nonzero, wp, x.shape) - op.transpose(through2 * nonzero, wn, x.shape)),
+            relevance.flatten(1).sum(1).view(-1, *([1] * (x.dim() - 1))))
+    return result
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_hidden_propagation_equals_the_literal_rule(kind, nonnegative):
+    torch.manual_seed(3)
+    if kind == "conv":
+        op = AffineOp("conv", (1, 1), (1, 1))
+        x, weight, relevance = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(2, 5, 6, 6)
+    else:
+        op = AffineOp("linear")
+        x, weight, relevance = torch.randn(2, 7), torch.randn(5, 7), torch.randn(2, 5)
+    x, weight, relevance = x.double(), weight.double(), relevance.double()
+    x = x.clamp(min=0) if nonnegative else x
+    x[..., 0] = 0.0                       # inputs with zero z, and output relevance with zeros
+    relevance[..., -1] = 0.0
+    ours = hidden_propagation(op, x, weight, relevance, nonnegative=nonnegative)
+    assert torch.allclose(ours, _literal_hidden_propagation(op, x, weight, relevance), rtol=1e-10, atol=1e-12)

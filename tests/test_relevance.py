@@ -14,7 +14,7 @@ from common.errors import UserError
 from methods import build_explainer
 from methods.relevance import CLRP, LRP, SGLRP
 from methods.relevance.network import Affine, Chain, Pass, RelevanceNet, Residual
-from methods.relevance.rules import Rule
+from methods.relevance.rules import AffineOp, Rule, nonzero_mask, safe_divide, stabilize
 from models import load_model
 from ucag import UCAG
 
@@ -160,3 +160,25 @@ def test_every_relevance_method_runs_through_ucag(method):
     explainer = build_explainer(method, spec)
     maps, _ = UCAG(explainer, crop=150, n=2, alpha=1.2)(torch.randn(2, 3, 64, 64), [1, 2])
     assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and explainer.signed
+
+
+def test_mask_helpers_equal_their_where_forms():
+    values = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-9])
+    numerator = torch.tensor([1.0, 2.0, -3.0, 4.0, 6.0, 5.0])
+    assert torch.equal(nonzero_mask(values), (values != 0).float())
+    assert torch.equal(safe_divide(numerator, values), torch.where(values != 0, numerator / values, 0.0))
+    expected = values + 1e-6 * torch.where(values >= 0, 1.0, -1.0)
+    assert torch.equal(stabilize(values, 1e-6), expected)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [(1, 2, 0, 56), (1, 2, 0, 57), (1, 3, 0, 10), (1, 1, 0, 9),
+                                                        (3, 2, 1, 15), (7, 2, 3, 32)])
+def test_affine_transpose_is_the_input_gradient(kernel, stride, padding, size):
+    torch.manual_seed(0)
+    op = AffineOp("conv", (stride, stride), (padding, padding))
+    weight = torch.randn(6, 4, kernel, kernel, dtype=torch.float64)
+    x = torch.randn(2, 4, size, size + 1, dtype=torch.float64, requires_grad=True)
+    out = op.forward(x, weight, None)
+    s = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, s)
+    assert torch.allclose(op.transpose(s, weight, x.shape), expected, rtol=1e-10, atol=1e-12)

@@ -83,11 +83,15 @@ def test_fixed_seed_regression_value():
 REGRESSION_ABS_SUM, REGRESSION_SUM = 1317.1373291015625, 19.430397033691406
 
 
-def test_pointwise_fast_path_equals_grouped_convolutions():
+@pytest.mark.parametrize("c_in,c_out,size", [(4, 3, 6),     # section kernels (C_out x C_in) are cheaper
+                                             (16, 12, 4)])  # the L x L Gram matrix is cheaper
+def test_pointwise_fast_path_equals_grouped_convolutions(c_in, c_out, size):
     torch.manual_seed(5)
-    x = torch.rand(2, 4, 6, 6, dtype=torch.float64)
-    weight = torch.randn(3, 4, 1, 1, dtype=torch.float64)
-    relevance = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    x = torch.rand(2, c_in, size, size, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.0                                                  # a pixel with z = 0
+    weight = torch.randn(c_out, c_in, 1, 1, dtype=torch.float64)
+    relevance = torch.randn(2, c_out, size // 2, size // 2, dtype=torch.float64)
+    relevance[1, 0] = 0.0
     fast = hidden_propagation(AffineOp("conv", stride=(2, 2)), x, weight, relevance)
     # dilation does not change a 1x1 convolution but sends it down the grouped-convolution path
     general = hidden_propagation(AffineOp("conv", stride=(2, 2), dilation=(2, 2)), x, weight, relevance)

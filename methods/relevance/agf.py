@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from methods.relevance.rules import AffineOp
+from methods.relevance.rules import AffineOp, nonzero_mask
 
 
 def divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """AGF's safe division, a / (b + 1e-9) and 0 where b == 0. (The authors write the denominator as
     b.clamp(min=1e-9) + b.clamp(max=1e-9), which is b + 1e-9 for every b.)"""
-    return torch.where(b != 0, a / (b + 1e-9), 0.0)
+    return (a * nonzero_mask(b)).div_(b + 1e-9)
 
 
 def sample_max(t: torch.Tensor) -> torch.Tensor:
@@ -33,10 +33,10 @@ def sample_max(t: torch.Tensor) -> torch.Tensor:
 
 def delta_shift(base: torch.Tensor, extra: torch.Tensor, nonzero=None) -> torch.Tensor:
     """base + extra - mean(extra) over base's non-zero entries: the total of ``base`` is kept."""
-    nonzero = base != 0 if nonzero is None else nonzero
+    nonzero = nonzero_mask(base) if nonzero is None else nonzero
     dims = list(range(1, extra.dim()))
     mean = extra.sum(dim=dims, keepdim=True) / nonzero.sum(dim=dims, keepdim=True)
-    return base + extra - torch.where(nonzero, mean, 0.0)
+    return torch.addcmul(base + extra, nonzero, mean, value=-1)
 
 
 def sharpened_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,13 +50,11 @@ def _cluster_weights(hard: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """W1 - W0 of the ridge regression (R^T R + I)^-1 R^T H, R = per-channel representatives of the
     positive and negative regions of phi, H = the hard map; ReLU'd as the authors do."""
     batch, channels = hard.shape[:2]
-    positive_region = (phi > 0).to(hard.dtype)[:, 0]
-    negative_region = (phi < 0).to(hard.dtype)[:, 0]
-    rep_pos = divide(torch.einsum("bchw,bhw->bc", hard, positive_region), positive_region.sum(dim=(1, 2))[:, None])
-    rep_neg = divide(torch.einsum("bchw,bhw->bc", hard, negative_region), negative_region.sum(dim=(1, 2))[:, None])
-    reps = torch.stack([rep_neg, rep_pos], dim=-1)                         # (B, C, 2)
+    flat = hard.reshape(batch, channels, -1)
+    regions = torch.stack([phi < 0, phi > 0], dim=-1).to(hard.dtype).reshape(batch, -1, 2)  # (B, HW, 2)
+    reps = divide(flat @ regions, regions.sum(dim=1, keepdim=True))        # (B, C, 2): negative, positive
     gram = reps.transpose(1, 2) @ reps + torch.eye(2, dtype=hard.dtype, device=hard.device)
-    weights = torch.linalg.solve(gram, reps.transpose(1, 2) @ hard.reshape(batch, channels, -1))
+    weights = torch.linalg.solve(gram, reps.transpose(1, 2) @ flat)
     weights = F.relu(weights.reshape(batch, 2, *hard.shape[2:]))
     return weights[:, 1:2] - weights[:, 0:1]
 
@@ -69,16 +67,29 @@ def _hardness(t: torch.Tensor) -> torch.Tensor:
 
 def factorization(x: torch.Tensor, grad: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(F_x, F_dx), (B, 1, H, W): foreground-minus-background weights of the activations and gradients."""
-    grad_hard = torch.sigmoid(grad * _hardness(grad))
-    x_hard = torch.sigmoid(x * _hardness(x))
+    grad_hard = (grad * _hardness(grad)).sigmoid_()
+    x_hard = (x * _hardness(x)).sigmoid_()
     return _cluster_weights(x_hard, phi), _cluster_weights(grad_hard, phi)
 
 
-def _abs_rule(op: AffineOp, x_abs: torch.Tensor, weight_abs: torch.Tensor, relevance: torch.Tensor,
-              nonzero: torch.Tensor, shape) -> torch.Tensor:
-    """d/dx of <(|x| conv |W|) masked, R / that>: the |W|-rule's backward factor (x_abs may be one image).
-    The authors mask z where R == 0; the quotient is 0 there anyway, so no mask is needed."""
-    return op.transpose(divide(relevance, op.forward(x_abs, weight_abs, None)), weight_abs, shape)
+def _abs_rule(op: AffineOp, z: torch.Tensor, weight_abs: torch.Tensor, relevance: torch.Tensor,
+              shape) -> torch.Tensor:
+    """The |W|-rule's backward factor T(R / (z + 1e-9)) for z = |x| conv |W| >= 0 (z may be one image).
+    The authors divide with ``divide`` (0 where z == 0) after masking z where R == 0; neither mask changes
+    a result: the quotient is 0 where R is, and an output with z == 0 has |x_i| |W_oi| = 0 for each of its
+    inputs, so its term W_oi * R_o / 1e-9 is 0 or lands on an input with x_i = 0 (which the caller
+    multiplies by x_i) or, for an input of ones, has W_oi = 0."""
+    return op.transpose(relevance / (z + 1e-9), weight_abs, shape)
+
+
+def _ones_response(op: AffineOp, weight_abs: torch.Tensor, shape) -> torch.Tensor:
+    """1 conv |W| for an input of ones, (1, C_out, H', W'): the input channels are summed into the kernel
+    first, so this is a one-channel convolution."""
+    if op.kind == "conv" and op.groups == 1:
+        return op.forward(torch.ones(1, 1, *shape[2:], dtype=weight_abs.dtype, device=weight_abs.device),
+                          weight_abs.sum(dim=1, keepdim=True), None)
+    return op.forward(torch.ones(1, *shape[1:], dtype=weight_abs.dtype, device=weight_abs.device),
+                      weight_abs, None)
 
 
 def hidden_conv(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, weight: torch.Tensor,
@@ -87,42 +98,52 @@ def hidden_conv(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, weight:
     kernel: with the gradient at the BatchNorm's output it gives the same input gradients as the
     convolution with the gradient at its own output. ``grad_in``: the input gradient when the gradient
     stream already has it (x feeds this layer only)."""
-    nonzero = relevance != 0
+    nonzero = nonzero_mask(relevance)
+    # the factorization uses the input gradient of grad_out masked to where relevance is non-zero; the
+    # gradient vanishes there anyway after a ReLU (51 of ResNet50's 52 layers), so the masked gradient is
+    # then the stream's own input gradient and one transposed convolution is saved
+    masked_grad_out = grad_out * nonzero
+    grad_is_masked = torch.equal(masked_grad_out, grad_out)
+    if grad_in is None or not grad_is_masked:
+        masked_grad = op.transpose(masked_grad_out, weight, x.shape)
     if grad_in is None:
-        grad_in = op.transpose(grad_out, weight, x.shape)
+        grad_in = masked_grad if grad_is_masked else op.transpose(grad_out, weight, x.shape)
+    elif grad_is_masked:
+        masked_grad = grad_in
     m = F.relu((x * grad_in).mean(dim=1, keepdim=True))
     m = divide(m, sample_max(m))
     w_abs = raw_weight.abs()
-    c = x * _abs_rule(op, x, w_abs, relevance, nonzero, x.shape)
-    masked_grad = op.transpose(torch.where(nonzero, grad_out, 0.0), weight, x.shape)
+    c = x * _abs_rule(op, op.forward(x, w_abs, None), w_abs, relevance, x.shape)
     f_x, f_dx = factorization(x, masked_grad, c.mean(dim=1, keepdim=True))
-    a = _abs_rule(op, torch.ones_like(x[:1]), w_abs, relevance, nonzero, x.shape)
+    a = _abs_rule(op, _ones_response(op, w_abs, x.shape), w_abs, relevance, x.shape)
     # (F_x + M) / (1 + e^-C), as sigmoid(C) (the authors add 1e-9 to that denominator)
     residual = (F.relu(f_x) + m) * torch.sigmoid(c) + F.relu(f_dx) + a
-    c_nonzero = c != 0
-    return delta_shift(c, torch.where(c_nonzero, residual, 0.0), c_nonzero)
+    c_nonzero = nonzero_mask(c)
+    return delta_shift(c, residual * c_nonzero, c_nonzero)
 
 
 def hidden_linear(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, relevance: torch.Tensor,
                   grad_out: torch.Tensor, unflattened_shape=None) -> torch.Tensor:
     """A hidden linear layer (x >= 0); right after a flattening it also adds M on the 4-D activations."""
-    c = x * _abs_rule(op, x, raw_weight.abs(), relevance, relevance != 0, x.shape)
+    w_abs = raw_weight.abs()
+    c = x * _abs_rule(op, op.forward(x, w_abs, None), w_abs, relevance, x.shape)
     if unflattened_shape is None:
         return c
     spatial_x = x.view(unflattened_shape)
     spatial_grad = op.transpose(grad_out, raw_weight, x.shape).view(unflattened_shape)
     m = (spatial_x * spatial_grad).mean(dim=1, keepdim=True).expand(unflattened_shape).reshape(x.shape)
-    m = torch.where(c != 0, F.relu(m), 0.0)
+    m = F.relu(m) * nonzero_mask(c)
     return delta_shift(c, divide(m, sample_max(m)))
 
 
 def proportional(forward, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """x * d/dx <forward(x) * mask, relevance / (forward(x) * mask)>: parameter-free layers."""
-    if forward is F.relu:  # closed form: x * relevance / (relu(x) + 1e-9) where x > 0
-        return x * torch.where(x > 0, divide(relevance, torch.where(relevance != 0, x.clamp(min=0), 0.0)), 0.0)
+    if forward is F.relu:  # closed form: relevance * x / (x + 1e-9) where x > 0, else 0
+        positive = F.relu(x)
+        return relevance * positive.div_(positive + 1e-9)
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
-        z = torch.where(relevance != 0, forward(leaf), 0.0)
+        z = forward(leaf) * nonzero_mask(relevance)
         (grad,) = torch.autograd.grad(z, leaf, divide(relevance, z.detach()))
     return x * grad
 
@@ -134,13 +155,15 @@ def run_streams(net, x: torch.Tensor, targets_fn):
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logits = net.chain.forward(leaf)
+        kept = {}  # the gradients the relevance stream reads; the image's own gradient is never computed
         for step in walk(net.chain, containers=True):
             if getattr(step, "x", None) is not None and step.x.requires_grad and step.x is not leaf:
-                step.x.retain_grad()
+                kept[id(step.x)] = step.x
             if isinstance(step, Residual):
-                step.total.retain_grad()
+                kept[id(step.total)] = step.total
         targets = targets_fn(logits.detach())
-        sharpened_target(logits, targets).gather(1, targets[:, None]).sum().backward()
+        objective = sharpened_target(logits, targets).gather(1, targets[:, None]).sum()
+        torch.autograd.backward(objective, inputs=list(kept.values()))
     return logits.detach(), targets
 
 
@@ -173,12 +196,15 @@ def propagate(step, relevance: torch.Tensor, grad_out, previous=None) -> torch.T
     if isinstance(step, Flatten):
         return relevance.view(step.x.shape)
     if isinstance(step, Residual):
-        total = step.total.detach()
-        at_sum = proportional(F.relu, total, relevance)
-        share = divide(at_sum, total * (at_sum != 0).to(total.dtype))
+        # the authors: at_sum = R * t / (t + 1e-9) through the ReLU (t = relu(total)), share = divide(at_sum,
+        # total); share is 0 wherever at_sum is, so it equals at_sum / (t + 1e-9), one division
+        positive = F.relu(step.total.detach())
+        denominator = positive + 1e-9
+        share = (relevance * positive).div_(denominator).div_(denominator)
         identity, residual = step.identity.detach(), step.residual.detach()
         from_branch = propagate(step.branch, residual * share, step.total.grad)
         from_skip = propagate(step.skip, identity * share, step.total.grad) if step.skip else identity * share
+        # the block input x >= 0: x * (divide(from_branch, x) + divide(from_skip, x)) in one quotient
         x = step.x.detach()
-        return x * (divide(from_branch, x) + divide(from_skip, x))
+        return (from_branch + from_skip).mul_(x).div_(x + 1e-9)
     raise TypeError(f"AGF cannot propagate through {type(step).__name__}")

@@ -16,7 +16,7 @@ from torch import nn
 from common.errors import UserError
 from methods.relevance import rap, rsp
 from methods.relevance.rules import (AffineOp, Rule, affine_relevance, gradient_relevance, norm_relevance,
-                                      stabilize)
+                                      safe_divide, stabilize)
 
 
 def merged_parameters(layer: nn.Module, norm: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -148,7 +148,7 @@ class Residual(Step):
         if net.mode == "rsp":  # RSP clamps both summands (plus 1e-9) before the proportional split
             identity, residual = identity.clamp(min=0) + 1e-9, residual.clamp(min=0) + 1e-9
         total = identity + residual
-        share = rap.safe_divide(relevance, total) if net.mode in ("rap", "rsp") else \
+        share = safe_divide(relevance, total) if net.mode in ("rap", "rsp") else \
             relevance / stabilize(total, net.rule_eps)
         to_skip, to_branch = identity * share, residual * share
         from_skip = self.skip.relprop(to_skip, net) if self.skip else to_skip

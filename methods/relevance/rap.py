@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.relevance.rules import AffineOp
-
-
-def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator, and 0 where the denominator is 0 (the inf/nan there are masked out)."""
-    return torch.where(denominator != 0, numerator / denominator, 0.0)
+from methods.relevance.rules import AffineOp, nonzero_mask, safe_divide, safe_reciprocal
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
@@ -31,9 +26,9 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 
 def shift_to_total(relevance: torch.Tensor, target_total: torch.Tensor) -> torch.Tensor:
     """Subtract the surplus sum(R) - target uniformly from the non-zero entries (RAP's shift)."""
-    nonzero = (relevance != 0).to(relevance.dtype)
+    nonzero = nonzero_mask(relevance)
     shift = safe_divide(_sum(relevance) - target_total, _sum(nonzero))
-    return relevance - shift * nonzero
+    return torch.addcmul(relevance, nonzero, shift, value=-1)
 
 
 def first_propagation(x: torch.Tensor, weight: torch.Tensor, bias, one_hot: torch.Tensor) -> torch.Tensor:
@@ -60,53 +55,42 @@ def first_propagation(x: torch.Tensor, weight: torch.Tensor, bias, one_hot: torc
     return (positive_part - negative_part) * scale
 
 
-def _split_propagate(op, relevance: torch.Tensor, x: torch.Tensor, first: tuple, second: tuple,
+def _split_propagate(op, relevance: torch.Tensor, x: torch.Tensor, sign: float, weights: tuple,
                      linear_variant: bool) -> torch.Tensor:
-    """RAP's propagation through one input sign. ``first`` and ``second`` are (z, weight, sign) with
-    z = sign * x W >= 0; the gradient of z with respect to x is sign * W^T."""
-    shape = x.shape
-    (z1, w1, sign1), (z2, w2, sign2) = first, second
-    total = z1 + z2
-    positive, negative = relevance.clamp(min=0), relevance.clamp(max=0)
-    alive = (total != 0).to(relevance.dtype)
+    """RAP's propagation through the inputs of one sign (x = x+ with sign 1 or x- with sign -1), with
+    z1 = sign * x W+ >= 0 and z2 = -sign * x W- >= 0 and the gradient of z_k with respect to x = ±W_k^T.
 
-    share2 = safe_divide(z2, total)
-    # terms through the same weights are summed before the (linear) transposed map: two maps, not four
-    through1 = safe_divide(positive * alive, z1)
-    through2 = safe_divide(positive * share2, z2) + safe_divide(negative * share2, z2)
+    The authors' rule, per output: share2 = z2 / (z1 + z2); R+ goes through z1 and R+ share2 through z2; R-
+    goes through z2 with share2 and through z2 (convolutions) or z1 (linear layers) with the rest. They mask
+    every z by the non-zero output relevance and each quotient by (z1 + z2 != 0); neither mask changes a
+    value (R = 0 gives 0 terms, and z1 + z2 = 0 means z1 = z2 = 0, where every quotient is 0), so the
+    quotients are taken as products with 1/z and the four terms summed into two transposed maps."""
+    wp, wn = weights
+    z1 = op.forward(x, wp, None)
+    z2 = op.forward(x, wn, None).neg_()
+    if sign < 0:
+        z1, z2 = z1.neg_(), z2.neg_()
+    share2 = z2 * safe_reciprocal(z1 + z2)
     if linear_variant:
-        through1 = through1 + safe_divide(negative * alive, z1)
+        through1 = relevance * safe_reciprocal(z1)
+        through2 = (relevance * share2).mul_(safe_reciprocal(z2))
     else:
-        through2 = through2 + safe_divide(negative * alive, z2)
-    result = x * (op.transpose(through1, w1, shape) * sign1 + op.transpose(through2, w2, shape) * sign2)
-    return shift_to_total(result, _sum(relevance))
+        positive = relevance.clamp(min=0)
+        through1 = positive * safe_reciprocal(z1)
+        through2 = (relevance * share2).add_(relevance - positive).mul_(safe_reciprocal(z2))
+    result = x * (op.transpose(through1, wp, x.shape) - op.transpose(through2, wn, x.shape))
+    return shift_to_total(result.neg_() if sign < 0 else result, _sum(relevance))
 
 
 def hidden_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
                        nonnegative: bool = False) -> torch.Tensor:
     """A hidden convolution or linear layer (bias ignored); ``nonnegative``: x >= 0, the x- terms vanish."""
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-    nonzero = (relevance != 0).to(relevance.dtype)
+    weights = weight.clamp(min=0), weight.clamp(max=0)
     linear_variant = op.kind == "linear"
-    # the authors multiply each z by the mask of non-zero output relevance, so the transposes mask too
-    masked = _MaskedOp(op, nonzero)
-    za1, za2 = op.forward(xp, wp, None) * nonzero, -op.forward(xp, wn, None) * nonzero
-    result = _split_propagate(masked, relevance, xp, (za1, wp, 1.0), (za2, wn, -1.0), linear_variant)
-    if not nonnegative:
-        zb1, zb2 = -op.forward(xn, wp, None) * nonzero, op.forward(xn, wn, None) * nonzero
-        result = result + _split_propagate(masked, relevance, xn, (zb1, wp, -1.0), (zb2, wn, 1.0), linear_variant)
-    return result
-
-
-class _MaskedOp:
-    """An affine op whose output is multiplied by a fixed mask: the transpose masks its input first."""
-
-    def __init__(self, op: AffineOp, mask: torch.Tensor):
-        self.op, self.mask, self.kind = op, mask, op.kind
-
-    def transpose(self, s, weight, shape):
-        return self.op.transpose(s * self.mask, weight, shape)
+    if nonnegative:
+        return _split_propagate(op, relevance, x, 1.0, weights, linear_variant)
+    return (_split_propagate(op, relevance, x.clamp(min=0), 1.0, weights, linear_variant)
+            + _split_propagate(op, relevance, x.clamp(max=0), -1.0, weights, linear_variant))
 
 
 def input_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from methods.relevance.rap import safe_divide, shift_to_total
-from methods.relevance.rules import AffineOp
+from methods.relevance.rap import shift_to_total
+from methods.relevance.rules import AffineOp, safe_reciprocal
 
 
 def _grouped(op: AffineOp, batch: int) -> dict:
@@ -48,37 +48,43 @@ def _conv_each_transpose(op: AffineOp, s: torch.Tensor, kernels: torch.Tensor, s
 
 def _pointwise_propagation(op: AffineOp, x: torch.Tensor, positive: torch.Tensor,
                            negative: torch.Tensor) -> torch.Tensor:
-    """The 1x1 case with batched matrix products: section kernels K = R X^T, z = K X, R_in = x * K^T (R / z)."""
+    """The 1x1 case with batched matrix products. With X the (C_in, L) input pixels the convolution reads
+    and R± the (C_out, L) relevance: section kernels K = R X^T, z = K X, R_in = x * (K+^T q+ - K-^T q-)
+    with q = R / z (0 where z = 0). By associativity z = R (X^T X) and K^T q = X (R^T q): where the
+    L x L Gram matrix is cheaper than the C_out x C_in kernels (ResNet's last stages, L = 196 or 49) it
+    is used instead."""
     sampled = x[:, :, ::op.stride[0], ::op.stride[1]]
-    inputs = sampled.flatten(2)                                     # (B, C_in, L)
-    result = []
-    for part in (positive, negative):
-        rel = part.flatten(2)                                       # (B, C_out, L)
-        mask = (rel != 0).to(x.dtype)
-        kernels = rel @ inputs.transpose(1, 2)                      # (B, C_out, C_in)
-        z = (kernels @ inputs) * mask
-        back = kernels.transpose(1, 2) @ (safe_divide(rel, z) * mask)
-        spread = torch.zeros_like(x)
-        spread[:, :, ::op.stride[0], ::op.stride[1]] = back.view_as(sampled)
-        result.append(x * spread)
-    return result[0] - result[1]
+    inputs = sampled.flatten(2)                                     # X: (B, C_in, L)
+    parts = positive.flatten(2), negative.flatten(2)                # R±: (B, C_out, L)
+    c_in, pixels, c_out = inputs.shape[1], inputs.shape[2], parts[0].shape[1]
+    if (2 * c_in + 4 * c_out) * pixels < 6 * c_out * c_in:
+        gram = inputs.transpose(1, 2) @ inputs                      # (B, L, L)
+        mixed = [rel.transpose(1, 2) @ (rel * safe_reciprocal(rel @ gram)) for rel in parts]
+        back = inputs @ (mixed[0] - mixed[1])
+    else:
+        kernels = [rel @ inputs.transpose(1, 2) for rel in parts]   # (B, C_out, C_in)
+        back = [k.transpose(1, 2) @ (rel * safe_reciprocal(k @ inputs)) for k, rel in zip(kernels, parts)]
+        back = back[0] - back[1]
+    spread = torch.zeros_like(x)
+    spread[:, :, ::op.stride[0], ::op.stride[1]] = back.view_as(sampled)
+    return x * spread
 
 
 def hidden_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """A hidden convolution (input x >= 0, bias ignored)."""
+    """A hidden convolution (input x >= 0, bias ignored). The authors mask z by the non-zero relevance of
+    its sign; the quotient R / z is 0 there anyway, so no mask is applied."""
     positive, negative = relevance.clamp(min=0), -relevance.clamp(max=0)
     pointwise = weight.shape[-2:] == (1, 1)
     if pointwise and op.padding == (0, 0) and op.dilation == (1, 1) and op.groups == 1:
         return _pointwise_propagation(op, x, positive, negative)
-    positive_mask, negative_mask = (positive != 0).to(x.dtype), (negative != 0).to(x.dtype)
-    # d/dW of sum(R+ * mask+ * conv(x, W)) = the weight gradient of R+ * mask+ (= R+)
-    kernel_pos = per_sample_weight_gradient(op, x, positive * positive_mask, weight.shape)
-    kernel_neg = per_sample_weight_gradient(op, x, negative * negative_mask, weight.shape)
-    z_pos = _conv_each(op, x, kernel_pos) * positive_mask
-    z_neg = _conv_each(op, x, kernel_neg) * negative_mask
     shape = x.shape
-    from_pos = x * _conv_each_transpose(op, safe_divide(positive, z_pos) * positive_mask, kernel_pos, shape)
-    from_neg = x * _conv_each_transpose(op, safe_divide(negative, z_neg) * negative_mask, kernel_neg, shape)
+    from_parts = []
+    for part in (positive, negative):
+        # d/dW of sum(R * mask * conv(x, W)) = the weight gradient of R (the mask is 1 wherever R != 0)
+        kernels = per_sample_weight_gradient(op, x, part, weight.shape)
+        z = _conv_each(op, x, kernels)
+        from_parts.append(_conv_each_transpose(op, part * safe_reciprocal(z), kernels, shape))
+    from_pos, from_neg = x * from_parts[0], x * from_parts[1]
     if pointwise:
         return from_pos - from_neg
     total = (positive - negative).flatten(1).sum(1).view(-1, 1, 1, 1)

@@ -16,8 +16,29 @@ import torch
 import torch.nn.functional as F
 
 
+def nonzero_mask(t: torch.Tensor) -> torch.Tensor:
+    """1 where t != 0 and 0 elsewhere, in t's dtype. Masks are multiplied in throughout the relevance code:
+    on CPU a float mask from sign() costs a fraction of a bool mask or of torch.where."""
+    return t.sign().abs_()
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, and 0 where the denominator is 0 (zeros become 1 before dividing, so no
+    inf/nan appears, then the mask is multiplied in: the same values as masking the quotient)."""
+    nonzero = nonzero_mask(denominator)
+    return (numerator / (denominator + (1 - nonzero))).mul_(nonzero)
+
+
+def safe_reciprocal(t: torch.Tensor) -> torch.Tensor:
+    """1 / t, and 0 where t == 0 (a quotient by t with many numerators becomes a product)."""
+    nonzero = nonzero_mask(t)
+    return nonzero.div_(t + (1 - nonzero))
+
+
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+    """z + eps * sign(z), with sign(0) taken as +1."""
+    sign = z.sign()
+    return z + eps * sign.add_(1 - sign.abs())
 
 
 @dataclass
@@ -38,7 +59,21 @@ class AffineOp:
     def transpose(self, s: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
         if self.kind == "linear":
             return s @ weight
+        if self._pointwise(weight):
+            # a 1x1 convolution's transpose is W^T applied at every pixel: one batched matrix product
+            # (up to 5x faster on CPU than convolution_backward); a strided one (ResNet's downsampling
+            # skip) read only every stride-th pixel, so the product is written back onto those pixels
+            out = (weight[:, :, 0, 0].t() @ s.flatten(2)).view(s.shape[0], weight.shape[1], *s.shape[2:])
+            if tuple(self.stride) == (1, 1):
+                return out
+            full = s.new_zeros(input_shape)
+            full[..., ::self.stride[0], ::self.stride[1]] = out
+            return full
         return torch.nn.grad.conv2d_input(input_shape, weight, s, self.stride, self.padding, self.dilation, self.groups)
+
+    def _pointwise(self, weight: torch.Tensor) -> bool:
+        return (weight.shape[2:] == (1, 1) and tuple(self.padding) == (0, 0) and tuple(self.dilation) == (1, 1)
+                and self.groups == 1)
 
 
 @dataclass(frozen=True)
@@ -107,9 +142,7 @@ def norm_relevance(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
         z = forward(leaf)
         detached = z.detach()
         if exact:
-            nonzero = detached != 0
-            share = torch.where(nonzero, relevance / torch.where(nonzero, detached, torch.ones_like(detached)),
-                                torch.zeros_like(relevance))
+            share = safe_divide(relevance, detached)
         else:
             share = relevance / stabilize(detached, eps)
         (grad,) = torch.autograd.grad(z, leaf, share)
