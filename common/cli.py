@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from common.errors import UserError
-from methods import Explainer, build_explainer, canonical_name
+from methods import Explainer, build_explainer, canonical_name, method_options
 from models import DEFAULT_MODEL, ModelSpec, load_model
 from ucag import UCAG
 from ucag.geometry import REFERENCE_SIDE, PatchGrid
@@ -46,6 +46,20 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
                       help="official code's quirks: divide by Gamma+1, blur the final map, no confidence "
                            "weighting unless --score")
     ucag.add_argument("--score", action="store_true", help="with --official: weight crops by confidence")
+    options = parser.add_argument_group("method options (each used by the methods named; defaults are the "
+                                        "methods' own)")
+    options.add_argument("--mask-batch", type=int, default=None,
+                         help="scorecam, rise, sise, adasise: masked images scored per forward (default 64)")
+    options.add_argument("--steps", type=int, default=None, help="igcam: path points m (default 50)")
+    options.add_argument("--baseline", default=None,
+                         help="igcam: path start x': black (default), zeros, or a pixel value in [0, 1]")
+    options.add_argument("--resolutions", type=int, nargs="+", default=None,
+                         help="cameras: input sides fused (default 224 324 ... 924)")
+    options.add_argument("--masks", type=int, default=None, help="rise: number of random masks N (default 4000)")
+    options.add_argument("--cell", type=int, default=None, help="rise: mask grid s x s (default 7)")
+    options.add_argument("--keep-prob", type=float, default=None, help="rise: probability p a cell is kept (0.5)")
+    options.add_argument("--seed", type=int, default=None, help="rise: mask seed (default 0)")
+    options.add_argument("--rule", default=None, help="lrp: zplus (default), alpha2beta1 or epsilon")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--batch-size", type=int, default=default_batch, help=f"images per batch (default {default_batch})")
@@ -117,6 +131,36 @@ def parse_target(text: str, spec: ModelSpec) -> Optional[int]:
     return index
 
 
+# command-line flag (argparse dest) -> the builder option it sets
+OPTION_FLAGS = {"mask_batch": "mask_batch", "steps": "steps", "baseline": "baseline", "resolutions": "resolutions",
+                "masks": "n_masks", "cell": "cell", "keep_prob": "p", "seed": "seed", "rule": "rule"}
+
+
+def explainer_options(args: argparse.Namespace, method: str) -> dict:
+    """The builder options given on the command line for ``method``; a flag the method does not take
+    gets a warning, not silence."""
+    accepted = method_options(method)
+    chosen = {}
+    for dest, option in OPTION_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if option in accepted:
+            chosen[option] = _parse_baseline(value) if option == "baseline" else value
+        else:
+            warnings.warn(f"--{dest.replace('_', '-')} has no effect on {method}")
+    return chosen
+
+
+def _parse_baseline(text: str):
+    if text in ("black", "zeros"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--baseline must be black, zeros or a pixel value in [0, 1], got '{text}'") from None
+
+
 @dataclass
 class Setup:
     """What a script builds from the common flags."""
@@ -142,7 +186,7 @@ def build_setup(args: argparse.Namespace, need_ucag: Optional[bool] = None,
     device = resolve_device(args.device)
     spec = load_spec(device) if load_spec else load_model(args.name, args.weights, device, args.target_layer)
     check_geometry(args, spec)
-    explainer = build_explainer(method, spec)
+    explainer = build_explainer(method, spec, **explainer_options(args, method))
     wrapped = None
     if args.ucag if need_ucag is None else need_ucag:
         confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)

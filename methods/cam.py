@@ -1,4 +1,4 @@
-"""CAM family: Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM.
+"""CAM family: Grad-CAM, Grad-CAM++, XGrad-CAM, weighted Grad-CAM, LayerCAM.
 
 Each combines the target layer's activation A (B, C, h, w) with the gradient g = dS_k/dA of the target
 logit S_k. Maps are raw and signed (no ReLU): ``sum_c w_c A_c`` or an elementwise variant.
@@ -94,6 +94,21 @@ class XGradCAM(WeightedCAM):
 
     def channel_weights(self, activations, grads):
         return (grads * activations).sum(dim=(2, 3)) / (activations.sum(dim=(2, 3)) + self.eps)
+
+
+class WGradCAM(WeightedCAM):
+    """Weighted Grad-CAM ("WGradCAM" of the UCAG paper's Table 1, cited as zhang2021novel): the base map of
+    SIGCAM in Zhang, Rao and Yang, "A Novel Visual Interpretability for Deep Neural Networks by Optimizing
+    Activation Maps with Perturbation", AAAI 2021. Grad-CAM averages the gradients of a channel with
+    equal coefficients; weighted Grad-CAM uses the feature map itself as the coefficients:
+    w_c = mean_ij A_ij g_ij. (SIGCAM then refines this map with I-GOS mask optimisation; that second,
+    perturbation stage is not part of WGradCAM.) Compared with XGrad-CAM, sum(A g) / sum(A), the weights
+    keep the channel's activation level: w_c = XGrad-CAM's w_c * mean(A_c)."""
+
+    name = "wgradcam"
+
+    def channel_weights(self, activations, grads):
+        return (grads * activations).mean(dim=(2, 3))
 
 
 class LayerCAM(CAM):

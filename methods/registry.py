@@ -7,18 +7,21 @@ from common.errors import UserError
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
-from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
+from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
 from models.spec import ModelSpec
 
 Builder = Callable[..., Explainer]
 _BUILDERS: dict[str, Builder] = {}
 _ALIASES: dict[str, str] = {}
+_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, *aliases: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(spec, **options) -> Explainer`` available as ``name``."""
+def register(name: str, *aliases: str, options: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(spec, **options) -> Explainer`` available as ``name``; ``options`` names
+    the keyword options the builder accepts (the scripts pass the matching command-line flags)."""
     def decorate(builder: Builder) -> Builder:
         _BUILDERS[name] = builder
+        _OPTIONS[name] = tuple(options)
         for alias in aliases:
             _ALIASES[alias] = name
         return builder
@@ -27,6 +30,11 @@ def register(name: str, *aliases: str) -> Callable[[Builder], Builder]:
 
 def available_methods() -> list[str]:
     return sorted(_BUILDERS)
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The keyword options ``name``'s builder accepts."""
+    return _OPTIONS[canonical_name(name)]
 
 
 def canonical_name(name: str) -> str:
@@ -39,8 +47,11 @@ def canonical_name(name: str) -> str:
 
 
 def build_explainer(name: str, spec: ModelSpec, **options) -> Explainer:
-    """The explainer ``name`` for the model described by ``spec``."""
-    return _BUILDERS[canonical_name(name)](spec, **options)
+    """The explainer ``name`` for the model described by ``spec``; a bad option value raises UserError."""
+    try:
+        return _BUILDERS[canonical_name(name)](spec, **options)
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
 
 
 def _cam_builder(cls):
@@ -52,6 +63,7 @@ def _cam_builder(cls):
 register("gradcam", "grad-cam")(_cam_builder(GradCAM))
 register("gradcam++", "gradcampp", "gradcamplusplus", "grad-cam++")(_cam_builder(GradCAMPlusPlus))
 register("xgradcam", "xgrad-cam", "axiom")(_cam_builder(XGradCAM))
+register("wgradcam", "wgrad-cam", "weighted-gradcam")(_cam_builder(WGradCAM))
 register("layercam", "layer-cam")(_cam_builder(LayerCAM))
 register("center")(lambda spec, **options: Center(spec.model))
 
@@ -70,7 +82,7 @@ def _relevance_builder(cls):
     return build
 
 
-register("lrp")(_relevance_builder(LRP))
+register("lrp", options=("rule",))(_relevance_builder(LRP))
 register("clrp", "c-lrp")(_relevance_builder(CLRP))
 register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
 register("rap")(_relevance_builder(RAP))

@@ -13,7 +13,7 @@ from pytorch_grad_cam import LayerCAM as PeerLayerCAM
 from pytorch_grad_cam import XGradCAM as PeerXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from methods import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
+from methods import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
 
 TARGETS = [285, 967, 872, 665]
 PEERS = {GradCAM: PeerGradCAM, GradCAMPlusPlus: PeerGradCAMPlusPlus, XGradCAM: PeerXGradCAM,
@@ -84,3 +84,19 @@ def test_gradcam_equals_captum_layer_gradcam(model_and_input):
     captum_maps = LayerGradCam(spec.model, spec.layer).attribute(x, target=TARGETS, relu_attributions=False)
     maps, _ = GradCAM(spec.model, spec.layer)(x, TARGETS)
     assert_close(maps, captum_maps.detach().numpy())
+
+
+def test_wgradcam_weights_gradients_by_the_feature_map(model_and_input):
+    """Weighted Grad-CAM from pytorch-grad-cam's own A and dS/dA: w_c = mean_ij A_ij g_ij, and the map is
+    XGrad-CAM's with each channel weight scaled by the channel's mean activation."""
+    spec, x = model_and_input
+    maps, _ = WGradCAM(spec.model, spec.layer)(x, TARGETS)
+    _, activations, grads = peer_raw_maps(PeerGradCAM, spec.model, spec.layer, x, TARGETS)
+    weights = (activations * grads).mean(axis=(2, 3))
+    assert_close(maps[:, 0], (weights[:, :, None, None] * activations).sum(axis=1))
+    a, g = torch.from_numpy(activations).double(), torch.from_numpy(grads).double()
+    active = a.sum(dim=(2, 3)) > 0                       # XGrad-CAM's weight is 0/0 on dead channels
+    scaled = XGradCAM(spec.model, spec.layer, eps=0.0).channel_weights(a, g) * a.mean(dim=(2, 3))
+    ours = WGradCAM(spec.model, spec.layer).channel_weights(a, g)
+    assert torch.allclose(ours[active], scaled[active], rtol=1e-10)
+    assert (ours[~active] == 0).all()

@@ -145,3 +145,28 @@ def test_script_as_a_subprocess_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "visualization.py: error: -n/--num-patches must be at least 2 (got 1)"]
+
+
+def test_method_options_reach_the_explainer_and_stray_flags_warn(tmp_path):
+    import argparse
+    import warnings as _warnings
+
+    from common.cli import Parser, add_common_flags, explainer_options
+    parser = Parser(prog="t")
+    add_common_flags(parser)
+    args = parser.parse_args(["lrp", "--rule", "epsilon", "--steps", "8"])
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        assert explainer_options(args, "lrp") == {"rule": "epsilon"}
+    assert any("--steps has no effect on lrp" in str(w.message) for w in caught)
+    assert isinstance(args, argparse.Namespace)
+
+
+def test_bad_method_option_is_one_line_error(tmp_path):
+    from methods import build_explainer
+    from common.errors import UserError
+    import torchvision
+    from models.spec import ModelSpec
+    spec = ModelSpec("vgg11", torchvision.models.vgg11(), "features.19", [str(i) for i in range(1000)])
+    with pytest.raises(UserError, match="lrp: unknown LRP rule 'nope'"):
+        build_explainer("lrp", spec, rule="nope")

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Per-image time of every explainer next to one forward+backward, alone and (optionally) through UCAG.
+
+    python benchmarks/methods_speed.py                                   # CPU defaults: 2 images, lite0
+    python benchmarks/methods_speed.py --models resnet50 --device cuda --images 8 --ucag
+
+Methods that score masked copies (scorecam, rise, sise, adasise) and multi-pass methods (igcam, cameras)
+cost many forwards by design; the table gives that count beside the time so the two can be compared.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.ucag_speed import timed  # noqa: E402
+from common.cli import resolve_device  # noqa: E402
+from methods import build_explainer  # noqa: E402
+from models import load_model  # noqa: E402
+from ucag import UCAG  # noqa: E402
+
+METHODS = ["gradcam", "wgradcam", "gradient", "guided", "deconv", "fullgrad", "igcam", "cameras", "scorecam",
+           "rise", "sise", "adasise"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--masks", type=int, default=4000, help="RISE masks (paper: 4000)")
+    parser.add_argument("--mask-batch", type=int, default=64)
+    parser.add_argument("--ucag", action="store_true", help="also time each method through UCAG")
+    parser.add_argument("-n", type=int, default=3)
+    parser.add_argument("-a", "--alpha", type=float, default=1.3)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    warnings.simplefilter("ignore")
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; {args.images} images of "
+          f"{args.size} px; per-image seconds, best of {args.repeats}" +
+          (f"; UCAG n={args.n}, alpha={args.alpha}" if args.ucag else ""))
+    options = {"scorecam": {"mask_batch": args.mask_batch}, "sise": {"mask_batch": args.mask_batch},
+               "adasise": {"mask_batch": args.mask_batch},
+               "rise": {"n_masks": args.masks, "mask_batch": args.mask_batch}}
+    for name in args.models:
+        torch.manual_seed(0)
+        spec = load_model(name, "default" if name == "efficientnet_lite0" else "random", device)
+        x = torch.randn(args.images, 3, args.size, args.size, device=device)
+
+        def forward_backward():
+            leaf = x.clone().requires_grad_(True)
+            spec.model(leaf).max(dim=1).values.sum().backward()
+            spec.model.zero_grad(set_to_none=True)
+
+        reference = timed(forward_backward, device, args.repeats) / args.images
+        print(f"{name}: forward+backward {1000 * reference:.1f} ms")
+        for method in args.methods:
+            explainer = build_explainer(method, spec, **options.get(method, {}))
+            alone = timed(lambda: explainer(x), device, args.repeats) / args.images
+            line = f"  {method:<9} {alone:8.3f} s ({alone / reference:7.1f} x fwd+bwd)"
+            if args.ucag:
+                wrapped = UCAG(explainer, n=args.n, alpha=args.alpha, patch_batch=16)
+                line += f" | with UCAG {timed(lambda: wrapped(x), device, 1) / args.images:8.2f} s"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
