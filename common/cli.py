@@ -53,6 +53,8 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     options.add_argument("--steps", type=int, default=None, help="igcam: path points m (default 50)")
     options.add_argument("--baseline", default=None,
                          help="igcam: path start x': black (default), zeros, or a pixel value in [0, 1]")
+    options.add_argument("--path-batch", type=int, default=None,
+                         help="igcam: path points per forward/backward, over all images (default 256)")
     options.add_argument("--resolutions", type=int, nargs="+", default=None,
                          help="cameras: input sides fused (default 224 324 ... 924)")
     options.add_argument("--masks", type=int, default=None, help="rise: number of random masks N (default 4000)")
@@ -132,7 +134,8 @@ def parse_target(text: str, spec: ModelSpec) -> Optional[int]:
 
 
 # command-line flag (argparse dest) -> the builder option it sets
-OPTION_FLAGS = {"mask_batch": "mask_batch", "steps": "steps", "baseline": "baseline", "resolutions": "resolutions",
+OPTION_FLAGS = {"mask_batch": "mask_batch", "steps": "steps", "baseline": "baseline", "path_batch": "path_batch",
+                "resolutions": "resolutions",
                 "masks": "n_masks", "cell": "cell", "keep_prob": "p", "seed": "seed", "rule": "rule"}
 
 

@@ -12,7 +12,10 @@ code (github.com/idiap/fullgrad-saliency, ``saliency/fullgrad.py``): each term i
 input term ``grad_x * x`` is summed over colour channels, each spatial (Conv2d / BatchNorm2d) bias term
 is upsampled bilinearly (``align_corners=True``) to the input size and summed over channels, and all are
 added. Fully connected (``nn.Linear``) terms enter the decomposition but not the map, as in the authors'
-code, which keeps only terms shaped like the image.
+code, which keeps only terms shaped like the image. Beyond the authors' code, the implicit bias of clipping
+units (``nn.ReLU6`` / ``nn.Hardtanh``: a constant where they saturate) is a bias term too
+(``clip_biases=True``), which makes the decomposition exact for ReLU6 networks such as EfficientNet-Lite.
+All layer-output gradients come from one backward pass.
 
 The three baselines are TorchRay's pointing-game ones: the saliency is the (modified) gradient of the
 target logit with respect to the input, ``max_c |g_c|`` over colour channels (TorchRay's
@@ -207,6 +210,16 @@ def _bias_times_gradient(module: nn.Module, bias: torch.Tensor, grad: torch.Tens
     return grad * bias.view(1, -1, *([1] * (grad.dim() - 2)))
 
 
+def _clip_bias_times_gradient(module: nn.Hardtanh, output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The implicit bias of a clipping unit (ReLU6 = Hardtanh(0, 6)): where it saturates, its output is
+    the constant min_val or max_val (zero slope), elsewhere the identity; grad at the output times that
+    constant."""
+    output = output.detach()
+    low, high = float(module.min_val), float(module.max_val)
+    constant = torch.where(output >= high, high, torch.where(output <= low, low, 0.0)).to(grad.dtype)
+    return grad * constant
+
+
 def authors_postprocess(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The FullGrad authors' ``_postProcess``: |t|, then per image (over all channels and positions)
     subtract the minimum and divide by the maximum of the result plus ``eps``."""
@@ -254,20 +267,31 @@ class FullGrad(Explainer):
     """FullGrad saliency (Srinivas & Fleuret 2019), after the authors' ``saliency/fullgrad.py``.
 
     eps: the authors' post-processing constant (1e-6). align_corners: their bilinear upsampling of the
-    bias maps uses ``align_corners=True``. The decomposition is exact for piecewise-linear networks whose
-    biases all live in Conv2d / Linear / BatchNorm2d layers (VGG, ResNet); implicit biases elsewhere
-    (ReLU6's clipping, LayerNorm, smooth activations) break completeness, which
-    :meth:`completeness_terms` exposes.
+    bias maps uses ``align_corners=True``. clip_biases: also count the implicit biases of ``nn.Hardtanh``
+    modules (``nn.ReLU6``: the constant 6 where it saturates) as bias terms, in the decomposition and, for
+    spatial outputs, in the map. The authors' code has no such terms (its completeness check fails on
+    ReLU6 networks); with them the decomposition is exact for EfficientNet-Lite / MobileNetV2, and they
+    change nothing for ReLU networks (VGG, ResNet, DenseNet).
+
+    The decomposition is exact for piecewise-linear networks whose biases all live in Conv2d / Linear /
+    BatchNorm2d (/ Hardtanh) modules; functional clipping (``F.relu6``), LayerNorm, BatchNorm without
+    running statistics or smooth activations (SiLU, GELU) break completeness, which
+    :meth:`completeness_terms` exposes. Unlike the authors' constructor, nothing is checked up front.
     """
 
     name = "fullgrad"
 
-    def __init__(self, model: nn.Module, eps: float = 1e-6, align_corners: bool = True):
+    def __init__(self, model: nn.Module, eps: float = 1e-6, align_corners: bool = True,
+                 clip_biases: bool = True):
         super().__init__(model)
-        self.eps, self.align_corners = eps, align_corners
+        self.eps, self.align_corners, self.clip_biases = eps, align_corners, clip_biases
 
     def bias_layers(self) -> list[nn.Module]:
-        return [m for m in self.model.modules() if isinstance(m, BIAS_LAYERS) and effective_bias(m) is not None]
+        """Modules whose outputs carry a bias term: Conv2d / Linear with a bias, BatchNorm2d with running
+        statistics, and (with ``clip_biases``) Hardtanh / ReLU6."""
+        return [m for m in self.model.modules()
+                if (isinstance(m, BIAS_LAYERS) and effective_bias(m) is not None)
+                or (self.clip_biases and isinstance(m, nn.Hardtanh))]
 
     def decompose(self, x: torch.Tensor, targets: Optional[torch.Tensor]):
         """One forward and one backward pass: grad_x * x (B, 3, H, W), the list of (layer, grad_b * b)
@@ -281,8 +305,14 @@ class FullGrad(Explainer):
             outputs = [output for _, output in records]
             grads = torch.autograd.grad(score, [x] + outputs, allow_unused=True)
             # effective biases are read in eval mode, inside restored_state
-            terms = [(module, _bias_times_gradient(module, effective_bias(module), grad))
-                     for (module, _), grad in zip(records, grads[1:]) if grad is not None]
+            terms = []
+            for (module, output), grad in zip(records, grads[1:]):
+                if grad is None:
+                    continue  # an output that does not reach the target logit
+                if isinstance(module, nn.Hardtanh):
+                    terms.append((module, _clip_bias_times_gradient(module, output, grad)))
+                else:
+                    terms.append((module, _bias_times_gradient(module, effective_bias(module), grad)))
         return grads[0] * x.detach(), terms, logits.detach(), targets
 
     def completeness_terms(self, x: torch.Tensor, targets: Targets = None) -> FullGradTerms:
@@ -308,7 +338,7 @@ class FullGrad(Explainer):
         return Explanation(saliency, logits)
 
     def __repr__(self) -> str:
-        return f"FullGrad(eps={self.eps}, align_corners={self.align_corners})"
+        return f"FullGrad(eps={self.eps}, align_corners={self.align_corners}, clip_biases={self.clip_biases})"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -316,7 +346,7 @@ class FullGrad(Explainer):
 
 
 def build_fullgrad(spec: ModelSpec, **options) -> FullGrad:
-    """FullGrad for ``spec.model``; options: eps (1e-6), align_corners (True)."""
+    """FullGrad for ``spec.model``; options: eps (1e-6), align_corners (True), clip_biases (True)."""
     return FullGrad(spec.model, **options)
 
 

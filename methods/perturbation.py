@@ -7,6 +7,7 @@ P_k = softmax(f(x * M))_k (sigmoid(f(x * M)_k) for multi-label models).
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Callable, Optional
 
 import torch
@@ -20,9 +21,9 @@ from models.spec import ModelSpec
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def target_probability(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
@@ -124,11 +125,11 @@ class RISE(Explainer):
         super().__init__(model)
         self.n_masks = _positive_int("n_masks", n_masks)
         self.cell = _positive_int("cell", cell)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if isinstance(p, bool) or not isinstance(p, Real) or not 0 < p <= 1:
             raise ValueError(f"p (keep probability) must be in (0, 1], got {p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.p, self.seed = float(p), seed
+        self.p, self.seed = float(p), int(seed)
         self.mask_batch = _positive_int("mask_batch", mask_batch)
         self.multilabel = multilabel
         self._cache: dict = {}

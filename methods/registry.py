@@ -88,3 +88,25 @@ register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
 register("rap")(_relevance_builder(RAP))
 register("rsp")(_relevance_builder(RSP))
 register("agf")(_relevance_builder(AGF))
+
+
+from methods import gradients, perturbation  # noqa: E402  (modules that import this registry's siblings)
+
+register("scorecam", "score-cam", options=("mask_batch",))(perturbation.build_scorecam)
+register("rise", options=("n_masks", "cell", "p", "seed", "mask_batch"))(perturbation.build_rise)
+register("fullgrad", "full-grad")(gradients.build_fullgrad)
+register("gradient", "saliency", "vanilla")(gradients.build_gradient)
+register("guided", "guided-backprop", "guidedbackprop")(gradients.build_guided)
+register("deconv", "deconvnet")(gradients.build_deconv)
+
+from methods import multipass  # noqa: E402
+
+
+def _build_igcam(spec: ModelSpec, **options) -> Explainer:
+    """Integrated Grad-CAM; at most 256 path points per forward/backward unless --path-batch says otherwise
+    (an image's 50 points stay in one batch; UCAG's 64 crops x 50 points would not fit at once)."""
+    return multipass.build_igcam(spec, **{"path_batch": 256, **options})
+
+
+register("igcam", "integrated-gradcam", options=("steps", "baseline", "path_batch"))(_build_igcam)
+register("cameras", options=("resolutions",))(multipass.build_cameras)
