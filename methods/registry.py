@@ -110,3 +110,8 @@ def _build_igcam(spec: ModelSpec, **options) -> Explainer:
 
 register("igcam", "integrated-gradcam", options=("steps", "baseline", "path_batch"))(_build_igcam)
 register("cameras", options=("resolutions",))(multipass.build_cameras)
+
+from methods import sise  # noqa: E402
+
+register("sise", options=("mask_batch",))(sise.build_sise)
+register("adasise", "ada-sise", options=("mask_batch",))(sise.build_adasise)

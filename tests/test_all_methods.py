@@ -20,6 +20,9 @@ FAST = {"rise": {"n_masks": 24, "mask_batch": 10}, "scorecam": {"mask_batch": 10
 # RAP and AGF keep or drop terms on exact zeros, and a float32 convolution of a batch may round a near-zero
 # value differently from the same image alone: the batch equals single images in float64 (1e-12)
 FLOAT32_SENSITIVE = {"rap", "agf"}
+# SISE / Ada-SISE binarise with Otsu thresholds: 1e-5 batch noise can move a pixel across the gate, so
+# tests/test_sise.py checks batch against single images statistically instead
+OTSU_GATED = {"sise", "adasise"}
 
 
 def hook_count(model):
@@ -54,6 +57,8 @@ def test_contract(method, resnet18):
         explainer = build_explainer(method, dataclasses.replace(resnet18, model=model64))
         x = x.double()
         maps, _ = explainer(x, [3, 7])
+    if method in OTSU_GATED:
+        return
     single, _ = explainer(x[1:], [7])
     assert torch.allclose(maps[1], single[0], rtol=1e-3, atol=1e-5 * maps.abs().max().item())
 
