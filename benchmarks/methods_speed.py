@@ -61,7 +61,11 @@ def main() -> None:
             spec.model.zero_grad(set_to_none=True)
 
         reference = timed(forward_backward, device, args.repeats) / args.images
-        print(f"{name}: forward+backward {1000 * reference:.1f} ms")
+        batch = x[:1].expand(args.mask_batch, -1, -1, -1).contiguous()
+        with torch.no_grad():
+            scored = timed(lambda: spec.model(batch), device, args.repeats) / args.mask_batch
+        print(f"{name}: forward+backward {1000 * reference:.1f} ms; one no-grad forward in a batch of "
+              f"{args.mask_batch}: {1000 * scored:.1f} ms (the unit cost of the masked-input methods)")
         for method in args.methods:
             explainer = build_explainer(method, spec, **options.get(method, {}))
             alone = timed(lambda: explainer(x), device, args.repeats) / args.images
