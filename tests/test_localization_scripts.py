@@ -121,3 +121,15 @@ def test_voc_image_with_unknown_class_is_skipped_not_fatal(tmp_path, capsys):
     skipped = (out / "skipped.txt").read_text()
     assert "class 'unicorn' is not a VOC class" in skipped and "missing annotation file" in skipped
     assert json.loads((out / "summary.json").read_text())["n_images"] == 1
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided", "deconv"])
+def test_pointing_game_baselines_run_end_to_end(method, tmp_path, capsys):
+    root = voc_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    code, _, err = run(pointing_game, [method, *FAST, "--dataset", "voc07", "--data-root", str(root),
+                                       "--weights", "random", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["name"] for r in rows][:2] == ["center", method]
+    assert all(0 <= r["pointing_all"] <= 100 for r in rows)
