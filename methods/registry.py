@@ -5,6 +5,7 @@ from typing import Callable
 
 from common.errors import UserError
 from methods.base import Explainer
+from methods import gradients, multipass, perturbation, sise
 from methods.baselines import Center
 from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -90,16 +91,12 @@ register("rsp")(_relevance_builder(RSP))
 register("agf")(_relevance_builder(AGF))
 
 
-from methods import gradients, perturbation  # noqa: E402  (modules that import this registry's siblings)
-
 register("scorecam", "score-cam", options=("mask_batch",))(perturbation.build_scorecam)
 register("rise", options=("n_masks", "cell", "p", "seed", "mask_batch"))(perturbation.build_rise)
 register("fullgrad", "full-grad")(gradients.build_fullgrad)
 register("gradient", "saliency", "vanilla")(gradients.build_gradient)
 register("guided", "guided-backprop", "guidedbackprop")(gradients.build_guided)
 register("deconv", "deconvnet")(gradients.build_deconv)
-
-from methods import multipass  # noqa: E402
 
 
 def _build_igcam(spec: ModelSpec, **options) -> Explainer:
@@ -110,8 +107,6 @@ def _build_igcam(spec: ModelSpec, **options) -> Explainer:
 
 register("igcam", "integrated-gradcam", options=("steps", "baseline", "path_batch"))(_build_igcam)
 register("cameras", options=("resolutions",))(multipass.build_cameras)
-
-from methods import sise  # noqa: E402
 
 register("sise", options=("mask_batch",))(sise.build_sise)
 register("adasise", "ada-sise", options=("mask_batch",))(sise.build_adasise)

@@ -92,8 +92,10 @@ def test_igcam_converges_as_steps_grow(r18, x64):
     assert gaps[-1] < gaps[0] / 2.5, gaps  # O(1/m): 4x more steps, about 4x smaller gap (here 5x)
 
 
-def test_igcam_batch_with_per_sample_targets_equals_single_images(r18, x64):
-    explainer = build_igcam(r18, steps=3)
+@pytest.mark.parametrize("build,options", [(build_igcam, {"steps": 3}),
+                                           (build_cameras, {"resolutions": (64, 96)})], ids=["igcam", "cameras"])
+def test_batch_with_per_sample_targets_equals_single_images(build, options, r18, x64):
+    explainer = build(r18, **options)
     targets = torch.tensor([1, 500, 999])
     maps, logits = explainer(x64, targets)
     for i in range(3):
@@ -200,16 +202,6 @@ def test_cameras_without_native_first_resizes_every_pass(r18, x64):
     assert torch.allclose(maps, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     with torch.no_grad():
         assert torch.allclose(logits, r18.model(x64), atol=1e-5)  # the logits of x, not of the 96 pass
-
-
-def test_cameras_batch_with_per_sample_targets_equals_single_images(r18, x64):
-    explainer = build_cameras(r18, resolutions=(64, 96))
-    targets = torch.tensor([1, 500, 999])
-    maps, logits = explainer(x64, targets)
-    for i in range(3):
-        single, single_logits = explainer(x64[i:i + 1], targets[i:i + 1])
-        assert torch.allclose(maps[i], single[0], rtol=1e-4, atol=1e-6 * float(single.abs().max()))
-        assert torch.allclose(logits[i], single_logits[0], atol=1e-5)
 
 
 def test_cameras_targets_none_keeps_the_resolutions_that_agree(r18, x64):
