@@ -7,7 +7,7 @@ Writes per_image.csv, summary.json, table.md and skipped.txt in --out; reruns re
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def write_outputs(out, results, skipped, rows, summary) -> None:
     print(density_table(summary))
 
 
-def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
+def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     return run_evaluation(args, "density", densities, FIELDS, {}, running_means, write_outputs, on_batch)
 

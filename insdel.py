@@ -9,7 +9,7 @@ same --out resumes where the last run stopped.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def write_outputs(out, results, skipped, rows, summary) -> None:
     print(insdel_table(summary))
 
 
-def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
+def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.step < 1 or args.score_batch < 1:
         from common.errors import UserError

@@ -13,8 +13,8 @@ table.md and skipped.txt in --out; reruns resume; runs under torchrun.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def rows_for(setup: Setup) -> list[tuple[Row, object]]:
     return rows
 
 
-def process_image(setup: Setup, rows, record: dict, flags: Optional[dict], tolerance: int) -> dict:
+def process_image(setup: Setup, rows, record: dict, flags: dict | None, tolerance: int) -> dict:
     image, targets = record["image"], record["targets"]
     height, width = image.shape[:2]
     pairs = [{"class": t.label,
@@ -148,7 +148,7 @@ def pointing_tables(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
+def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {args.limit})")
@@ -165,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
             missing = sum(entry.key not in flags for entry in entries)
             if missing:
                 tqdm.write(f"note: {missing} image(s) are not in {args.difficult_list}; they count in 'all' only")
-        out = Path(args.out or f"results/pointing/{args.dataset}_{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")
+        suffix = "_ucag" if args.ucag else ""
+        out = Path(args.out or f"results/pointing/{args.dataset}_{args.name}_{setup.method}{suffix}")
         store = ResultStore(out, info.rank)
         config = {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()), "model": args.name,
                   "weights": args.weights, "method": setup.method, "ucag": args.ucag, "tolerance": args.tolerance,
@@ -174,7 +175,8 @@ def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
         rows = rows_for(setup)
 
         def running(results: list[dict]) -> str:
-            hits = {row.name: [h for r in results for h in r["rows"].get(row.name, {}).get("hit", [])] for row, _ in rows}
+            hits = {row.name: [h for r in results for h in r["rows"].get(row.name, {}).get("hit", [])]
+                    for row, _ in rows}
             return ", ".join(f"{name} {100 * np.mean(v):.1f}%" for name, v in hits.items() if v)
 
         sharded_loop(entries, lambda e: e.key, lambda e: load_entry(dataset, e),

@@ -10,8 +10,8 @@ table.md and skipped.txt in --out; reruns resume; runs under torchrun.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.loop import sharded_loop
 from evaluation.reports import write_per_image, write_skipped, write_summary
 from evaluation.runner import Row, table_rows
-from evaluation.segmentation import image_scores
 from evaluation.script import ucag_settings
+from evaluation.segmentation import image_scores
 from evaluation.store import ResultStore
 from methods import finalize_maps
 from methods.postprocess import resize_maps
@@ -96,7 +96,7 @@ def segmentation_table(summary: dict) -> str:
         f"| {summary['model']} | Pixel Acc. | {pair('pixel_accuracy')} |"]) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None, on_batch=None) -> int:
+def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {args.limit})")

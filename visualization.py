@@ -11,8 +11,8 @@ H x W, values in [0, 1]); plus predictions.csv and skipped.txt for the whole run
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ PROG = "visualization.py"
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
     add_common_flags(parser)
-    parser.add_argument("--img-path", default="examples", help="image file or folder, read recursively (default examples/)")
+    parser.add_argument("--img-path", default="examples",
+                        help="image file or folder, read recursively (default examples/)")
     parser.add_argument("--target", default="pred", help="'pred' (predicted class, default) or a class index")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
     return parser
@@ -47,7 +48,7 @@ def output_stem(record: ImageRecord, root: Path, out: Path, method: str) -> Path
     return out / relative / f"{record.path.stem}_{method}"
 
 
-def explain_batch(setup: Setup, records: list[ImageRecord], target: Optional[int]):
+def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None):
     """Raw maps of the method (and UCAG) for a batch of decoded images, with targets and probabilities."""
     x = preprocess([record.image for record in records], setup.spec, setup.device)
     targets = None if target is None else torch.full((len(records),), target, device=setup.device)
@@ -58,7 +59,7 @@ def explain_batch(setup: Setup, records: list[ImageRecord], target: Optional[int
     return base.maps, ucag_maps, targets, probabilities.gather(1, targets[:, None])[:, 0]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup = build_setup(args)
     target = parse_target(args.target, setup.spec)
@@ -89,14 +90,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar.update(len(batch))
     bar.close()
     write_run_files(out, rows, skipped, setup.ucag is not None)
-    print(f"wrote maps of {len(rows)} image(s) to {out}/" + (f"; skipped {len(skipped)} (see skipped.txt)" if skipped else ""))
+    note = f"; skipped {len(skipped)} (see skipped.txt)" if skipped else ""
+    print(f"wrote maps of {len(rows)} image(s) to {out}/{note}")
     if not rows:
         raise_no_images(skipped)
     return 0
 
 
 def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path, base_map: torch.Tensor,
-                 ucag_map: Optional[torch.Tensor], target: int, prob: float, smallest_crop: int) -> dict:
+                 ucag_map: torch.Tensor | None, target: int, prob: float, smallest_crop: int) -> dict:
     """Write the .npy maps and the .png panel of one image; returns its predictions.csv row."""
     height, width = record.image.shape[:2]
     if min(height, width) < smallest_crop:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,13 @@ from ucag import UCAG  # noqa: E402
 
 METHODS = ["gradcam", "wgradcam", "gradient", "guided", "deconv", "fullgrad", "igcam", "cameras", "scorecam",
            "rise", "sise", "adasise"]
+
+
+def forward_backward_once(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward of the top logit: the unit the methods are compared with."""
+    leaf = x.clone().requires_grad_(True)
+    model(leaf).max(dim=1).values.sum().backward()
+    model.zero_grad(set_to_none=True)
 
 
 def main() -> None:
@@ -55,24 +63,21 @@ def main() -> None:
         spec = load_model(name, "default" if name == "efficientnet_lite0" else "random", device)
         x = torch.randn(args.images, 3, args.size, args.size, device=device)
 
-        def forward_backward():
-            leaf = x.clone().requires_grad_(True)
-            spec.model(leaf).max(dim=1).values.sum().backward()
-            spec.model.zero_grad(set_to_none=True)
+        forward_backward = partial(forward_backward_once, spec.model, x)
 
         reference = timed(forward_backward, device, args.repeats) / args.images
         batch = x[:1].expand(args.mask_batch, -1, -1, -1).contiguous()
         with torch.no_grad():
-            scored = timed(lambda: spec.model(batch), device, args.repeats) / args.mask_batch
+            scored = timed(partial(spec.model, batch), device, args.repeats) / args.mask_batch
         print(f"{name}: forward+backward {1000 * reference:.1f} ms; one no-grad forward in a batch of "
               f"{args.mask_batch}: {1000 * scored:.1f} ms (the unit cost of the masked-input methods)")
         for method in args.methods:
             explainer = build_explainer(method, spec, **options.get(method, {}))
-            alone = timed(lambda: explainer(x), device, args.repeats) / args.images
+            alone = timed(partial(explainer, x), device, args.repeats) / args.images
             line = f"  {method:<9} {alone:8.3f} s ({alone / reference:7.1f} x fwd+bwd)"
             if args.ucag:
                 wrapped = UCAG(explainer, n=args.n, alpha=args.alpha, patch_batch=16)
-                line += f" | with UCAG {timed(lambda: wrapped(x), device, 1) / args.images:8.2f} s"
+                line += f" | with UCAG {timed(partial(wrapped, x), device, 1) / args.images:8.2f} s"
             print(line, flush=True)
 
 

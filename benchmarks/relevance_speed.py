@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ from common.cli import resolve_device  # noqa: E402
 from methods import build_explainer  # noqa: E402
 from models import load_model  # noqa: E402
 from ucag import UCAG  # noqa: E402
+
+
+def forward_backward_once(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward of the top logit: the unit the methods are compared with."""
+    leaf = x.clone().requires_grad_(True)
+    model(leaf).max(dim=1).values.sum().backward()
+    model.zero_grad(set_to_none=True)
 
 
 def main() -> None:
@@ -45,22 +53,19 @@ def main() -> None:
         spec = load_model(name, "random", device)
         x = torch.randn(args.images, 3, 224, 224, device=device)
 
-        def forward_backward():
-            leaf = x.clone().requires_grad_(True)
-            spec.model(leaf).max(dim=1).values.sum().backward()
-            spec.model.zero_grad(set_to_none=True)
+        forward_backward = partial(forward_backward_once, spec.model, x)
 
         reference = timed(forward_backward, device, args.repeats)
         print(f"{name}: forward+backward {1000 * reference / args.images:.1f} ms")
         for method in args.methods:
             explainer = build_explainer(method, spec)
-            alone = timed(lambda: explainer(x), device, args.repeats)
+            alone = timed(partial(explainer, x), device, args.repeats)
             # the machine's speed drifts on shared hosts: the ratio uses the reference timed right after
             reference = timed(forward_backward, device, args.repeats)
             line = f"  {method:<6} {1000 * alone / args.images:8.1f} ms ({alone / reference:4.2f} x fwd+bwd)"
             if not args.no_ucag:
                 ucag = UCAG(explainer, n=args.n, alpha=args.alpha, patch_batch=16)
-                through = timed(lambda: ucag(x), device, 1)
+                through = timed(partial(ucag, x), device, 1)
                 line += f" | with UCAG {through / args.images:7.2f} s"
             print(line)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -64,7 +64,8 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     options.add_argument("--rule", default=None, help="lrp: zplus (default), alpha2beta1 or epsilon")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    run.add_argument("--batch-size", type=int, default=default_batch, help=f"images per batch (default {default_batch})")
+    run.add_argument("--batch-size", type=int, default=default_batch,
+                     help=f"images per batch (default {default_batch})")
     run.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
 
 
@@ -84,7 +85,7 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
                            "same folder resumes")
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
     """The device to run on; a CUDA request without a usable GPU is a user error."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +121,7 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
                         f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
 
 
-def parse_target(text: str, spec: ModelSpec) -> Optional[int]:
+def parse_target(text: str, spec: ModelSpec) -> int | None:
     """'pred' -> None (explain the prediction); an integer class index, checked against the classes."""
     if text == "pred":
         return None
@@ -151,7 +152,7 @@ def explainer_options(args: argparse.Namespace, method: str) -> dict:
         if option in accepted:
             chosen[option] = _parse_baseline(value) if option == "baseline" else value
         else:
-            warnings.warn(f"--{dest.replace('_', '-')} has no effect on {method}")
+            warnings.warn(f"--{dest.replace('_', '-')} has no effect on {method}", stacklevel=2)
     return chosen
 
 
@@ -172,11 +173,11 @@ class Setup:
     spec: ModelSpec
     method: str
     explainer: Explainer
-    ucag: Optional[UCAG]
+    ucag: UCAG | None
 
 
-def build_setup(args: argparse.Namespace, need_ucag: Optional[bool] = None,
-                load_spec: Optional[Callable[[torch.device], ModelSpec]] = None) -> Setup:
+def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
+                load_spec: Callable[[torch.device], ModelSpec] | None = None) -> Setup:
     """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper.
 
     load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
@@ -203,7 +204,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prog: str = "ucag") -> None:
     """Run a script's ``main``: user errors become one stderr line and exit code 2."""
     warnings.formatwarning = _format_warning

@@ -1,8 +1,8 @@
 """Pictures people look at: heat-map overlays and side-by-side panels with titles (OpenCV)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -36,7 +36,11 @@ def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), PANEL_HEIGHT), interpolation=cv2.INTER_AREA)
     strip = np.full((TITLE_HEIGHT, panel.shape[1], 3), 255, np.uint8)
     font_scale = 0.5
-    while font_scale > 0.3 and cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)[0][0] > panel.shape[1] - 8:
+
+    def text_width(scale: float) -> int:
+        return cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+
+    while font_scale > 0.3 and text_width(font_scale) > panel.shape[1] - 8:
         font_scale -= 0.05
     cv2.putText(strip, title, (4, TITLE_HEIGHT - 8), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return np.vstack([strip, panel])

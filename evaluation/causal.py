@@ -11,7 +11,7 @@ and scored in large no-grad forward batches.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -1,9 +1,9 @@
 """Reading image files in background workers; unreadable files become records with an error."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -18,8 +18,8 @@ class ImageRecord:
 
     index: int
     path: Path
-    image: Optional[np.ndarray] = None
-    error: Optional[str] = None
+    image: np.ndarray | None = None
+    error: str | None = None
 
 
 class ImageFiles(Dataset):

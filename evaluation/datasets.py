@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
 
 from common.errors import UserError
 from common.images import find_images
@@ -28,7 +28,7 @@ class Sample:
 
     path: Path
     key: str
-    label: Optional[int] = None
+    label: int | None = None
 
 
 @lru_cache(maxsize=1)
@@ -108,7 +108,7 @@ def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: i
     return labels
 
 
-def discover(img_path: str | Path, labels_file: Optional[str | Path] = None, num_classes: int = 1000,
+def discover(img_path: str | Path, labels_file: str | Path | None = None, num_classes: int = 1000,
              need_labels: bool = False) -> list[Sample]:
     """The samples under ``img_path`` with labels from class folders or ``labels_file``.
 
@@ -119,7 +119,7 @@ def discover(img_path: str | Path, labels_file: Optional[str | Path] = None, num
     root = root if root.is_dir() else root.parent
     keys = [f.relative_to(root).as_posix() for f in files]
     if labels_file is not None:
-        labels: Sequence[Optional[int]] = _labels_for(files, root, Path(labels_file), num_classes)
+        labels: Sequence[int | None] = _labels_for(files, root, Path(labels_file), num_classes)
     elif all(WNID.match(f.parent.name) for f in files):
         if num_classes != 1000:
             raise UserError("class folders name ImageNet-1k wnids but the model has "
@@ -130,4 +130,4 @@ def discover(img_path: str | Path, labels_file: Optional[str | Path] = None, num
             raise UserError(f"--target gt needs ground truth: ImageNet class folders (n01440764/...) under "
                             f"{img_path} or --labels FILE; use --target pred for a plain folder")
         labels = [None] * len(files)
-    return [Sample(f, key, label) for f, key, label in zip(files, keys, labels)]
+    return [Sample(f, key, label) for f, key, label in zip(files, keys, labels, strict=True)]

@@ -11,7 +11,6 @@ import json
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -30,7 +29,7 @@ class ImageEntry:
     key: str
     path: Path
     annotation: object = None
-    size: Optional[tuple[int, int]] = None
+    size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -114,9 +113,10 @@ class COCO2014:
         annotation_file = root / "annotations" / f"instances_{split}.json"
         if not annotation_file.is_file():
             raise UserError(f"missing COCO annotation file {annotation_file}")
-        from pycocotools.coco import COCO
         import contextlib
         import io
+
+        from pycocotools.coco import COCO
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 self.coco = COCO(str(annotation_file))

@@ -3,7 +3,8 @@ torchrun ranks, decoded by DataLoader workers (a bad item becomes a record with 
 batches, and their results appended to the store after every batch."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ def _as_list(records: list[dict]) -> list[dict]:
 def sharded_loop(items: Sequence[Any], key: Callable[[Any], str], load: Callable[[Any], dict],
                  process: Callable[[list[dict]], list[dict]], store: ResultStore, dist: Dist, batch_size: int,
                  workers: int, desc: str, running: Callable[[list[dict]], str],
-                 on_batch: Optional[Callable[[int], None]] = None) -> None:
+                 on_batch: Callable[[int], None] | None = None) -> None:
     """Run ``process`` over this rank's share of the items that ``store`` does not hold yet."""
     done = store.done()
     dist.barrier()  # every rank reads the same done-set before any rank appends to it

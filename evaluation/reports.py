@@ -4,8 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def write_summary(path: Path, summary: dict) -> None:
     path.write_text(json.dumps({**summary, "rows": rows}, indent=2) + "\n")
 
 
-def _paper_insdel(model: str, row_name: str) -> Optional[str]:
+def _paper_insdel(model: str, row_name: str) -> str | None:
     table = PAPER["table1_insertion_deletion_imagenet"]
     if model not in PAPER_MODEL or row_name not in table["rows"]:
         return None
@@ -54,7 +54,7 @@ def insdel_table(summary: dict) -> str:
         f"| Methods | {model} |" + (" paper |" if with_paper else ""),
         "|---|---|" + ("---|" if with_paper else ""),
     ]
-    for row, reference in zip(summary["rows"], paper):
+    for row, reference in zip(summary["rows"], paper, strict=True):
         cell = f"{row['deletion']:.1f}/{row['insertion']:.1f}"
         lines.append(f"| {row['name']} | {cell} |" + (f" {reference or '-'} |" if with_paper else ""))
     return "\n".join(lines) + "\n"
@@ -77,7 +77,8 @@ def density_table(summary: dict) -> str:
     key = DENSITY_MODEL.get(model)
     if key:
         lines += ["", f"Paper, {model}: " + ", ".join(
-            f"{field} {dict(zip(table['columns'], table['rows'][f'{field}_{key}']))}" for field in ("positive", "negative"))]
+            f"{field} {dict(zip(table['columns'], table['rows'][f'{field}_{key}'], strict=True))}"
+            for field in ("positive", "negative"))]
     return "\n".join(lines) + "\n"
 
 
@@ -87,7 +88,7 @@ def plot_curves(path: Path, results: list[dict], rows: Sequence[str], summary_ro
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for axis, game in zip(axes, ["deletion", "insertion"]):
+    for axis, game in zip(axes, ["deletion", "insertion"], strict=True):
         for name in rows:
             curves = np.array([r["rows"][name][f"{game}_curve"] for r in results], dtype=float)
             mean = curves.mean(axis=0)

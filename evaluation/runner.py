@@ -2,9 +2,8 @@
 results appended per batch; resumable, sharded under torchrun, with a progress bar of running means."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +51,7 @@ def row_maps(setup: Setup, row: Row, x: torch.Tensor, targets: torch.Tensor, off
 
 def evaluate(samples: Sequence[Sample], setup: Setup, store: ResultStore, dist: Dist, metric: Metric,
              target_mode: str, batch_size: int, workers: int, alpha: float, desc: str,
-             running: Callable[[list[dict]], str], on_batch: Optional[Callable[[int], None]] = None) -> None:
+             running: Callable[[list[dict]], str], on_batch: Callable[[int], None] | None = None) -> None:
     """Evaluate this rank's share of the ImageNet-style samples not yet in ``store``."""
     rows = table_rows(setup)
 

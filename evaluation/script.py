@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from common.cli import build_setup
 from common.errors import UserError
@@ -27,7 +27,7 @@ def default_out(args: argparse.Namespace, script: str, method: str) -> Path:
 
 def run_evaluation(args: argparse.Namespace, script: str, metric: Metric, fields: Sequence[str], extra_config: dict,
                    running: Callable[[list[dict]], str], write_outputs: Callable[..., None],
-                   on_batch: Optional[Callable[[int], None]] = None) -> int:
+                   on_batch: Callable[[int], None] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {args.limit})")
     info, args.device = distributed.init(args.device)

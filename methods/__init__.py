@@ -5,5 +5,5 @@ from methods.postprocess import finalize_maps, finalize_signed, min_max
 from methods.registry import available_methods, build_explainer, canonical_name, method_options, register
 
 __all__ = ["CAM", "Explainer", "Explanation", "GradCAM", "GradCAMPlusPlus", "LayerCAM", "WeightedCAM", "WGradCAM",
-           "XGradCAM", "available_methods", "build_explainer", "canonical_name", "method_options", "finalize_maps", "finalize_signed", "min_max",
-           "register"]
+           "XGradCAM", "available_methods", "build_explainer", "canonical_name", "finalize_maps", "finalize_signed",
+           "method_options", "min_max", "register"]

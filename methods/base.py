@@ -8,12 +8,13 @@ No ReLU, min-max or NumPy happens inside: callers post-process explicitly
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-Targets = Optional[Union[torch.Tensor, Sequence[int], int]]
+Targets = torch.Tensor | Sequence[int] | int | None
 
 
 class Explanation(NamedTuple):
@@ -23,7 +24,7 @@ class Explanation(NamedTuple):
     logits: torch.Tensor
 
 
-def as_targets(targets: Targets, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+def as_targets(targets: Targets, batch: int, device: torch.device) -> torch.Tensor | None:
     """Normalise targets to a (B,) int64 tensor on ``device`` (None stays None: explain the prediction)."""
     if targets is None:
         return None
@@ -35,7 +36,7 @@ def as_targets(targets: Targets, batch: int, device: torch.device) -> Optional[t
     return tensor
 
 
-def resolve_targets(targets: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
     """Targets given, or the predicted classes; checks the range against the number of classes."""
     if targets is None:
         return logits.argmax(dim=1)
@@ -55,7 +56,7 @@ class Explainer(ABC):
         self.model = model
 
     @abstractmethod
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         """Maps and logits for ``x``; ``targets`` is a (B,) tensor or None for the predicted classes."""
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:

@@ -1,8 +1,6 @@
 """Model-independent baselines for the localization games."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from methods.base import Explainer, Explanation, resolve_targets
@@ -17,7 +15,7 @@ class Center(Explainer):
     name = "center"
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         logits = self.model(x)
         resolve_targets(targets, logits)
         height, width = x.shape[-2:]

@@ -6,7 +6,7 @@ logit S_k. Maps are raw and signed (no ReLU): ``sum_c w_c A_c`` or an elementwis
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,12 +19,12 @@ class CAM(Explainer):
     """Gradient-weighted class activation maps at ``layer``; subclasses define :meth:`combine`."""
 
     def __init__(self, model: nn.Module, layer: nn.Module,
-                 activation_post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 activation_post: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__(model)
         self.layer = layer
         self.activation_post = activation_post
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with restored_state(self.model), torch.enable_grad(), \
                 LayerCapture(self.layer, self.activation_post) as capture:
             logits = capture.forward(self.model, x)

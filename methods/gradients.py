@@ -36,8 +36,9 @@ and EfficientNet-Lite use ReLU modules, DenseNet's final ReLU is functional.)
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class _ModifiedReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, upper: Optional[float], inplace: bool, rule: str):
+    def forward(ctx, x: torch.Tensor, upper: float | None, inplace: bool, rule: str):
         if inplace:
             out = x.clamp_(min=0, max=upper)
             ctx.mark_dirty(out)
@@ -91,7 +92,7 @@ class _ModifiedReLU(torch.autograd.Function):
 RULES = ("guided", "deconv")
 
 
-def _relu_upper(module: nn.Module) -> Optional[float]:
+def _relu_upper(module: nn.Module) -> float | None:
     return 6.0 if isinstance(module, nn.ReLU6) else None
 
 
@@ -137,9 +138,9 @@ class InputGradient(Explainer):
     """
 
     name = "gradient"
-    rule: Optional[str] = None
+    rule: str | None = None
 
-    def input_gradients(self, x: torch.Tensor, targets: Optional[torch.Tensor]):
+    def input_gradients(self, x: torch.Tensor, targets: torch.Tensor | None):
         """The (modified) gradient of the target logits w.r.t. ``x``, (B, 3, H, W), and the logits."""
         with restored_state(self.model), torch.enable_grad(), self._rules():
             x = x.detach().requires_grad_(True)
@@ -154,7 +155,7 @@ class InputGradient(Explainer):
             return _null_context()
         return modified_relus(self.model, self.rule)
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         grads, logits = self.input_gradients(x, targets)
         return Explanation(grads.abs().amax(dim=1, keepdim=True), logits)
 
@@ -185,7 +186,7 @@ class Deconvnet(InputGradient):
 BIAS_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
-def effective_bias(module: nn.Module) -> Optional[torch.Tensor]:
+def effective_bias(module: nn.Module) -> torch.Tensor | None:
     """The constant a layer adds per output channel: its bias, or BatchNorm's eval-mode
     beta - gamma * running_mean / sqrt(running_var + eps). None for layers without one (and for
     BatchNorm without running statistics, which normalises with batch statistics even in eval mode)."""
@@ -293,7 +294,7 @@ class FullGrad(Explainer):
                 if (isinstance(m, BIAS_LAYERS) and effective_bias(m) is not None)
                 or (self.clip_biases and isinstance(m, nn.Hardtanh))]
 
-    def decompose(self, x: torch.Tensor, targets: Optional[torch.Tensor]):
+    def decompose(self, x: torch.Tensor, targets: torch.Tensor | None):
         """One forward and one backward pass: grad_x * x (B, 3, H, W), the list of (layer, grad_b * b)
         terms (shaped like each layer's output), the logits and the targets."""
         layers = self.bias_layers()
@@ -306,7 +307,7 @@ class FullGrad(Explainer):
             grads = torch.autograd.grad(score, [x] + outputs, allow_unused=True)
             # effective biases are read in eval mode, inside restored_state
             terms = []
-            for (module, output), grad in zip(records, grads[1:]):
+            for (module, output), grad in zip(records, grads[1:], strict=True):
                 if grad is None:
                     continue  # an output that does not reach the target logit
                 if isinstance(module, nn.Hardtanh):
@@ -324,7 +325,7 @@ class FullGrad(Explainer):
         return FullGradTerms(input_term.flatten(1).sum(dim=1), bias_term,
                              logits.gather(1, targets[:, None])[:, 0])
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         input_term, terms, logits, _ = self.decompose(x, targets)
         size = tuple(x.shape[-2:])
         saliency = authors_postprocess(input_term, self.eps).sum(dim=1, keepdim=True)

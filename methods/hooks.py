@@ -1,8 +1,8 @@
 """Context managers that touch a model and always put it back: state restore and activation capture."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -35,10 +35,10 @@ class LayerCapture:
     it must be idempotent with what the model does next.
     """
 
-    def __init__(self, layer: nn.Module, post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    def __init__(self, layer: nn.Module, post: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  cut_graph: bool = True):
         self.layer, self.post, self.cut_graph = layer, post, cut_graph
-        self.activation: Optional[torch.Tensor] = None
+        self.activation: torch.Tensor | None = None
         self._handle = None
 
     def _hook(self, module: nn.Module, inputs, output):
@@ -67,7 +67,7 @@ class LayerCapture:
             raise RuntimeError("the target layer did not run during the forward pass")
         return logits
 
-    def __enter__(self) -> "LayerCapture":
+    def __enter__(self) -> LayerCapture:
         self._handle = self.layer.register_forward_hook(self._hook)
         return self
 

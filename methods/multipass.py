@@ -11,8 +11,8 @@ batched over images with per-sample targets, the model's logits for ``x`` itself
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
-from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.hooks import LayerCapture, restored_state
 
-Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
-Baseline = Union[str, float]
+Post = Callable[[torch.Tensor], torch.Tensor] | None
+Baseline = str | float
 
 IGCAM_FORMULAS = ("integrated", "notebook")
 DEFAULT_RESOLUTIONS = tuple(range(224, 1000, 100))  # 224, 324, ..., 924: the official default
 
 
-def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
+def _positive_int(name: str, value, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -81,7 +81,7 @@ class IntegratedGradCAM(Explainer):
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post = None, *,
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 steps: int = 50, baseline: Baseline = "black", path_batch: Optional[int] = None,
+                 steps: int = 50, baseline: Baseline = "black", path_batch: int | None = None,
                  formula: str = "integrated"):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
@@ -115,7 +115,7 @@ class IntegratedGradCAM(Explainer):
         k = torch.arange(m, 0, -1) if self.formula == "integrated" else torch.arange(0, m)
         return (k.to(torch.float64) / m).to(device=x.device, dtype=x.dtype)
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, size = x.shape[0], x.shape[-2:]
         integrated = self.formula == "integrated"
         base = self.baseline_image(x)
@@ -219,7 +219,7 @@ class CAMERAS(Explainer):
             sizes[0] = (height, width)
         return sizes
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, _, height, width = x.shape
         sizes = self.pass_sizes(height, width)
         filter_by_agreement = targets is None
@@ -266,7 +266,7 @@ class CAMERAS(Explainer):
 
         for start in range(0, channels, step):
             mean_a = mean_g = 0
-            for w, a, g in zip(weights, activations, gradients):
+            for w, a, g in zip(weights, activations, gradients, strict=True):
                 w = w.view(batch, 1, 1, 1)
                 mean_a = mean_a + w * upsample(a[:, start:start + step])
                 mean_g = mean_g + w * upsample(g[:, start:start + step])

@@ -7,8 +7,8 @@ P_k = softmax(f(x * M))_k (sigmoid(f(x * M)_k) for multi-label models).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ class ScoreCAM(Explainer):
     name = "scorecam"
 
     def __init__(self, model: nn.Module, layer: nn.Module,
-                 activation_post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 activation_post: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  mask_batch: int = 64, multilabel: bool = False):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
@@ -58,7 +58,7 @@ class ScoreCAM(Explainer):
         self.multilabel = multilabel
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, _, height, width = x.shape
         with restored_state(self.model):
             with LayerCapture(self.layer, self.activation_post) as capture:  # A kept intact past in-place ops
@@ -150,7 +150,7 @@ class RISE(Explainer):
         return self._cache[key]
 
     def masks(self, height: int, width: int, device: torch.device | str = "cpu",
-              index: Optional[torch.Tensor] = None) -> torch.Tensor:
+              index: torch.Tensor | None = None) -> torch.Tensor:
         """Masks M_i (n, H, W) in [0, 1] for ``index`` (default: all N)."""
         grids, shift_h, shift_w, rows, cols = self._factors(height, width, device)
         if index is None:
@@ -160,7 +160,7 @@ class RISE(Explainer):
         return rows[row_idx] @ grids[index] @ cols[col_idx].transpose(1, 2)
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, _, height, width = x.shape
         n = self.n_masks
         saliency = torch.zeros(batch, height * width, device=x.device)

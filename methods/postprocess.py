@@ -1,8 +1,6 @@
 """Turning raw maps into pictures and metric inputs: ReLU, resize, per-map min-max, official blur."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
@@ -36,7 +34,7 @@ def official_blur(maps: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(maps, kernel_size=[5, 5], sigma=[3.0, 3.0])
 
 
-def finalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None, relu: bool = True,
+def finalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None, relu: bool = True,
                   blur: bool = False) -> torch.Tensor:
     """Raw (B, 1, h, w) maps -> [0, 1] maps at ``size``: ReLU, resize, min-max.
 
@@ -54,7 +52,7 @@ def finalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None, re
     return min_max(maps)
 
 
-def finalize_signed(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def finalize_signed(maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Signed relevance maps -> [-1, 1] at ``size``: resize, divide by the largest magnitude (sign kept)."""
     maps = maps.float()
     if size:

@@ -1,14 +1,14 @@
 """One registry of explainers by name, used by every script and by UCAG."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from common.errors import UserError
-from methods.base import Explainer
 from methods import gradients, multipass, perturbation, sise
+from methods.base import Explainer
 from methods.baselines import Center
-from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
+from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
 from models.spec import ModelSpec
 
 Builder = Callable[..., Explainer]

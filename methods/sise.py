@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Dict, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import DenseNet, ResNet, VGG
+from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
 from common.errors import UserError
@@ -98,7 +98,7 @@ def block_end_layers(model: nn.Module, input_size: tuple[int, int] = (224, 224))
     return traced_block_ends(model, input_size)
 
 
-def _spatial(value) -> Optional[tuple[int, int]]:
+def _spatial(value) -> tuple[int, int] | None:
     if isinstance(value, (tuple, list)):
         value = value[0] if value else None
     if isinstance(value, torch.Tensor) and value.dim() == 4:
@@ -119,7 +119,7 @@ def traced_block_ends(model: nn.Module, input_size: tuple[int, int] = (224, 224)
     appended unless its output is already one of them.
     """
     calls: list[dict] = []
-    open_calls: Dict[str, list] = {}
+    open_calls: dict[str, list] = {}
     clock = itertools.count()
 
     def pre_hook(name):
@@ -147,7 +147,7 @@ def traced_block_ends(model: nn.Module, input_size: tuple[int, int] = (224, 224)
         for handle in handles:
             handle.remove()
 
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for call in calls:
         counts[call["name"]] = counts.get(call["name"], 0) + 1
 
@@ -201,7 +201,7 @@ def to_uint8(values: torch.Tensor) -> torch.Tensor:
     return (values.float().clamp(0, 1) * 255).to(torch.uint8)
 
 
-def otsu_thresholds(values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> np.ndarray:
+def otsu_thresholds(values: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
     """Per-row Otsu thresholds (uint8 units, as ``cv2.threshold`` returns them) of ``uint8(values * 255)``.
 
     values: (B, N) in [0, 1]; valid: optional (B, N) bool selecting the entries each row's histogram
@@ -233,10 +233,10 @@ class BlockCapture:
     idempotent with what the model does next.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], posts: Optional[Dict[str, Post]] = None):
+    def __init__(self, model: nn.Module, names: Sequence[str], posts: dict[str, Post] | None = None):
         self.model, self.names = model, list(names)
         self.posts = dict(posts or {})
-        self.activations: Dict[str, torch.Tensor] = {}
+        self.activations: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
         self._handles: list = []
 
@@ -265,7 +265,7 @@ class BlockCapture:
             raise RuntimeError(f"layers did not run during the forward pass: {', '.join(missing)}")
         return logits
 
-    def __enter__(self) -> "BlockCapture":
+    def __enter__(self) -> BlockCapture:
         try:
             for name in self.names:
                 self._handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(name)))
@@ -312,8 +312,8 @@ class SISE(Explainer):
     tau = 1.5                    # the official otsu()'s raised threshold for small salient regions
     progress_desc = "SISE masks"
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], posts: Optional[Dict[str, Post]] = None,
-                 mask_batch: int = 64, fusion: Optional[str] = None, multilabel: bool = False):
+    def __init__(self, model: nn.Module, layers: Sequence[str], posts: dict[str, Post] | None = None,
+                 mask_batch: int = 64, fusion: str | None = None, multilabel: bool = False):
         super().__init__(model)
         self.layers = _layer_names(model, layers)
         self.posts = dict(posts or {})
@@ -323,7 +323,7 @@ class SISE(Explainer):
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         self.fusion = fusion
         self.multilabel = multilabel
-        self.last_selection: Dict[str, torch.Tensor] = {}
+        self.last_selection: dict[str, torch.Tensor] = {}
 
     # --- channel filtering --------------------------------------------------------------------------
     def select_channels(self, significance: torch.Tensor) -> torch.Tensor:
@@ -331,7 +331,7 @@ class SISE(Explainer):
         return significance > 0
 
     @property
-    def kept_counts(self) -> Dict[str, torch.Tensor]:
+    def kept_counts(self) -> dict[str, torch.Tensor]:
         """Per layer, the (B,) number of channels the last :meth:`explain` selected."""
         return {name: keep.sum(dim=1) for name, keep in self.last_selection.items()}
 
@@ -358,14 +358,14 @@ class SISE(Explainer):
             acts = [capture.activations[name] for name in order]
             grads = torch.autograd.grad(self._log_score(logits, targets), acts, allow_unused=True)
         significance = [torch.zeros(a.shape[:2], device=a.device) if g is None else g.float().mean(dim=(2, 3))
-                        for a, g in zip(acts, grads)]
+                        for a, g in zip(acts, grads, strict=True)]
         return order, [a.detach() for a in acts], significance, logits.detach(), targets
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with restored_state(self.model):
             order, acts, significance, logits, targets = self._activations_and_significance(x, targets)
             selection, pairs = {}, []
-            for name, act, sig in zip(order, acts, significance):
+            for name, act, sig in zip(order, acts, significance, strict=True):
                 keep = self.select_channels(sig)
                 selection[name] = keep
                 flat = act.flatten(2)
@@ -374,7 +374,8 @@ class SISE(Explainer):
             self.last_selection = selection
             chunks = sum(math.ceil(len(p) / self.mask_batch) for p in pairs)
             with torch.no_grad(), tqdm(total=chunks, desc=self.progress_desc, leave=False, disable=None) as bar:
-                layer_maps = [self._layer_map(x, act, index, targets, bar) for act, index in zip(acts, pairs)]
+                layer_maps = [self._layer_map(x, act, index, targets, bar)
+                              for act, index in zip(acts, pairs, strict=True)]
         return Explanation(self._fuse(layer_maps)[:, None], logits)
 
     def _layer_map(self, x, act, index, targets, bar) -> torch.Tensor:
@@ -471,10 +472,10 @@ def _layer_names(model: nn.Module, layers) -> list[str]:
     return names
 
 
-def layer_posts(spec: ModelSpec, layers: Sequence[str]) -> Dict[str, Post]:
+def layer_posts(spec: ModelSpec, layers: Sequence[str]) -> dict[str, Post]:
     """Ops to apply to layer outputs: the spec's activation_post at its CAM layer, and DenseNet's ReLU
     (applied in ``forward``, after ``features``) at ``features.norm5`` / ``features``."""
-    posts: Dict[str, Post] = {}
+    posts: dict[str, Post] = {}
     if spec.activation_post is not None and spec.target_layer in layers:
         posts[spec.target_layer] = spec.activation_post
     if isinstance(spec.model, DenseNet):
@@ -485,7 +486,7 @@ def layer_posts(spec: ModelSpec, layers: Sequence[str]) -> Dict[str, Post]:
 
 
 def _builder(cls):
-    def build(spec: ModelSpec, layers: Union[None, str, Sequence[str]] = None, **options) -> SISE:
+    def build(spec: ModelSpec, layers: None | str | Sequence[str] = None, **options) -> SISE:
         names = block_end_layers(spec.model, spec.input_size) if layers is None else _layer_names(spec.model, layers)
         return cls(spec.model, names, layer_posts(spec, names), multilabel=spec.multilabel, **options)
     build.__doc__ = (f"{cls.__name__} for ``spec``; options: mask_batch (64), layers (block ends), "

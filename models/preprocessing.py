@@ -1,7 +1,7 @@
 """Image -> model input: resize to the model's input size without cropping, then mean/std normalisation."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -1,7 +1,6 @@
 """Model registry: the embedded EfficientNet-Lite0 and torchvision classifiers by name."""
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from urllib.error import URLError

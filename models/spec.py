@@ -1,8 +1,8 @@
 """What the rest of the toolkit needs to know about a classifier: the network, its CAM layer, its input."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class ModelSpec:
     input_size: tuple[int, int] = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    activation_post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    activation_post: Callable[[torch.Tensor], torch.Tensor] | None = None
     min_side: int = 32
     weights: str = "default"
     keep_aspect: bool = False
@@ -50,6 +50,6 @@ class ModelSpec:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: torch.device | str) -> "ModelSpec":
+    def to(self, device: torch.device | str) -> ModelSpec:
         self.model.to(device)
         return self

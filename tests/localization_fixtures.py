@@ -76,7 +76,7 @@ def segmentation_file(path, masks=None):
     with h5py.File(path, "w") as handle:
         refs = handle.create_group("#refs#")
         image_refs, mask_refs = [], []
-        for i, (image, mask) in enumerate(zip(images, masks)):
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
             stored = refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0))
             target = refs.create_dataset(f"mask{i}", data=mask.T)
             outer = refs.create_dataset(f"gt{i}", data=np.array([[target.ref]], dtype=h5py.ref_dtype))

@@ -6,8 +6,7 @@ import torch
 import torchvision
 
 from methods.relevance import AGF
-from methods.relevance.agf import (_abs_rule, _cluster_weights, _ones_response, delta_shift, divide,
-                                  sharpened_target)
+from methods.relevance.agf import _abs_rule, _cluster_weights, _ones_response, delta_shift, divide, sharpened_target
 from methods.relevance.rules import AffineOp
 from tests.test_relevance import BOUNDS
 

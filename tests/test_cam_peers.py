@@ -27,7 +27,7 @@ def peer_raw_maps(peer_cls, model, layer, x, targets):
         outputs = cam.activations_and_grads(x)
         peer_targets = [ClassifierOutputTarget(t) for t in targets]
         model.zero_grad()
-        sum(target(output) for target, output in zip(peer_targets, outputs)).backward()
+        sum(target(output) for target, output in zip(peer_targets, outputs, strict=True)).backward()
         activations = cam.activations_and_grads.activations[0].numpy()
         grads = cam.activations_and_grads.gradients[0].numpy()
         raw = cam.get_cam_image(x, layer, peer_targets, activations, grads, eigen_smooth=False)

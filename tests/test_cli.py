@@ -77,7 +77,7 @@ def make_messy_folder(root):
     Image.fromarray(cat).convert("L").save(root / "n02123045" / "gray.png")
     Image.fromarray(cat).convert("RGBA").save(root / "n02123045" / "alpha.png")
     Image.fromarray(cat).convert("P").save(root / "n07920052" / "palette.png")
-    Image.fromarray((load_rgb(EXAMPLES / "camera.png")[..., 0].astype(np.uint16) * 257)).save(root / "deep16.png")
+    Image.fromarray(load_rgb(EXAMPLES / "camera.png")[..., 0].astype(np.uint16) * 257).save(root / "deep16.png")
     Image.fromarray(cat[:20, :30]).save(root / "tiny.png")
     (root / "n07920052" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
 
@@ -163,9 +163,10 @@ def test_method_options_reach_the_explainer_and_stray_flags_warn(tmp_path):
 
 
 def test_bad_method_option_is_one_line_error(tmp_path):
-    from methods import build_explainer
-    from common.errors import UserError
     import torchvision
+
+    from common.errors import UserError
+    from methods import build_explainer
     from models.spec import ModelSpec
     spec = ModelSpec("vgg11", torchvision.models.vgg11(), "features.19", [str(i) for i in range(1000)])
     with pytest.raises(UserError, match="lrp: unknown LRP rule 'nope'"):

@@ -12,11 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from captum.attr import Deconvolution, GuidedBackprop as CaptumGuidedBackprop, Saliency
+from captum.attr import Deconvolution, Saliency
+from captum.attr import GuidedBackprop as CaptumGuidedBackprop
 from torch import nn
 
-from methods.gradients import (Deconvnet, FullGrad, GuidedBackprop, InputGradient, authors_postprocess,
-                               build_deconv, build_fullgrad, build_gradient, build_guided, modified_relus)
+from methods.gradients import (
+    Deconvnet,
+    FullGrad,
+    GuidedBackprop,
+    InputGradient,
+    authors_postprocess,
+    build_deconv,
+    build_fullgrad,
+    build_gradient,
+    build_guided,
+    modified_relus,
+)
 from models import load_model
 from ucag import UCAG
 

@@ -88,8 +88,9 @@ def test_segmentation_under_torchrun_equals_one_process(tmp_path):
                          text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     first, second = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
-    for a, b in zip(first["rows"], second["rows"]):
-        assert a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"]) and a["map"] == pytest.approx(b["map"], rel=1e-5)
+    for a, b in zip(first["rows"], second["rows"], strict=True):
+        assert a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"])
+        assert a["map"] == pytest.approx(b["map"], rel=1e-5)
 
 
 @pytest.mark.parametrize("module,argv,message", [

@@ -21,7 +21,8 @@ def torchray_layout(arch, state_dict):
             if key == "classifier.0.weight":
                 value = value.reshape(value.shape[0], 512, 7, 7)
         else:
-            match = re.match(r"(.*bn\d|.*downsample\.1)\.(weight|bias|running_mean|running_var|num_batches_tracked)$", key)
+            match = re.match(r"(.*bn\d|.*downsample\.1)\."
+                             r"(weight|bias|running_mean|running_var|num_batches_tracked)$", key)
             if match:  # Caffe splits BatchNorm (statistics, .0) from Scale (affine, .1)
                 scale = match.group(2) in ("weight", "bias")
                 key = f"{match.group(1)}.{1 if scale else 0}.{match.group(2)}"

@@ -1,5 +1,6 @@
 """Integrated Grad-CAM and CAMERAS (methods/multipass.py): closed forms against plain autograd hooks,
 convergence, batching, chunking, option checks and a run through UCAG. Small inputs, resnet18."""
+import itertools
 import warnings
 
 import pytest
@@ -88,7 +89,7 @@ def test_igcam_converges_as_steps_grow(r18, x64):
     x, targets = x64[1:2], torch.tensor([4])
     maps = {m: explainer(m)(x, targets).maps for m in (4, 8, 16, 32)}
     gaps = [float((maps[m] - maps[2 * m]).norm() / maps[2 * m].norm()) for m in (4, 8, 16)]
-    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+    assert all(later < earlier for earlier, later in itertools.pairwise(gaps)), gaps
     assert gaps[-1] < gaps[0] / 2.5, gaps  # O(1/m): 4x more steps, about 4x smaller gap (here 5x)
 
 

@@ -2,6 +2,7 @@
 from collections import OrderedDict
 
 import pytest
+import skimage.transform as skimage_transform
 import torch
 import torch.nn.functional as F
 
@@ -130,7 +131,6 @@ def test_rise_masks_are_seeded_bounded_and_keep_p():
 
 def test_rise_masks_follow_the_official_construction():
     """Grid upsampled to (s+1)*ceil(H/s) (skimage's linear resize, mirror boundary), shifted crop."""
-    skimage = pytest.importorskip("skimage.transform")
     explainer = RISE(torch.nn.Identity(), n_masks=5, cell=4, p=0.5, seed=0)
     height, width = 30, 21
     masks = explainer.masks(height, width)
@@ -138,7 +138,8 @@ def test_rise_masks_follow_the_official_construction():
     up_size = (5 * 8, 5 * 6)  # (s + 1) * ceil(H / s), (s + 1) * ceil(W / s)
     for i in range(5):
         assert 0 <= shift_h[i] < 8 and 0 <= shift_w[i] < 6
-        full = skimage.resize(grids[i].double().numpy(), up_size, order=1, mode="reflect", anti_aliasing=False)
+        full = skimage_transform.resize(grids[i].double().numpy(), up_size, order=1, mode="reflect",
+                                        anti_aliasing=False)
         crop = full[shift_h[i]:shift_h[i] + height, shift_w[i]:shift_w[i] + width]
         assert torch.allclose(masks[i].double(), torch.from_numpy(crop), atol=1e-6)
     # away from the border it is plain bilinear upsampling

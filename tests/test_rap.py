@@ -117,8 +117,9 @@ def _literal_hidden_propagation(op, x, weight, relevance):
             through1 = through1 + divide(negative * alive, z1)
         else:
             through2 = through2 + divide(negative * alive, z2)
+        back = op.transpose(through1 * nonzero, wp, x.shape) - op.transpose(through2 * nonzero, wn, x.shape)
         result = result + shift_to_total(
-            xs * sign1 * (op.transpose(through1 * nonzero, wp, x.shape) - op.transpose(through2 * nonzero, wn, x.shape)),
+            xs * sign1 * back,
             relevance.flatten(1).sum(1).view(-1, *([1] * (x.dim() - 1))))
     return result
 

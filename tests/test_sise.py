@@ -7,8 +7,16 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from methods.sise import (SISE, AdaSISE, block_end_layers, build_adasise, build_sise, layer_posts,
-                          otsu_thresholds, traced_block_ends)
+from methods.sise import (
+    SISE,
+    AdaSISE,
+    block_end_layers,
+    build_adasise,
+    build_sise,
+    layer_posts,
+    otsu_thresholds,
+    traced_block_ends,
+)
 from models import PAPER_MODELS, load_model
 from ucag import UCAG
 
@@ -148,7 +156,7 @@ def test_maps_shape_device_and_logits(runs, lite, pair):
     x, _ = pair
     with torch.no_grad():
         expected_logits = lite.model(x)
-    for explainer, maps, logits, _ in runs.values():
+    for _explainer, maps, logits, _ in runs.values():
         assert maps.shape == (2, 1, 64, 64) and maps.device == x.device
         assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() > 0
         assert torch.allclose(logits, expected_logits, atol=1e-5) and not logits.requires_grad

@@ -11,8 +11,6 @@ the final ReLU, resize and min-max (``UCAG.finalize`` adds the official blur in 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -43,7 +41,7 @@ class UCAG(Explainer):
     name = "ucag"
 
     def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
-                 patch_batch: int = 64, confidence: Optional[bool] = None, official: bool = False,
+                 patch_batch: int = 64, confidence: bool | None = None, official: bool = False,
                  progress: bool = False, multilabel: bool = False):
         super().__init__(explainer.model)
         if alpha <= 0:
@@ -72,7 +70,7 @@ class UCAG(Explainer):
         with restored_state(self.model):
             return self.model(x)
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, _, height, width = x.shape
         grid = self.grid(height, width)
         logits = self._image_logits(x)
@@ -88,7 +86,8 @@ class UCAG(Explainer):
             maps, chunk_logits = self.explainer(chunk, crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
-                maps = maps * patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel).view(-1, 1, 1, 1)
+                weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
+                maps = maps * weights.view(-1, 1, 1, 1)
             shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
@@ -96,11 +95,11 @@ class UCAG(Explainer):
         folded = grid.fold(partial) / (gamma + 1 if self.official else gamma)
         return Explanation(folded, logits)
 
-    def finalize(self, maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Final [0, 1] UCAG maps: ReLU, resize, min-max (official mode: blur as the official code)."""
         return finalize_maps(maps, size, blur=self.official)
 
-    def finalize_signed(self, maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def finalize_signed(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Final [-1, 1] UCAG maps of a signed explainer (red/blue pictures); official mode blurs first."""
         if self.official:
             maps = official_blur(maps.float())

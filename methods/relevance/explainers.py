@@ -2,8 +2,6 @@
 LRP (SGLRP). Maps are input-level (summed over colour channels), raw and signed."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -50,7 +48,7 @@ class LRP(Explainer):
     def combine(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return maps[0]
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with restored_state(self.model):
             net = self.network()
             logits = net.forward(x)
@@ -114,7 +112,7 @@ class RSP(LRP):
 
     name = "rsp"
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with restored_state(self.model):
             net = RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="rsp")
             logits = net.forward(x)
@@ -131,7 +129,7 @@ class AGF(LRP):
 
     name = "agf"
 
-    def explain(self, x: torch.Tensor, targets: Optional[torch.Tensor]) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         from methods.relevance import agf
         with restored_state(self.model):
             net = RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="agf")

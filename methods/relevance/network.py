@@ -6,8 +6,6 @@ through; max pooling routes it to the maxima; average pooling redistributes it i
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -15,11 +13,18 @@ from torch import nn
 
 from common.errors import UserError
 from methods.relevance import rap, rsp
-from methods.relevance.rules import (AffineOp, Rule, affine_relevance, gradient_relevance, norm_relevance,
-                                      safe_divide, stabilize)
+from methods.relevance.rules import (
+    AffineOp,
+    Rule,
+    affine_relevance,
+    gradient_relevance,
+    norm_relevance,
+    safe_divide,
+    stabilize,
+)
 
 
-def merged_parameters(layer: nn.Module, norm: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def merged_parameters(layer: nn.Module, norm: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W, b) of ``layer`` with a following BatchNorm folded in."""
     weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
     if norm is None:
@@ -40,12 +45,12 @@ class Step:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def relprop(self, relevance: torch.Tensor, net: "RelevanceNet") -> torch.Tensor:
+    def relprop(self, relevance: torch.Tensor, net: RelevanceNet) -> torch.Tensor:
         return relevance
 
 
 class Affine(Step):
-    def __init__(self, layer: nn.Module, norm: Optional[nn.BatchNorm2d] = None):
+    def __init__(self, layer: nn.Module, norm: nn.BatchNorm2d | None = None):
         self.weight, self.bias = merged_parameters(layer, norm)
         self.raw_weight = layer.weight.detach()  # RAP works on the convolution itself (BatchNorm passes R)
         self.raw_bias = None if layer.bias is None else layer.bias.detach()
@@ -134,7 +139,7 @@ class Chain(Step):
 class Residual(Step):
     """out = ReLU(branch(x) + skip(x)); the sum splits relevance in proportion to its two summands."""
 
-    def __init__(self, branch: Chain, skip: Optional[Chain]):
+    def __init__(self, branch: Chain, skip: Chain | None):
         self.branch, self.skip = branch, skip
 
     def apply(self, x):

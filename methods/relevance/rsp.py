@@ -63,7 +63,7 @@ def _pointwise_propagation(op: AffineOp, x: torch.Tensor, positive: torch.Tensor
         back = inputs @ (mixed[0] - mixed[1])
     else:
         kernels = [rel @ inputs.transpose(1, 2) for rel in parts]   # (B, C_out, C_in)
-        back = [k.transpose(1, 2) @ (rel * safe_reciprocal(k @ inputs)) for k, rel in zip(kernels, parts)]
+        back = [k.transpose(1, 2) @ (rel * safe_reciprocal(k @ inputs)) for k, rel in zip(kernels, parts, strict=True)]
         back = back[0] - back[1]
     spread = torch.zeros_like(x)
     spread[:, :, ::op.stride[0], ::op.stride[1]] = back.view_as(sampled)

@@ -9,8 +9,8 @@ The stabiliser adds eps * sign(z) (sign 0 -> +1). These match zennit's ZPlus, Al
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class AffineOp:
     dilation: tuple = (1, 1)
     groups: int = 1
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -87,17 +87,17 @@ class Rule:
     eps: float = 1e-6
 
 
-def _pos(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(min=0)
 
 
-def _neg(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def affine_relevance(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def affine_relevance(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      relevance: torch.Tensor, rule: Rule,
-                     bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                     bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
                      nonnegative: bool = False) -> torch.Tensor:
     """Relevance of the layer input ``x`` given the relevance of its output.
 
@@ -116,7 +116,7 @@ def affine_relevance(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, bias: 
     xp, xn = (x, None) if nonnegative else (x.clamp(min=0), x.clamp(max=0))
     wp, wn = weight.clamp(min=0), weight.clamp(max=0)
 
-    def part(w_for_pos: torch.Tensor, w_for_neg: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    def part(w_for_pos: torch.Tensor, w_for_neg: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if nonnegative:
             s = relevance / stabilize(op.forward(xp, w_for_pos, b), rule.eps)
             return xp * op.transpose(s, w_for_pos, shape)
