@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.cli import Parser, add_common_flags, add_eval_flags, run_cli
+from app.cli import Parser, add_common_flags, add_eval_flags, run_cli
+from app.evaluation_run import run_evaluation
 from evaluation.density import map_density
 from evaluation.reports import density_table, write_per_image, write_skipped, write_summary
-from evaluation.script import run_evaluation
 
 PROG = "density.py"
 FIELDS = ("positive", "negative")

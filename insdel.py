@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.cli import Parser, add_common_flags, add_eval_flags, run_cli
+from app.cli import Parser, UsageError, add_common_flags, add_eval_flags, run_cli
+from app.evaluation_run import run_evaluation
 from evaluation.causal import auc, game_curves
 from evaluation.reports import insdel_table, plot_curves, write_per_image, write_skipped, write_summary
-from evaluation.script import run_evaluation
 
 PROG = "insdel.py"
 FIELDS = ("deletion", "insertion")
@@ -65,8 +65,7 @@ def write_outputs(out, results, skipped, rows, summary) -> None:
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.step < 1 or args.score_batch < 1:
-        from common.errors import UserError
-        raise UserError("--step and --score-batch must be at least 1")
+                raise UsageError("--step and --score-batch must be at least 1")
     return run_evaluation(args, "insdel", games(args.step, args.score_batch), FIELDS, {"step": args.step},
                           running_means, write_outputs, on_batch)
 

@@ -20,15 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import Parser, Setup, add_common_flags, build_setup, run_cli
-from common.errors import UserError
+from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, run_cli
+from app.evaluation_run import ucag_settings
 from evaluation import distributed
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
 from evaluation.loop import sharded_loop
 from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit
 from evaluation.reports import write_skipped, write_summary
 from evaluation.runner import Row
-from evaluation.script import ucag_settings
 from evaluation.store import ResultStore
 from methods import build_explainer, finalize_maps
 from models.multilabel import load_multilabel
@@ -151,9 +150,9 @@ def pointing_tables(summary: dict) -> str:
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {args.limit})")
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     if args.tolerance < 0:
-        raise UserError(f"--tolerance must be 0 or more (got {args.tolerance})")
+        raise UsageError(f"--tolerance must be 0 or more (got {args.tolerance})")
     info, args.device = distributed.init(args.device)
     try:
         dataset = open_dataset(args.dataset, args.data_root)
@@ -187,7 +186,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         if info.is_main:
             results, skipped = store.merged()
             if not results:
-                raise UserError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
+                raise UsageError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
             summary = {"dataset": args.dataset, "model": args.name, "method": setup.method,
                        "n_images": len(results), "n_pairs": sum(len(r["pairs"]) for r in results),
                        "tolerance": args.tolerance,

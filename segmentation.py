@@ -17,14 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import Parser, Setup, add_common_flags, build_setup, run_cli
-from common.errors import UserError
+from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, run_cli
+from app.evaluation_run import ucag_settings
 from evaluation import distributed
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.loop import sharded_loop
 from evaluation.reports import write_per_image, write_skipped, write_summary
 from evaluation.runner import Row, table_rows
-from evaluation.script import ucag_settings
 from evaluation.segmentation import image_scores
 from evaluation.store import ResultStore
 from methods import finalize_maps
@@ -99,7 +98,7 @@ def segmentation_table(summary: dict) -> str:
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {args.limit})")
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     info, args.device = distributed.init(args.device)
     try:
         dataset = ImageNetSegmentation(args.data)
@@ -122,7 +121,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         if info.is_main:
             results, skipped = store.merged()
             if not results:
-                raise UserError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
+                raise UsageError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
             for record in results:
                 record["file"] = f"{Path(args.data).name}#{record['key']}"
             summary = {"model": args.name, "method": setup.method, "n_images": len(results), "ap": args.ap,

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import Parser, Setup, add_common_flags, build_setup, parse_target, run_cli
-from common.errors import UserError
+from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, parse_target, run_cli
 from common.images import find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches
@@ -134,7 +133,7 @@ def write_run_files(out: Path, rows: list[dict], skipped: list[ImageRecord], wit
 
 
 def raise_no_images(skipped: list[ImageRecord]) -> None:
-    raise UserError(f"none of the {len(skipped)} image files could be read (see skipped.txt)")
+    raise UsageError(f"none of the {len(skipped)} image files could be read (see skipped.txt)")
 
 
 if __name__ == "__main__":

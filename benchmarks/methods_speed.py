@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.cli import resolve_device  # noqa: E402
 from benchmarks.ucag_speed import timed  # noqa: E402
-from common.cli import resolve_device  # noqa: E402
 from methods import build_explainer  # noqa: E402
 from models import load_model  # noqa: E402
 from ucag import UCAG  # noqa: E402

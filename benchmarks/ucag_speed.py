@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import resolve_device  # noqa: E402
+from app.cli import resolve_device  # noqa: E402
 from common.images import find_images, load_rgb  # noqa: E402
 from methods import build_explainer  # noqa: E402
 from models import load_model, preprocess  # noqa: E402

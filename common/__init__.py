@@ -1,1 +1,1 @@
-"""Helpers shared by the scripts and the library: user errors, image files, rendering, CLI flags."""
+"""The ground floor every layer may use: the base error type, reading image files, drawing overlays."""

@@ -1,5 +1,14 @@
-"""The one exception type for mistakes a user can fix (bad path, bad flag, unknown name)."""
+"""The base of every error a user can fix (a bad path, value or name).
+
+Each package raises its own subclass (``ImageError`` here, ``models.errors.ModelError``,
+``methods.errors.MethodError``, ``evaluation.errors.DataError`` ...); the application layer
+(:func:`app.cli.run_cli`) turns any :class:`ToolkitError` into one stderr line and exit code 2.
+"""
 
 
-class UserError(ValueError):
-    """A problem with the user's input; scripts print its message on one line and exit with code 2."""
+class ToolkitError(ValueError):
+    """A problem with the user's input, worded for one line."""
+
+
+class ImageError(ToolkitError):
+    """An image path that is missing, empty or unreadable."""

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.errors import UserError
+from common.errors import ImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 
@@ -15,12 +15,12 @@ def find_images(path: str | Path) -> list[Path]:
     """Image files at ``path``: the file itself, or every image file below a folder (recursive, sorted)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"image path does not exist: {path}")
+        raise ImageError(f"image path does not exist: {path}")
     if path.is_file():
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
+        raise ImageError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
     return files
 
 
@@ -48,7 +48,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """Read ``path`` as an (H, W, 3) uint8 RGB array.
 
     Grayscale, palette, RGBA/LA (composited over white), CMYK, 16-bit and float images are converted;
-    EXIF orientation is applied. Unreadable files raise :class:`UserError`.
+    EXIF orientation is applied. Unreadable files raise :class:`ImageError`.
     """
     path = Path(path)
     try:
@@ -56,9 +56,9 @@ def load_rgb(path: str | Path) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
             img.load()
     except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
+        raise ImageError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+        raise ImageError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -72,5 +72,5 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.shape[0] < 1 or array.shape[1] < 1:
-        raise UserError(f"image has no pixels: {path}")
+        raise ImageError(f"image has no pixels: {path}")
     return np.array(array, dtype=np.uint8, order="C")  # a writable copy

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from common.errors import UserError
+from common.errors import ImageError
 from common.images import load_rgb
 
 
@@ -35,7 +35,7 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             return ImageRecord(index, path, image=load_rgb(path))
-        except UserError as exc:
+        except ImageError as exc:
             return ImageRecord(index, path, error=str(exc))
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from common.errors import UserError
 from common.images import find_images
+from evaluation.errors import DataError
 
 WNID = re.compile(r"^n\d{8}$")
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -41,7 +41,7 @@ def wnid_index(wnid: str) -> int:
     try:
         return imagenet_wnids().index(wnid)
     except ValueError:
-        raise UserError(f"'{wnid}' is not one of the 1000 ImageNet-1k wnids") from None
+        raise DataError(f"'{wnid}' is not one of the 1000 ImageNet-1k wnids") from None
 
 
 def _parse_label(text: str, where: str, num_classes: int) -> int:
@@ -51,9 +51,9 @@ def _parse_label(text: str, where: str, num_classes: int) -> int:
     try:
         label = int(text)
     except ValueError:
-        raise UserError(f"{where}: label '{text}' is neither a class index nor a wnid") from None
+        raise DataError(f"{where}: label '{text}' is neither a class index nor a wnid") from None
     if not 0 <= label < num_classes:
-        raise UserError(f"{where}: class index {label} is outside 0..{num_classes - 1}")
+        raise DataError(f"{where}: class index {label} is outside 0..{num_classes - 1}")
     return label
 
 
@@ -61,7 +61,7 @@ def _devkit_labels(path: Path) -> list[int]:
     """ILSVRC2012_IDs (1-based, devkit order) -> torchvision indices through the devkit's meta.mat."""
     meta = path.parent / "meta.mat"
     if not meta.is_file():
-        raise UserError(f"{path.name} holds devkit ILSVRC2012_IDs; their mapping needs {meta} "
+        raise DataError(f"{path.name} holds devkit ILSVRC2012_IDs; their mapping needs {meta} "
                         "(the devkit's data/meta.mat) beside it")
     import scipy.io
     try:
@@ -69,19 +69,19 @@ def _devkit_labels(path: Path) -> list[int]:
         # leaf synsets (num_children == 0) are the 1000 classes: (ILSVRC2012_ID, WNID, ...)
         index_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot read the devkit's {meta}: {exc.__class__.__name__}: {exc}") from None
+        raise DataError(f"cannot read the devkit's {meta}: {exc.__class__.__name__}: {exc}") from None
     labels = []
     for number, line in enumerate(path.read_text().split(), 1):
         ilsvrc_id = int(line)
         if ilsvrc_id not in index_to_wnid:
-            raise UserError(f"{path}:{number}: ILSVRC2012_ID {ilsvrc_id} not in meta.mat")
+            raise DataError(f"{path}:{number}: ILSVRC2012_ID {ilsvrc_id} not in meta.mat")
         labels.append(wnid_index(index_to_wnid[ilsvrc_id]))
     return labels
 
 
 def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: int) -> list[int]:
     if not labels_file.is_file():
-        raise UserError(f"labels file not found: {labels_file}")
+        raise DataError(f"labels file not found: {labels_file}")
     if labels_file.suffix.lower() == ".csv":
         with open(labels_file, newline="") as handle:
             rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
@@ -90,11 +90,11 @@ def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: i
         by_name = {}
         for number, row in enumerate(rows, 1):
             if len(row) < 2:
-                raise UserError(f"{labels_file}:{number}: expected 'file,label'")
+                raise DataError(f"{labels_file}:{number}: expected 'file,label'")
             by_name[row[0].strip()] = _parse_label(row[1], f"{labels_file}:{number}", num_classes)
         missing = [f for f in files if f.relative_to(root).as_posix() not in by_name and f.name not in by_name]
         if missing:
-            raise UserError(f"labels file {labels_file} has no label for {len(missing)} of {len(files)} images "
+            raise DataError(f"labels file {labels_file} has no label for {len(missing)} of {len(files)} images "
                             f"(first: {missing[0].name})")
         return [by_name.get(f.relative_to(root).as_posix(), by_name.get(f.name)) for f in files]
     if labels_file.name.startswith("ILSVRC2012_validation_ground_truth"):
@@ -103,7 +103,7 @@ def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: i
         lines = [line for line in labels_file.read_text().splitlines() if line.strip()]
         labels = [_parse_label(line.split()[-1], f"{labels_file}:{n}", num_classes) for n, line in enumerate(lines, 1)]
     if len(labels) != len(files):
-        raise UserError(f"labels file {labels_file} has {len(labels)} labels but {root} holds {len(files)} images "
+        raise DataError(f"labels file {labels_file} has {len(labels)} labels but {root} holds {len(files)} images "
                         "(one label per image, in sorted file-name order)")
     return labels
 
@@ -122,12 +122,12 @@ def discover(img_path: str | Path, labels_file: str | Path | None = None, num_cl
         labels: Sequence[int | None] = _labels_for(files, root, Path(labels_file), num_classes)
     elif all(WNID.match(f.parent.name) for f in files):
         if num_classes != 1000:
-            raise UserError("class folders name ImageNet-1k wnids but the model has "
+            raise DataError("class folders name ImageNet-1k wnids but the model has "
                             f"{num_classes} classes; pass --target pred or --labels")
         labels = [wnid_index(f.parent.name) for f in files]
     else:
         if need_labels:
-            raise UserError(f"--target gt needs ground truth: ImageNet class folders (n01440764/...) under "
+            raise DataError(f"--target gt needs ground truth: ImageNet class folders (n01440764/...) under "
                             f"{img_path} or --labels FILE; use --target pred for a plain folder")
         labels = [None] * len(files)
     return [Sample(f, key, label) for f, key, label in zip(files, keys, labels, strict=True)]

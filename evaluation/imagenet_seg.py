@@ -10,24 +10,24 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from evaluation.errors import DataError
 
 
 class ImageNetSegmentation:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise UserError(f"segmentation file not found: {self.path} (gtsegs_ijcv.mat)")
+            raise DataError(f"segmentation file not found: {self.path} (gtsegs_ijcv.mat)")
         import h5py
         try:
             with h5py.File(self.path, "r") as handle:
                 if "value/img" not in handle or "value/gt" not in handle:
-                    raise UserError(f"{self.path} has no value/img and value/gt datasets (is it gtsegs_ijcv.mat?)")
+                    raise DataError(f"{self.path} has no value/img and value/gt datasets (is it gtsegs_ijcv.mat?)")
                 self.count = int(handle["value/img"].shape[0])
         except OSError as exc:
-            raise UserError(f"cannot open {self.path} as MATLAB v7.3/HDF5: {exc}") from None
+            raise DataError(f"cannot open {self.path} as MATLAB v7.3/HDF5: {exc}") from None
         if self.count == 0:
-            raise UserError(f"{self.path} holds no images")
+            raise DataError(f"{self.path} holds no images")
         self._handle = None
 
     def keys(self) -> list[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
 from common.images import load_rgb
+from evaluation.errors import DataError
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -63,31 +63,31 @@ class VOC2007:
         candidates = [root, root / "VOC2007", root / "VOCdevkit" / "VOC2007"]
         self.root = next((c for c in candidates if (c / "Annotations").is_dir()), None)
         if self.root is None:
-            raise UserError(f"no VOC2007 folder (with Annotations/) at {root}, {root / 'VOC2007'} or "
+            raise DataError(f"no VOC2007 folder (with Annotations/) at {root}, {root / 'VOC2007'} or "
                             f"{root / 'VOCdevkit' / 'VOC2007'}")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
-            raise UserError(f"missing VOC split file {split_file}")
+            raise DataError(f"missing VOC split file {split_file}")
         ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
         if not ids:
-            raise UserError(f"{split_file} lists no images")
+            raise DataError(f"{split_file} lists no images")
         self.entries = [ImageEntry(i, self.root / "JPEGImages" / f"{i}.jpg", self.root / "Annotations" / f"{i}.xml")
                         for i in ids]
 
     def targets(self, entry: ImageEntry, height: int, width: int) -> list[ClassTarget]:
         path = Path(entry.annotation)
         if not path.is_file():
-            raise UserError(f"missing annotation file {path}")
+            raise DataError(f"missing annotation file {path}")
         try:
             objects = ElementTree.parse(path).getroot().findall("object")
         except ElementTree.ParseError as exc:
-            raise UserError(f"cannot parse {path}: {exc}") from None
+            raise DataError(f"cannot parse {path}: {exc}") from None
         boxes: dict[int, list] = {}
         difficult: dict[int, list] = {}
         for obj in objects:
             name = obj.findtext("name", "").strip()
             if name not in VOC_CLASSES:
-                raise UserError(f"{path}: class '{name}' is not a VOC class")
+                raise DataError(f"{path}: class '{name}' is not a VOC class")
             box = obj.find("bndbox")
             # VOC boxes are 1-based and inclusive
             coords = [float(box.findtext(tag)) - 1 for tag in ("xmin", "ymin", "xmax", "ymax")]
@@ -112,7 +112,7 @@ class COCO2014:
         root = Path(root)
         annotation_file = root / "annotations" / f"instances_{split}.json"
         if not annotation_file.is_file():
-            raise UserError(f"missing COCO annotation file {annotation_file}")
+            raise DataError(f"missing COCO annotation file {annotation_file}")
         import contextlib
         import io
 
@@ -121,7 +121,7 @@ class COCO2014:
             with contextlib.redirect_stdout(io.StringIO()):
                 self.coco = COCO(str(annotation_file))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"cannot read {annotation_file}: {exc.__class__.__name__}: {exc}") from None
+            raise DataError(f"cannot read {annotation_file}: {exc.__class__.__name__}: {exc}") from None
         self.category_ids = sorted(self.coco.getCatIds())
         self.categories = [self.coco.loadCats(c)[0]["name"] for c in self.category_ids]
         self.entries = []
@@ -130,7 +130,7 @@ class COCO2014:
             self.entries.append(ImageEntry(Path(info["file_name"]).stem, root / split / info["file_name"], image_id,
                                            (info["height"], info["width"])))
         if not self.entries:
-            raise UserError(f"{annotation_file} lists no images")
+            raise DataError(f"{annotation_file} lists no images")
 
     def targets(self, entry: ImageEntry, height: int, width: int) -> list[ClassTarget]:
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=entry.annotation))
@@ -143,7 +143,7 @@ class COCO2014:
             for annotation in by_class[label]:
                 instance = self.coco.annToMask(annotation).astype(bool)
                 if instance.shape != mask.shape:
-                    raise UserError(f"annotation size {instance.shape} of image {entry.key} differs from the image "
+                    raise DataError(f"annotation size {instance.shape} of image {entry.key} differs from the image "
                                     f"{mask.shape}")
                 mask |= instance
             boxes = [(x, y, x + w - 1, y + h - 1) for x, y, w, h in (a["bbox"] for a in by_class[label])]
@@ -156,7 +156,7 @@ def open_dataset(name: str, root: str | Path):
         return VOC2007(root)
     if name == "coco14":
         return COCO2014(root)
-    raise UserError(f"unknown dataset '{name}'; valid names: voc07, coco14")
+    raise DataError(f"unknown dataset '{name}'; valid names: voc07, coco14")
 
 
 def read_difficult_list(path: str | Path, num_classes: int) -> dict[str, list[bool]]:
@@ -164,14 +164,14 @@ def read_difficult_list(path: str | Path, num_classes: int) -> dict[str, list[bo
     (tabs or spaces; flags 0/1; image id = file name without extension)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"difficult list not found: {path}")
+        raise DataError(f"difficult list not found: {path}")
     flags = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != num_classes + 1 or any(p not in ("0", "1") for p in parts[1:]):
-            raise UserError(f"{path}:{number}: expected an image id and {num_classes} 0/1 flags")
+            raise DataError(f"{path}:{number}: expected an image id and {num_classes} 0/1 flags")
         flags[parts[0]] = [p == "1" for p in parts[1:]]
     return flags
 
@@ -181,6 +181,6 @@ def load_entry(dataset, entry: ImageEntry) -> dict:
     try:
         image = load_rgb(entry.path)
         targets = dataset.targets(entry, *image.shape[:2])
-    except UserError as exc:
+    except DataError as exc:
         return {"key": entry.key, "error": str(exc)}
     return {"key": entry.key, "entry": entry, "image": image, "targets": targets}

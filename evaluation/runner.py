@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import Setup
+from app.cli import Setup
 from evaluation.data import ImageFiles
 from evaluation.datasets import Sample
 from evaluation.distributed import Dist

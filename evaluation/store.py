@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from common.errors import UserError
+from evaluation.errors import StoreError
 
 
 class ResultStore:
@@ -26,7 +26,7 @@ class ResultStore:
             changed = {k: (recorded.get(k), v) for k, v in config.items() if recorded.get(k) != v}
             if changed:
                 detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-                raise UserError(f"{self.out} holds results of other settings ({detail}); use another --out")
+                raise StoreError(f"{self.out} holds results of other settings ({detail}); use another --out")
         elif is_main:
             partial = path.with_suffix(".json.tmp")
             partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.errors import UserError
 from methods import gradients, multipass, perturbation, sise
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
+from methods.errors import MethodError
 from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
 from models.spec import ModelSpec
 
@@ -39,20 +39,20 @@ def method_options(name: str) -> tuple[str, ...]:
 
 
 def canonical_name(name: str) -> str:
-    """Registry name for ``name`` or an alias (case-insensitive); unknown names raise UserError."""
+    """Registry name for ``name`` or an alias (case-insensitive); unknown names raise MethodError."""
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
-        raise UserError(f"unknown method '{name}'; valid names: {', '.join(available_methods())}")
+        raise MethodError(f"unknown method '{name}'; valid names: {', '.join(available_methods())}")
     return key
 
 
 def build_explainer(name: str, spec: ModelSpec, **options) -> Explainer:
-    """The explainer ``name`` for the model described by ``spec``; a bad option value raises UserError."""
+    """The explainer ``name`` for the model described by ``spec``; a bad option value raises MethodError."""
     try:
         return _BUILDERS[canonical_name(name)](spec, **options)
     except ValueError as exc:
-        raise UserError(f"{name}: {exc}") from None
+        raise MethodError(f"{name}: {exc}") from None
 
 
 def _cam_builder(cls):

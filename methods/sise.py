@@ -54,10 +54,10 @@ from torch import nn
 from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
-from common.errors import UserError
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.hooks import restored_state
 from models.efficientnet_lite import EfficientNetLite0
+from models.errors import ModelError
 from models.spec import ModelSpec
 from models.target_layer import find_target_layer
 
@@ -184,7 +184,7 @@ def traced_block_ends(model: nn.Module, input_size: tuple[int, int] = (224, 224)
 
     try:
         cam_name = find_target_layer(model, input_size)
-    except UserError:
+    except ModelError:
         cam_name = None
     cam_calls = [c for c in calls if c["name"] == cam_name]
     if len(cam_calls) == 1 and all(c["output"] is not cam_calls[0]["output"] for c in chosen):

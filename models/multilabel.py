@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common.errors import UserError
+from models.errors import ModelError
 from models.registry import _read_state_dict, _warn_random
 from models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
@@ -69,14 +69,14 @@ def load_multilabel(arch: str, categories: list[str], weights: str, device: str 
                     target_layer: str | None = None) -> ModelSpec:
     """A VOC/COCO multi-label classifier; ``weights`` is a checkpoint path or 'random'."""
     if arch not in MULTILABEL_ARCHS:
-        raise UserError(f"the pointing game supports --name {' or '.join(MULTILABEL_ARCHS)}, not '{arch}'")
+        raise ModelError(f"the pointing game supports --name {' or '.join(MULTILABEL_ARCHS)}, not '{arch}'")
     num_classes = len(categories)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     mean, std, caffe = IMAGENET_MEAN, IMAGENET_STD, False
     if weights == "random":
         _warn_random(f"{arch} ({num_classes} classes)")
     elif weights == "default":
-        raise UserError(f"the {num_classes}-class {arch} needs --weights PATH (e.g. TorchRay's "
+        raise ModelError(f"the {num_classes}-class {arch} needs --weights PATH (e.g. TorchRay's "
                         f"{arch}_{'voc' if num_classes == 20 else 'coco'}-*.pth.tar) or --weights random")
     else:
         state_dict = _read_state_dict(weights)
@@ -87,13 +87,13 @@ def load_multilabel(arch: str, categories: list[str], weights: str, device: str 
             mean, std = CAFFE_MEAN, CAFFE_STD
         head = state_dict.get("classifier.6.weight" if arch == "vgg16" else "fc.weight")
         if head is not None and head.shape[0] != num_classes:
-            raise UserError(f"weights file {weights} has a {head.shape[0]}-class head; this dataset has "
+            raise ModelError(f"weights file {weights} has a {head.shape[0]}-class head; this dataset has "
                             f"{num_classes} classes")
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as exc:
             detail = " ".join(str(exc).splitlines()[1:3]).strip()[:300]
-            raise UserError(f"weights file {weights} does not fit a {num_classes}-class {arch}: {detail}") from None
+            raise ModelError(f"weights file {weights} does not fit a {num_classes}-class {arch}: {detail}") from None
     spec = ModelSpec(f"{arch}_{num_classes}", model.eval().to(device), target_layer or MULTILABEL_ARCHS[arch],
                      list(categories), mean=mean, std=std, keep_aspect=True, multilabel=True)
     spec.weights = weights

@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from common.errors import UserError
 from models.efficientnet_lite import efficientnet_lite0, packaged_weights_path
+from models.errors import ModelError
 from models.spec import ModelSpec
 from models.target_layer import find_target_layer, get_layer
 
@@ -50,16 +50,16 @@ def _read_state_dict(path: str) -> dict:
     """A state_dict from a file: plain, nested under 'state_dict'/'model', or saved from DataParallel."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"weights file not found: {file}")
+        raise ModelError(f"weights file not found: {file}")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and format errors all mean the same to a user
-        raise UserError(f"cannot read weights file {file}: {exc.__class__.__name__}: {exc}") from None
+        raise ModelError(f"cannot read weights file {file}: {exc.__class__.__name__}: {exc}") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"weights file {file} does not hold a state_dict of tensors")
+        raise ModelError(f"weights file {file} does not hold a state_dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -71,7 +71,7 @@ def _load_into(model: nn.Module, state_dict: dict, name: str, path: str) -> None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
-        raise UserError(f"weights file {path} does not fit {name}: {detail[:300]}") from None
+        raise ModelError(f"weights file {path} does not fit {name}: {detail[:300]}") from None
 
 
 def _warn_random(name: str) -> None:
@@ -97,7 +97,7 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, int]:
         try:
             return torchvision.models.get_model(name, weights=enum), side
         except (URLError, OSError, ConnectionError, TimeoutError) as exc:
-            raise UserError(
+            raise ModelError(
                 f"{name} weights {enum} are not cached and cannot be downloaded ({exc.__class__.__name__}): "
                 f"put {Path(enum.url).name} at {cache_file} (or set TORCH_HOME), "
                 f"or pass --weights PATH to a local state_dict, or --weights random") from None
@@ -125,7 +125,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         try:
             model = efficientnet_lite0(state_dict)
         except RuntimeError as exc:
-            raise UserError(f"weights file {weights} does not fit {name}: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"weights file {weights} does not fit {name}: {str(exc).splitlines()[0]}") from None
         spec = ModelSpec(name, model, "head", categories)
     elif name in torchvision_classifiers():
         model, side = _torchvision_model(name, weights)
@@ -133,7 +133,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         known.setdefault("min_side", MIN_SIDE.get(name, 32))
         spec = ModelSpec(name, model, known.pop("target_layer", ""), categories, input_size=(side, side), **known)
     else:
-        raise UserError(f"unknown model '{name}'; valid names: {', '.join(available_models())}")
+        raise ModelError(f"unknown model '{name}'; valid names: {', '.join(available_models())}")
     spec.weights = weights
     spec.model.eval().to(device)
     if target_layer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.errors import UserError
+from models.errors import ModelError
 
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -15,7 +15,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         tops = ", ".join(n for n, _ in model.named_children())
-        raise UserError(f"target layer '{name}' not found in the model (top-level modules: {tops})") from None
+        raise ModelError(f"target layer '{name}' not found in the model (top-level modules: {tops})") from None
 
 
 @torch.no_grad()
@@ -52,4 +52,4 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
                     break
                 best = later_name
             return best
-    raise UserError("could not find a convolutional target layer automatically; pass --target-layer NAME")
+    raise ModelError("could not find a convolutional target layer automatically; pass --target-layer NAME")

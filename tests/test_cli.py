@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import visualization
-from common.cli import run_cli
+from app.cli import run_cli
 from common.images import load_rgb
 from tests.conftest import EXAMPLES, REPO
 
@@ -151,7 +151,7 @@ def test_method_options_reach_the_explainer_and_stray_flags_warn(tmp_path):
     import argparse
     import warnings as _warnings
 
-    from common.cli import Parser, add_common_flags, explainer_options
+    from app.cli import Parser, add_common_flags, explainer_options
     parser = Parser(prog="t")
     add_common_flags(parser)
     args = parser.parse_args(["lrp", "--rule", "epsilon", "--steps", "8"])
@@ -165,9 +165,9 @@ def test_method_options_reach_the_explainer_and_stray_flags_warn(tmp_path):
 def test_bad_method_option_is_one_line_error(tmp_path):
     import torchvision
 
-    from common.errors import UserError
     from methods import build_explainer
+    from methods.errors import MethodError
     from models.spec import ModelSpec
     spec = ModelSpec("vgg11", torchvision.models.vgg11(), "features.19", [str(i) for i in range(1000)])
-    with pytest.raises(UserError, match="lrp: unknown LRP rule 'nope'"):
+    with pytest.raises(MethodError, match="lrp: unknown LRP rule 'nope'"):
         build_explainer("lrp", spec, rule="nope")

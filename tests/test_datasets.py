@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from common.errors import UserError
 from evaluation.datasets import discover, imagenet_wnids, wnid_index
+from evaluation.errors import DataError
 from tests.conftest import EXAMPLES
 
 CAT, ESPRESSO = "n02124075", "n07920052"
@@ -57,27 +57,27 @@ def test_devkit_ground_truth_through_meta_mat(tmp_path):
     truth.write_text("1\n2\n")
     assert [s.label for s in discover(folder, truth)] == [967, 285]
     (data / "meta.mat").unlink()
-    with pytest.raises(UserError, match="meta.mat"):
+    with pytest.raises(DataError, match="meta.mat"):
         discover(folder, truth)
 
 
 def test_mismatched_and_bad_labels(tmp_path):
     folder = flat(tmp_path)
     (tmp_path / "short.txt").write_text("967\n")
-    with pytest.raises(UserError, match="has 1 labels but .* holds 2 images"):
+    with pytest.raises(DataError, match="has 1 labels but .* holds 2 images"):
         discover(folder, tmp_path / "short.txt")
     (tmp_path / "partial.csv").write_text("ILSVRC2012_val_00000001.JPEG,1\n")
-    with pytest.raises(UserError, match="no label for 1 of 2 images"):
+    with pytest.raises(DataError, match="no label for 1 of 2 images"):
         discover(folder, tmp_path / "partial.csv")
     (tmp_path / "range.txt").write_text("967\n1000\n")
-    with pytest.raises(UserError, match="outside 0..999"):
+    with pytest.raises(DataError, match="outside 0..999"):
         discover(folder, tmp_path / "range.txt")
-    with pytest.raises(UserError, match="labels file not found"):
+    with pytest.raises(DataError, match="labels file not found"):
         discover(folder, tmp_path / "none.txt")
 
 
 def test_plain_folder_targets_are_predictions(tmp_path):
     samples = discover(EXAMPLES)
     assert all(s.label is None for s in samples) and len(samples) == 4
-    with pytest.raises(UserError, match="--target gt needs ground truth"):
+    with pytest.raises(DataError, match="--target gt needs ground truth"):
         discover(EXAMPLES, need_labels=True)

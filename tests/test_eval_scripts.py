@@ -10,7 +10,7 @@ import torch
 
 import density
 import insdel
-from common.cli import run_cli
+from app.cli import run_cli
 from tests.conftest import EXAMPLES, REPO
 
 FAST = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu"]
@@ -158,7 +158,7 @@ def test_official_baseline_runs_the_explainer_on_the_upscaled_image(lite, photo_
 
     import torch.nn.functional as F
 
-    from common.cli import build_setup
+    from app.cli import build_setup
     from evaluation.runner import Row, row_maps
     from methods import finalize_maps
     args = argparse.Namespace(method="gradcam", name="efficientnet_lite0", weights="default", target_layer=None,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import UserError
+from common.errors import ImageError
 from common.images import find_images, load_rgb
 
 
@@ -51,9 +51,9 @@ def test_cmyk_jpeg(tmp_path):
 def test_unreadable_and_missing_files(tmp_path):
     corrupt = tmp_path / "broken.jpg"
     corrupt.write_bytes(b"\xff\xd8 this is not a jpeg")
-    with pytest.raises(UserError, match="cannot read image"):
+    with pytest.raises(ImageError, match="cannot read image"):
         load_rgb(corrupt)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(ImageError, match="not found"):
         load_rgb(tmp_path / "missing.png")
 
 
@@ -63,8 +63,8 @@ def test_find_images(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
     assert found == ["d.jpg", "n01/a.JPEG", "n01/deep/b.png"]
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(ImageError, match="does not exist"):
         find_images(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no image files"):
+    with pytest.raises(ImageError, match="no image files"):
         find_images(tmp_path / "empty")

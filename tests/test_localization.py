@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
+from evaluation.errors import DataError
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import COCO2014, VOC2007, boxes_mask, read_difficult_list
 from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit, pooled_mean
@@ -83,7 +83,7 @@ def test_voc_reader_skips_all_difficult_pairs_and_builds_box_masks(tmp_path):
     assert [t.label for t in targets] == [13]  # motorbike; the all-difficult person is skipped
     mask = targets[0].mask
     assert mask[50, 100] and mask[479, 699] and not mask[49, 100] and not mask[50, 99] and not mask[480, 700]
-    with pytest.raises(UserError, match="no VOC2007 folder"):
+    with pytest.raises(DataError, match="no VOC2007 folder"):
         VOC2007(tmp_path / "nowhere")
 
 
@@ -97,7 +97,7 @@ def test_coco_reader_polygon_rle_and_empty_image(tmp_path):
     cup = dataset.targets(dataset.entries[1], 400, 600)
     assert cup[0].mask.sum() == 240 * 340 and cup[0].boxes[60, 130] and not cup[0].boxes[59, 130]
     assert dataset.targets(dataset.entries[2], 512, 512) == []
-    with pytest.raises(UserError, match="missing COCO annotation file"):
+    with pytest.raises(DataError, match="missing COCO annotation file"):
         COCO2014(tmp_path / "nowhere")
 
 
@@ -106,7 +106,7 @@ def test_difficult_list_format(tmp_path):
     path.write_text("000001\t0\t1\n000002 1 0\n")
     assert read_difficult_list(path, 2) == {"000001": [False, True], "000002": [True, False]}
     path.write_text("000001\t0\n")
-    with pytest.raises(UserError, match="expected an image id and 2 0/1 flags"):
+    with pytest.raises(DataError, match="expected an image id and 2 0/1 flags"):
         read_difficult_list(path, 2)
 
 
@@ -118,5 +118,5 @@ def test_imagenet_segmentation_reader(tmp_path):
     assert record["mask"][40, 90] and not record["mask"][39, 90]
     bogus = tmp_path / "bogus.mat"
     bogus.write_bytes(b"MATLAB 5.0 file, not HDF5")
-    with pytest.raises(UserError, match="cannot open"):
+    with pytest.raises(DataError, match="cannot open"):
         ImageNetSegmentation(bogus)

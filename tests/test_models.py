@@ -5,11 +5,11 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
 from methods import build_explainer
 from methods.hooks import LayerCapture
 from models import PAPER_MODELS, available_models, imagenet_categories, load_model
 from models.efficientnet_lite import build_package_network, packaged_weights_path
+from models.errors import ModelError
 from models.target_layer import find_target_layer
 from ucag import UCAG
 
@@ -81,12 +81,12 @@ def test_other_torchvision_models_get_a_layer_automatically_and_can_be_overridde
     assert spec.target_layer == "features"
     spec = load_model("resnet18", "random", target_layer="layer3")
     assert spec.target_layer == "layer3"
-    with pytest.raises(UserError, match="target layer 'layer9' not found"):
+    with pytest.raises(ModelError, match="target layer 'layer9' not found"):
         load_model("resnet18", "random", target_layer="layer9")
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ModelError) as error:
         load_model("resnet5000")
     assert "efficientnet_lite0" in str(error.value) and "resnet50" in str(error.value)
     assert "efficientnet_lite0" in available_models() and "vgg19" in available_models()
@@ -98,7 +98,7 @@ def test_missing_torchvision_weights_give_one_clear_error(monkeypatch, tmp_path)
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ModelError) as error:
         load_model("resnet50")
     message = str(error.value)
     assert "resnet50-0676ba61.pth" in message and str(tmp_path) in message
@@ -125,15 +125,15 @@ def test_inception_checkpoint_loads_with_pretrained_architecture(tmp_path):
 
 
 def test_bad_weights_files(tmp_path):
-    with pytest.raises(UserError, match="weights file not found"):
+    with pytest.raises(ModelError, match="weights file not found"):
         load_model("resnet18", str(tmp_path / "nope.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read weights file"):
+    with pytest.raises(ModelError, match="cannot read weights file"):
         load_model("resnet18", str(junk))
     wrong = tmp_path / "wrong.pth"
     torch.save(torchvision.models.resnet18(num_classes=20).state_dict(), wrong)
-    with pytest.raises(UserError, match="does not fit resnet18"):
+    with pytest.raises(ModelError, match="does not fit resnet18"):
         load_model("resnet18", str(wrong))
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
 from evaluation.localization_data import VOC_CLASSES
+from models.errors import ModelError
 from models.multilabel import CAFFE_MEAN, caffe_architecture, load_multilabel
 
 
@@ -62,9 +62,9 @@ def test_torchvision_layout_checkpoint_and_errors(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(spec.model(x), model(x), atol=1e-5)
-    with pytest.raises(UserError, match="80-class head; this dataset has 20 classes"):
+    with pytest.raises(ModelError, match="80-class head; this dataset has 20 classes"):
         load_multilabel("resnet50", VOC_CLASSES, str(path))
-    with pytest.raises(UserError, match="needs --weights PATH"):
+    with pytest.raises(ModelError, match="needs --weights PATH"):
         load_multilabel("vgg16", VOC_CLASSES, "default")
-    with pytest.raises(UserError, match="supports --name vgg16 or resnet50"):
+    with pytest.raises(ModelError, match="supports --name vgg16 or resnet50"):
         load_multilabel("densenet121", VOC_CLASSES, "random")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
 from methods import build_explainer
+from methods.errors import MethodError
 from methods.relevance import RAP
 from methods.relevance.rap import first_propagation, hidden_propagation, shift_to_total
 from methods.relevance.rules import AffineOp
@@ -90,7 +90,7 @@ def test_rap_batch_equals_single():
 
 
 def test_rap_refuses_inception():
-    with pytest.raises(UserError, match="support torchvision VGG .* not Inception3"):
+    with pytest.raises(MethodError, match="support torchvision VGG .* not Inception3"):
         build_explainer("rap", load_model("inception_v3", "random"))
 
 

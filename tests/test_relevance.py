@@ -10,8 +10,8 @@ from zennit.rules import AlphaBeta, Epsilon, ZBox, ZPlus
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution, Linear
 
-from common.errors import UserError
 from methods import build_explainer
+from methods.errors import MethodError
 from methods.relevance import CLRP, LRP, SGLRP
 from methods.relevance.network import Affine, Chain, Pass, RelevanceNet, Residual
 from methods.relevance.rules import AffineOp, Rule, nonzero_mask, safe_divide, stabilize
@@ -147,9 +147,9 @@ def test_batch_with_targets_equals_single(vgg16):
 
 
 def test_unsupported_architectures_are_named(lite):
-    with pytest.raises(UserError, match="support torchvision VGG .* and ResNet .* not EfficientNetLite0"):
+    with pytest.raises(MethodError, match="support torchvision VGG .* and ResNet .* not EfficientNetLite0"):
         build_explainer("lrp", lite)
-    with pytest.raises(UserError, match="not Inception3"):
+    with pytest.raises(MethodError, match="not Inception3"):
         build_explainer("rap" if False else "clrp", load_model("inception_v3", "random"))
 
 

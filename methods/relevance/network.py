@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from common.errors import UserError
+from methods.errors import MethodError
 from methods.relevance import rap, rsp
 from methods.relevance.rules import (
     AffineOp,
@@ -168,7 +168,7 @@ def _sequential_steps(modules) -> list[Step]:
             steps.append(Affine(module, following if isinstance(following, nn.BatchNorm2d) else None))
         elif isinstance(module, nn.BatchNorm2d):
             if not steps or not isinstance(steps[-1], Affine):
-                raise UserError("a BatchNorm layer without a preceding convolution is not supported")
+                raise MethodError("a BatchNorm layer without a preceding convolution is not supported")
         elif isinstance(module, nn.ReLU):
             steps.append(Pass(F.relu))
         elif isinstance(module, nn.Dropout):
@@ -178,7 +178,7 @@ def _sequential_steps(modules) -> list[Step]:
         elif isinstance(module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             steps.append(AvgPool(module))
         else:
-            raise UserError(f"relevance propagation does not support {type(module).__name__} layers")
+            raise MethodError(f"relevance propagation does not support {type(module).__name__} layers")
     return steps
 
 
@@ -196,7 +196,7 @@ SUPPORTED = "torchvision VGG (vgg11..vgg19, with or without _bn) and ResNet (res
 
 
 def build_chain(model: nn.Module) -> Chain:
-    """The relevance chain of a torchvision VGG or ResNet; other architectures raise UserError."""
+    """The relevance chain of a torchvision VGG or ResNet; other architectures raise MethodError."""
     if isinstance(model, torchvision.models.VGG):
         features = _sequential_steps(model.features)
         cam_index = len(features) - 1 if isinstance(features[-1], MaxPool) else len(features)
@@ -209,7 +209,7 @@ def build_chain(model: nn.Module) -> Chain:
         cam_index = len(steps)
         steps += [AvgPool(model.avgpool), Flatten(), Affine(model.fc)]
     else:
-        raise UserError(f"relevance methods support {SUPPORTED}, not {type(model).__name__} "
+        raise MethodError(f"relevance methods support {SUPPORTED}, not {type(model).__name__} "
                         "(e.g. --name vgg16 or --name resnet50)")
     chain = Chain(steps)
     chain.cam_index = cam_index  # steps[:cam_index] end at the last convolutional block (RSP's start)

@@ -5,8 +5,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from common.cli import build_setup
-from common.errors import UserError
+from app.cli import UsageError, build_setup
 from evaluation import distributed
 from evaluation.datasets import discover
 from evaluation.runner import Metric, evaluate, row_means, table_rows
@@ -29,7 +28,7 @@ def run_evaluation(args: argparse.Namespace, script: str, metric: Metric, fields
                    running: Callable[[list[dict]], str], write_outputs: Callable[..., None],
                    on_batch: Callable[[int], None] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {args.limit})")
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     info, args.device = distributed.init(args.device)
     try:
         setup = build_setup(args)
@@ -51,7 +50,7 @@ def run_evaluation(args: argparse.Namespace, script: str, metric: Metric, fields
             results, skipped = store.merged()
             rows = table_rows(setup)
             if not results:
-                raise UserError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
+                raise UsageError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
             summary = {"model": setup.spec.name, "method": setup.method, "n_images": len(results),
                        "target": target_mode, **extra_config, "rows": row_means(results, rows, fields)}
             write_outputs(out, results, skipped, rows, summary)

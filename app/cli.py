@@ -9,11 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import UserError
+from common.errors import ToolkitError
 from methods import Explainer, build_explainer, canonical_name, method_options
 from models import DEFAULT_MODEL, ModelSpec, load_model
 from ucag import UCAG
 from ucag.geometry import REFERENCE_SIDE, PatchGrid
+
+
+class UsageError(ToolkitError):
+    """A flag value the scripts refuse (checked here, before any library code runs)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -92,32 +96,32 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
+        raise UsageError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} requested but no CUDA GPU is available (use --device cpu)")
+            raise UsageError(f"--device {name} requested but no CUDA GPU is available (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
     elif device.type not in ("cpu", "mps"):
-        raise UserError(f"unsupported device '{name}' (use cpu, cuda or cuda:N)")
+        raise UsageError(f"unsupported device '{name}' (use cpu, cuda or cuda:N)")
     return device
 
 
 def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
     """n >= 2, alpha > 0, 0 < c <= 224, and scaled crops large enough for the model."""
     if args.num_patches < 2:
-        raise UserError(f"-n/--num-patches must be at least 2 (got {args.num_patches})")
+        raise UsageError(f"-n/--num-patches must be at least 2 (got {args.num_patches})")
     if not args.alpha > 0:
-        raise UserError(f"-a/--alpha must be positive (got {args.alpha})")
+        raise UsageError(f"-a/--alpha must be positive (got {args.alpha})")
     if not 0 < args.crop_size <= REFERENCE_SIDE:
-        raise UserError(f"-c/--crop-size must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), "
+        raise UsageError(f"-c/--crop-size must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), "
                         f"got {args.crop_size}")
     if args.patch_batch < 1:
-        raise UserError(f"--patch-batch must be at least 1 (got {args.patch_batch})")
+        raise UsageError(f"--patch-batch must be at least 1 (got {args.patch_batch})")
     grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
     side = min(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
     if side < spec.min_side:
-        raise UserError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha} are "
+        raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha} are "
                         f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
 
 
@@ -128,9 +132,9 @@ def parse_target(text: str, spec: ModelSpec) -> int | None:
     try:
         index = int(text)
     except ValueError:
-        raise UserError(f"--target must be 'pred' or a class index, got '{text}'") from None
+        raise UsageError(f"--target must be 'pred' or a class index, got '{text}'") from None
     if not 0 <= index < spec.num_classes:
-        raise UserError(f"--target {index} is out of range: {spec.name} has classes 0..{spec.num_classes - 1}")
+        raise UsageError(f"--target {index} is out of range: {spec.name} has classes 0..{spec.num_classes - 1}")
     return index
 
 
@@ -162,7 +166,7 @@ def _parse_baseline(text: str):
     try:
         return float(text)
     except ValueError:
-        raise UserError(f"--baseline must be black, zeros or a pixel value in [0, 1], got '{text}'") from None
+        raise UsageError(f"--baseline must be black, zeros or a pixel value in [0, 1], got '{text}'") from None
 
 
 @dataclass
@@ -183,9 +187,9 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
     """
     if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+        raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more (got {args.workers})")
+        raise UsageError(f"--workers must be 0 or more (got {args.workers})")
     method = canonical_name(args.method)
     device = resolve_device(args.device)
     spec = load_spec(device) if load_spec else load_model(args.name, args.weights, device, args.target_layer)
@@ -210,7 +214,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     warnings.formatwarning = _format_warning
     try:
         code = main(argv)
-    except UserError as exc:
+    except ToolkitError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
