@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from app.cli import Parser, add_common_flags, add_eval_flags, run_cli
-from app.evaluation_run import run_evaluation
-from evaluation.density import map_density
-from evaluation.reports import density_table, write_per_image, write_skipped, write_summary
+from app.evaluation_run import run_image_metric
+from evaluation.driver import running_means
+from evaluation.map_density import map_density
+from evaluation.reports import write_density_report
 
 PROG = "density.py"
 FIELDS = ("positive", "negative")
@@ -32,25 +31,10 @@ def densities(model, images, maps, targets):
     return {"positive": positive, "negative": negative}
 
 
-def running_means(records: list[dict]) -> str:
-    if not records:
-        return ""
-    return ", ".join(
-        f"{name} +{np.nanmean([r['rows'][name]['positive'] for r in records]):.2f}"
-        f"/-{np.nanmean([r['rows'][name]['negative'] for r in records]):.2f}" for name in records[0]["rows"])
-
-
-def write_outputs(out, results, skipped, rows, summary) -> None:
-    write_per_image(out / "per_image.csv", results, [row.name for row in rows], FIELDS)
-    write_skipped(out / "skipped.txt", skipped)
-    write_summary(out / "summary.json", summary)
-    (out / "table.md").write_text(density_table(summary))
-    print(density_table(summary))
-
-
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_evaluation(args, "density", densities, FIELDS, {}, running_means, write_outputs, on_batch)
+    return run_image_metric(args, "density", densities, FIELDS, {}, write_density_report, running_means(FIELDS, 2),
+                            on_batch)
 
 
 if __name__ == "__main__":

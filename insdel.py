@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from app.cli import Parser, UsageError, add_common_flags, add_eval_flags, run_cli
-from app.evaluation_run import run_evaluation
-from evaluation.causal import auc, game_curves
-from evaluation.reports import insdel_table, plot_curves, write_per_image, write_skipped, write_summary
+from app.evaluation_run import run_image_metric
+from evaluation.driver import running_means
+from evaluation.insertion_deletion import auc, game_curves
+from evaluation.reports import write_insdel_report
 
 PROG = "insdel.py"
 FIELDS = ("deletion", "insertion")
@@ -41,33 +40,12 @@ def games(step: int, score_batch: int):
     return metric
 
 
-def running_means(records: list[dict]) -> str:
-    if not records:
-        return ""
-    parts = []
-    for name in records[0]["rows"]:
-        deletion = np.mean([r["rows"][name]["deletion"] for r in records])
-        insertion = np.mean([r["rows"][name]["insertion"] for r in records])
-        parts.append(f"{name} {deletion:.1f}/{insertion:.1f}")
-    return ", ".join(parts)
-
-
-def write_outputs(out, results, skipped, rows, summary) -> None:
-    names = [row.name for row in rows]
-    write_per_image(out / "per_image.csv", results, names, FIELDS)
-    write_skipped(out / "skipped.txt", skipped)
-    write_summary(out / "summary.json", summary)
-    (out / "table.md").write_text(insdel_table(summary))
-    plot_curves(out / "curves.png", results, names, summary["rows"])
-    print(insdel_table(summary))
-
-
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.step < 1 or args.score_batch < 1:
-                raise UsageError("--step and --score-batch must be at least 1")
-    return run_evaluation(args, "insdel", games(args.step, args.score_batch), FIELDS, {"step": args.step},
-                          running_means, write_outputs, on_batch)
+        raise UsageError("--step and --score-batch must be at least 1")
+    return run_image_metric(args, "insdel", games(args.step, args.score_batch), FIELDS, {"step": args.step},
+                            write_insdel_report, running_means(FIELDS, 1), on_batch)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, run_cli
-from app.evaluation_run import ucag_settings
-from evaluation import distributed
+from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
+from app.evaluation_run import run_evaluation
+from evaluation.driver import Row, Task
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
-from evaluation.loop import sharded_loop
 from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit
-from evaluation.reports import write_skipped, write_summary
-from evaluation.runner import Row
-from evaluation.store import ResultStore
-from methods import build_explainer, finalize_maps
+from evaluation.reports import pointing_tables, write_skipped, write_summary
 from models.multilabel import load_multilabel
 from models.preprocessing import preprocess_one
 
@@ -53,18 +49,8 @@ def build_parser() -> Parser:
     return parser
 
 
-def rows_for(setup: Setup) -> list[tuple[Row, object]]:
-    """(row, explainer) pairs: center baseline, the method, the method with UCAG."""
-    rows = []
-    if setup.method != "center":
-        rows.append((Row("center", False), build_explainer("center", setup.spec)))
-    rows.append((Row(setup.method, False), setup.explainer))
-    if setup.ucag is not None:
-        rows.append((Row(f"{setup.method}*", True), setup.ucag))
-    return rows
-
-
-def process_image(setup: Setup, rows, record: dict, flags: dict | None, tolerance: int) -> dict:
+def process_image(rows: list[Row], spec, device, record: dict, flags: dict | None, tolerance: int) -> dict:
+    """Every class present in the image explained in one batch, by every row; hits and energies per class."""
     image, targets = record["image"], record["targets"]
     height, width = image.shape[:2]
     pairs = [{"class": t.label,
@@ -73,22 +59,21 @@ def process_image(setup: Setup, rows, record: dict, flags: dict | None, toleranc
     result = {"key": record["key"], "file": str(record["entry"].path), "pairs": pairs, "rows": {}}
     if not targets:
         return result
-    x = preprocess_one(image, setup.spec, setup.device).expand(len(targets), -1, -1, -1)
-    labels = torch.tensor([t.label for t in targets], device=setup.device)
-    for row, explainer in rows:
-        raw = explainer(x, labels).maps
-        maps = (setup.ucag.finalize(raw, (height, width)) if row.ucag else finalize_maps(raw, (height, width)))[:, 0]
+    x = preprocess_one(image, spec, device).expand(len(targets), -1, -1, -1)
+    labels = torch.tensor([t.label for t in targets], device=device)
+    for row in rows:
+        maps = row.explainer.finalize(row.explainer(x, labels).maps, (height, width))[:, 0]
         hits = [pointing_hit(t.mask, map_point(maps[i]), tolerance) for i, t in enumerate(targets)]
         energies = [energy_score(maps[i], t.boxes) for i, t in enumerate(targets)]
         result["rows"][row.name] = {"hit": hits, "energy": energies}
     return result
 
 
-def aggregate(results: list[dict], row: Row, num_classes: int, with_difficult: bool):
+def aggregate(results: list[dict], row_name: str, num_classes: int, with_difficult: bool):
     """Per-class lists of hits and energies, for all pairs and for the difficult subset."""
     per = {key: {c: [] for c in range(num_classes)} for key in FIELDS}
     for record in results:
-        scores = record["rows"].get(row.name)
+        scores = record["rows"].get(row_name)
         for i, pair in enumerate(record["pairs"]):
             hit, energy = float(scores["hit"][i]), scores["energy"][i]
             per["pointing_all"][pair["class"]].append(hit)
@@ -99,103 +84,81 @@ def aggregate(results: list[dict], row: Row, num_classes: int, with_difficult: b
     return per
 
 
-def write_outputs(out: Path, results, skipped, rows, categories, with_difficult, summary) -> None:
-    per_row = {row.name: aggregate(results, row, len(categories), with_difficult) for row in rows}
-    for entry in summary["rows"]:
+def summarize(results: list[dict], rows: list[Row], num_classes: int, with_difficult: bool) -> list[dict]:
+    """Each row's class-mean pointing accuracy and energy (%), all pairs and the difficult subset."""
+    summary = []
+    for row in rows:
+        per = aggregate(results, row.name, num_classes, with_difficult)
+        entry = {"name": row.name, "ucag": row.ucag}
         for field in FIELDS:
-            value = class_mean(per_row[entry["name"]][field]) * 100
-            entry[field] = value if (with_difficult or not field.endswith("difficult")) else float("nan")
-    with open(out / "per_class.csv", "w", newline="") as handle:
+            keep = with_difficult or not field.endswith("difficult")
+            entry[field] = class_mean(per[field]) * 100 if keep else float("nan")
+        summary.append(entry)
+    return summary
+
+
+def write_per_class(path: Path, results: list[dict], row_names: list[str], categories: Sequence[str],
+                    with_difficult: bool) -> None:
+    per_row = {name: aggregate(results, name, len(categories), with_difficult) for name in row_names}
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "name", "pairs_all", "pairs_difficult"] +
-                        [f"{row.name}_{field}" for row in rows for field in FIELDS])
+                        [f"{name}_{field}" for name in row_names for field in FIELDS])
         for c, name in enumerate(categories):
-            first = per_row[rows[0].name]
+            first = per_row[row_names[0]]
             line = [c, name, len(first["pointing_all"][c]), len(first["pointing_difficult"][c])]
-            for row in rows:
-                line += [f"{100 * np.mean(v):.2f}" if (v := per_row[row.name][field][c]) else "" for field in FIELDS]
+            for row_name in row_names:
+                line += [f"{100 * np.mean(v):.2f}" if (v := per_row[row_name][field][c]) else "" for field in FIELDS]
             writer.writerow(line)
-    write_skipped(out / "skipped.txt", skipped)
-    write_summary(out / "summary.json", summary)
-    (out / "table.md").write_text(pointing_tables(summary))
-    print(pointing_tables(summary))
-
-
-def _cell(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.1f}"
-
-
-def pointing_tables(summary: dict) -> str:
-    column = f"{summary['dataset']} {summary['model']}"
-    lines = [f"Pointing game (layout of the paper's Table 2): accuracy %, all/difficult, mean over classes; "
-             f"{summary['n_images']} images, tolerance {summary['tolerance']} px. `*` = with UCAG.", "",
-             f"| Methods | {column} |", "|---|---|"]
-    lines += [f"| {r['name']} | {_cell(r['pointing_all'])}/{_cell(r['pointing_difficult'])} |" for r in summary["rows"]]
-    lines += ["", "Energy-based pointing game (layout of the paper's Table 3): all(difficult), without / with UCAG.",
-              "", "| Model | Dataset | " + " | ".join(r["name"] for r in summary["rows"] if not r["ucag"]) + " |",
-              "|---|---|" + "---|" * sum(not r["ucag"] for r in summary["rows"])]
-    cells = []
-    for row in summary["rows"]:
-        if row["ucag"]:
-            continue
-        text = f"{_cell(row['energy_all'])}({_cell(row['energy_difficult'])})"
-        with_ucag = next((r for r in summary["rows"] if r["ucag"] and r["name"] == f"{row['name']}*"), None)
-        if with_ucag:
-            text += f"/{_cell(with_ucag['energy_all'])}({_cell(with_ucag['energy_difficult'])})"
-        cells.append(text)
-    lines.append(f"| {summary['model']} | {summary['dataset']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     if args.tolerance < 0:
         raise UsageError(f"--tolerance must be 0 or more (got {args.tolerance})")
-    info, args.device = distributed.init(args.device)
-    try:
-        dataset = open_dataset(args.dataset, args.data_root)
-        flags = read_difficult_list(args.difficult_list, len(dataset.categories)) if args.difficult_list else None
-        setup = build_setup(args, load_spec=lambda device: load_multilabel(
-            args.name, dataset.categories, args.weights, device, args.target_layer))
+    dataset = open_dataset(args.dataset, args.data_root)
+    flags = read_difficult_list(args.difficult_list, len(dataset.categories)) if args.difficult_list else None
+    with_difficult = flags is not None
+
+    def make_task(setup: Setup) -> tuple[Task, dict]:
+        rows = setup.rows(center=True)
         entries = dataset.entries[:args.limit] if args.limit else dataset.entries
-        if flags is not None and info.is_main:
+        if flags is not None:
             missing = sum(entry.key not in flags for entry in entries)
             if missing:
                 tqdm.write(f"note: {missing} image(s) are not in {args.difficult_list}; they count in 'all' only")
-        suffix = "_ucag" if args.ucag else ""
-        out = Path(args.out or f"results/pointing/{args.dataset}_{args.name}_{setup.method}{suffix}")
-        store = ResultStore(out, info.rank)
-        config = {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()), "model": args.name,
-                  "weights": args.weights, "method": setup.method, "ucag": args.ucag, "tolerance": args.tolerance,
-                  "difficult_list": args.difficult_list, "layer": setup.spec.target_layer}
-        store.check_config({**config, **ucag_settings(args, setup)}, info.is_main)
-        rows = rows_for(setup)
+
+        def summary_of(results: list[dict]) -> dict:
+            return {"dataset": args.dataset, "model": args.name, "method": setup.method, "n_images": len(results),
+                    "n_pairs": sum(len(r["pairs"]) for r in results), "tolerance": args.tolerance,
+                    "rows": summarize(results, rows, len(dataset.categories), with_difficult)}
+
+        def write(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
+            write_per_class(out / "per_class.csv", results, [row.name for row in rows], dataset.categories,
+                            with_difficult)
+            write_skipped(out / "skipped.txt", skipped)
+            write_summary(out / "summary.json", summary)
+            (out / "table.md").write_text(pointing_tables(summary))
+            print(pointing_tables(summary))
 
         def running(results: list[dict]) -> str:
             hits = {row.name: [h for r in results for h in r["rows"].get(row.name, {}).get("hit", [])]
-                    for row, _ in rows}
+                    for row in rows}
             return ", ".join(f"{name} {100 * np.mean(v):.1f}%" for name, v in hits.items() if v)
 
-        sharded_loop(entries, lambda e: e.key, lambda e: load_entry(dataset, e),
-                     lambda batch: [process_image(setup, rows, r, flags, args.tolerance) for r in batch],
-                     store, info, args.batch_size, args.workers,
-                     f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}", running, on_batch)
-        info.barrier()
-        if info.is_main:
-            results, skipped = store.merged()
-            if not results:
-                raise UsageError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
-            summary = {"dataset": args.dataset, "model": args.name, "method": setup.method,
-                       "n_images": len(results), "n_pairs": sum(len(r["pairs"]) for r in results),
-                       "tolerance": args.tolerance,
-                       "rows": [{"name": row.name, "ucag": row.ucag} for row, _ in rows]}
-            write_outputs(out, results, skipped, [row for row, _ in rows], dataset.categories,
-                          flags is not None, summary)
-    finally:
-        distributed.finish(info)
-    return 0
+        def score(batch: list[dict]) -> list[dict]:
+            return [process_image(rows, setup.spec, setup.device, r, flags, args.tolerance) for r in batch]
+
+        task = Task(entries, lambda e: e.key, lambda e: load_entry(dataset, e), score, summary_of, write, running,
+                    f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}")
+        return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
+                      "tolerance": args.tolerance, "difficult_list": args.difficult_list}
+
+    def default_out(setup: Setup) -> Path:
+        return Path(f"results/pointing/{args.dataset}_{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")
+
+    return run_evaluation(args, default_out, make_task, on_batch, load_spec=lambda device: load_multilabel(
+        args.name, dataset.categories, args.weights, device, args.target_layer))
 
 
 if __name__ == "__main__":

@@ -17,17 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, run_cli
-from app.evaluation_run import ucag_settings
-from evaluation import distributed
+from app.cli import Parser, Setup, add_common_flags, run_cli
+from app.evaluation_run import results_folder, run_evaluation
+from evaluation.driver import Row, Task
 from evaluation.imagenet_seg import ImageNetSegmentation
-from evaluation.loop import sharded_loop
-from evaluation.reports import write_per_image, write_skipped, write_summary
-from evaluation.runner import Row, table_rows
-from evaluation.segmentation import image_scores
-from evaluation.store import ResultStore
-from methods import finalize_maps
-from methods.postprocess import resize_maps
+from evaluation.reports import write_segmentation_report
+from evaluation.segmentation_metrics import image_scores
 from models import preprocess
 
 PROG = "segmentation.py"
@@ -45,34 +40,34 @@ def build_parser() -> Parser:
     return parser
 
 
-def row_maps(setup: Setup, row: Row, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Maps at the input size: raw and signed for relevance methods, [0, 1] otherwise."""
-    size = tuple(x.shape[-2:])
-    explainer = setup.ucag if row.ucag else setup.explainer
+def row_maps(row: Row, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The row's final maps at the input size: [-1, 1] with the sign kept for signed (relevance) methods,
+    thresholded at 0; [0, 1] otherwise, thresholded at the mean."""
+    explainer = row.explainer
     raw = explainer(x, targets).maps
-    if explainer.signed:
-        return resize_maps(raw.float(), size)
-    return setup.ucag.finalize(raw, size) if row.ucag else finalize_maps(raw, size)
+    size = tuple(x.shape[-2:])
+    return explainer.finalize_signed(raw, size) if explainer.signed else explainer.finalize(raw, size)
 
 
-def process(setup: Setup, rows: list[Row], batch: list[dict], protocol: str) -> list[dict]:
+def process(setup: Setup, rows: list[Row], batch: list[dict], protocol: str, source: str) -> list[dict]:
     x = preprocess([r["image"] for r in batch], setup.spec, setup.device)
     size = tuple(x.shape[-2:])
     masks = torch.stack([F.interpolate(torch.from_numpy(r["mask"]).float()[None, None], size=size, mode="nearest")[0, 0]
                          for r in batch]).to(setup.device)
     with torch.no_grad():
         targets = setup.spec.model(x).argmax(dim=1)
-    results = [{"key": r["key"], "target": int(targets[i]), "rows": {}} for i, r in enumerate(batch)]
+    results = [{"key": r["key"], "file": f"{source}#{r['key']}", "target": int(targets[i]), "rows": {}}
+               for i, r in enumerate(batch)]
     for row in rows:
-        maps = row_maps(setup, row, x, targets)[:, 0]
-        correct, labelled, aps = image_scores(maps, masks, (setup.ucag if row.ucag else setup.explainer).signed,
-                                              protocol)
+        maps = row_maps(row, x, targets)[:, 0]
+        correct, labelled, aps = image_scores(maps, masks, row.explainer.signed, protocol)
         for i, result in enumerate(results):
             result["rows"][row.name] = {"correct": int(correct[i]), "labelled": int(labelled[i]), "ap": aps[i]}
     return results
 
 
 def summarize(results: list[dict], rows: list[Row]) -> list[dict]:
+    """Pixel accuracy over the dataset's labelled pixels; mAP = mean over images of the AP."""
     summary = []
     for row in rows:
         values = [r["rows"][row.name] for r in results]
@@ -83,57 +78,30 @@ def summarize(results: list[dict], rows: list[Row]) -> list[dict]:
     return summary
 
 
-def segmentation_table(summary: dict) -> str:
-    base = next(r for r in summary["rows"] if not r["ucag"])
-    ucag = next((r for r in summary["rows"] if r["ucag"]), None)
-    pair = lambda field: f"{base[field]:.3f}" + (f"/{ucag[field]:.3f}" if ucag else "")  # noqa: E731
-    return "\n".join([
-        "ImageNet segmentation (layout of the paper's Table 4): original" + (" / with UCAG" if ucag else "") +
-        f"; {summary['n_images']} images, AP protocol '{summary['ap']}'.", "",
-        f"| Model | Metric | {summary['method']} |", "|---|---|---|",
-        f"| {summary['model']} | mAP | {pair('map')} |",
-        f"| {summary['model']} | Pixel Acc. | {pair('pixel_accuracy')} |"]) + "\n"
-
-
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
-    info, args.device = distributed.init(args.device)
-    try:
-        dataset = ImageNetSegmentation(args.data)
-        setup = build_setup(args)
+    dataset = ImageNetSegmentation(args.data)
+
+    def make_task(setup: Setup) -> tuple[Task, dict]:
+        rows = setup.rows()
         keys = dataset.keys()[:args.limit] if args.limit else dataset.keys()
-        out = Path(args.out or f"results/segmentation/{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")
-        store = ResultStore(out, info.rank)
-        config = {"data": str(Path(args.data).resolve()), "model": args.name, "weights": args.weights,
-                  "method": setup.method, "ucag": args.ucag, "ap": args.ap, "layer": setup.spec.target_layer}
-        store.check_config({**config, **ucag_settings(args, setup)}, info.is_main)
-        rows = table_rows(setup)
+
+        def summary_of(results: list[dict]) -> dict:
+            return {"model": args.name, "method": setup.method, "n_images": len(results), "ap": args.ap,
+                    "rows": summarize(results, rows)}
 
         def running(results: list[dict]) -> str:
             return ", ".join(f"{row.name} mAP {np.nanmean([r['rows'][row.name]['ap'] for r in results]):.3f}"
                              for row in rows) if results else ""
 
-        sharded_loop(keys, lambda k: k, dataset.load, lambda batch: process(setup, rows, batch, args.ap), store,
-                     info, args.batch_size, args.workers, f"segmentation {setup.method}", running, on_batch)
-        info.barrier()
-        if info.is_main:
-            results, skipped = store.merged()
-            if not results:
-                raise UsageError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
-            for record in results:
-                record["file"] = f"{Path(args.data).name}#{record['key']}"
-            summary = {"model": args.name, "method": setup.method, "n_images": len(results), "ap": args.ap,
-                       "rows": summarize(results, rows)}
-            write_per_image(out / "per_image.csv", results, [row.name for row in rows], ("correct", "labelled", "ap"))
-            write_skipped(out / "skipped.txt", skipped)
-            write_summary(out / "summary.json", summary)
-            (out / "table.md").write_text(segmentation_table(summary))
-            print(segmentation_table(summary))
-    finally:
-        distributed.finish(info)
-    return 0
+        def score(batch: list[dict]) -> list[dict]:
+            return process(setup, rows, batch, args.ap, Path(args.data).name)
+
+        task = Task(keys, str, dataset.load, score, summary_of, write_segmentation_report, running,
+                    f"segmentation {setup.method}")
+        return task, {"data": str(Path(args.data).resolve()), "ap": args.ap}
+
+    return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch)
 
 
 if __name__ == "__main__":

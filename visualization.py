@@ -22,7 +22,8 @@ from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, pa
 from common.images import find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches
-from methods import finalize_maps, finalize_signed
+from evaluation.driver import Row
+from methods.targets import target_probabilities
 from models import preprocess
 
 PROG = "visualization.py"
@@ -48,14 +49,15 @@ def output_stem(record: ImageRecord, root: Path, out: Path, method: str) -> Path
 
 
 def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None):
-    """Raw maps of the method (and UCAG) for a batch of decoded images, with targets and probabilities."""
+    """Raw maps of every row (the method; with --ucag the method with UCAG) for a batch of decoded images,
+    with the explained classes and their probabilities."""
     x = preprocess([record.image for record in records], setup.spec, setup.device)
     targets = None if target is None else torch.full((len(records),), target, device=setup.device)
-    base = setup.explainer(x, targets)
-    probabilities = torch.softmax(base.logits.float(), dim=1)
-    targets = base.logits.argmax(dim=1) if targets is None else targets
-    ucag_maps = setup.ucag(x, targets).maps if setup.ucag is not None else None
-    return base.maps, ucag_maps, targets, probabilities.gather(1, targets[:, None])[:, 0]
+    baseline, *others = setup.rows()
+    first = baseline.explainer(x, targets)
+    targets = first.logits.argmax(dim=1) if targets is None else targets
+    maps = [(baseline, first.maps)] + [(row, row.explainer(x, targets).maps) for row in others]
+    return maps, targets, target_probabilities(first.logits, targets, setup.spec.multilabel)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,14 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tqdm.write(f"skipped {record.path}: {record.error}")
         records = [record for record in batch if record.image is not None]
         if records:
-            base_maps, ucag_maps, targets, probs = explain_batch(setup, records, target)
+            maps, targets, probs = explain_batch(setup, records, target)
             for i, record in enumerate(records):
-                rows.append(save_outputs(setup, args, record, root, out, base_maps[i:i + 1],
-                                         None if ucag_maps is None else ucag_maps[i:i + 1],
+                rows.append(save_outputs(setup, args, record, root, out, [(row, raw[i:i + 1]) for row, raw in maps],
                                          int(targets[i]), float(probs[i]), smallest_crop))
         bar.update(len(batch))
     bar.close()
-    write_run_files(out, rows, skipped, setup.ucag is not None)
+    write_run_files(out, rows, skipped)
     note = f"; skipped {len(skipped)} (see skipped.txt)" if skipped else ""
     print(f"wrote maps of {len(rows)} image(s) to {out}/{note}")
     if not rows:
@@ -96,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path, base_map: torch.Tensor,
-                 ucag_map: torch.Tensor | None, target: int, prob: float, smallest_crop: int) -> dict:
+def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path, maps: list[tuple[Row, torch.Tensor]],
+                 target: int, prob: float, smallest_crop: int) -> dict:
     """Write the .npy maps and the .png panel of one image; returns its predictions.csv row."""
     height, width = record.image.shape[:2]
     if min(height, width) < smallest_crop:
@@ -106,24 +107,22 @@ def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path,
     stem = output_stem(record, root, out, setup.method)
     stem.parent.mkdir(parents=True, exist_ok=True)
     class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
-    signed = setup.explainer.signed
-    finalize = finalize_signed if signed else finalize_maps
-    draw = signed_overlay if signed else overlay
-    base = finalize(base_map, (height, width))[0, 0].cpu().numpy().astype(np.float32)
-    np.save(f"{stem}.npy", base)
-    panels = [(record.image, "input"), (draw(record.image, base), setup.method)]
-    if ucag_map is not None:
-        final = (setup.ucag.finalize_signed if signed else setup.ucag.finalize)(ucag_map, (height, width))
+    panels = [(record.image, "input")]
+    for row, raw in maps:
+        explainer = row.explainer
+        signed = explainer.signed
+        final = (explainer.finalize_signed if signed else explainer.finalize)(raw, (height, width))
         final = final[0, 0].cpu().numpy().astype(np.float32)
-        np.save(f"{stem}_ucag.npy", final)
-        panels.append((draw(record.image, final), f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, "
-                                                  f"n={args.num_patches})"))
+        np.save(f"{stem}_ucag.npy" if row.ucag else f"{stem}.npy", final)
+        title = (f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, n={args.num_patches})"
+                 if row.ucag else setup.method)
+        panels.append(((signed_overlay if signed else overlay)(record.image, final), title))
     save_panels(Path(f"{stem}.png"), panels, header=f"{record.path.name}: {class_name} (class {target}), p={prob:.3f}")
     return {"file": str(record.path), "target": target, "class": class_name, "probability": f"{prob:.6f}",
             "figure": f"{stem}.png"}
 
 
-def write_run_files(out: Path, rows: list[dict], skipped: list[ImageRecord], with_ucag: bool) -> None:
+def write_run_files(out: Path, rows: list[dict], skipped: list[ImageRecord]) -> None:
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["file", "target", "class", "probability", "figure"])
         writer.writeheader()

@@ -5,14 +5,15 @@ import argparse
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from common.errors import ToolkitError
+from evaluation.driver import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
 from models import DEFAULT_MODEL, ModelSpec, load_model
-from ucag import UCAG
+from ucag import UCAG, UpscaledInput
 from ucag.geometry import REFERENCE_SIDE, PatchGrid
 
 
@@ -171,13 +172,31 @@ def _parse_baseline(text: str):
 
 @dataclass
 class Setup:
-    """What a script builds from the common flags."""
+    """What a script builds from the common flags.
+
+    explainer: the baseline row's explainer. Under --official with alpha != 1 it is the method on the whole
+    image upscaled by alpha (the official code's baseline); decided here once, so every script's baseline
+    row, picture and table mean the same. ucag: the UCAG wrapper of the plain method (with --ucag).
+    """
 
     device: torch.device
     spec: ModelSpec
     method: str
     explainer: Explainer
     ucag: UCAG | None
+    settings_recorded: dict = field(default_factory=dict)
+
+    def rows(self, center: bool = False) -> list[Row]:
+        """The table's rows: (center baseline,) the method, the method with UCAG ('name*')."""
+        rows = [Row("center", build_explainer("center", self.spec))] if center and self.method != "center" else []
+        rows.append(Row(self.method, self.explainer))
+        if self.ucag is not None:
+            rows.append(Row(f"{self.method}*", self.ucag, ucag=True))
+        return rows
+
+    def settings(self) -> dict:
+        """Model, method and UCAG settings the numbers depend on (recorded in run.json)."""
+        return dict(self.settings_recorded)
 
 
 def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
@@ -194,14 +213,26 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     device = resolve_device(args.device)
     spec = load_spec(device) if load_spec else load_model(args.name, args.weights, device, args.target_layer)
     check_geometry(args, spec)
-    explainer = build_explainer(method, spec, **explainer_options(args, method))
+    options = explainer_options(args, method)
+    explainer = build_explainer(method, spec, **options)
+    settings = {"model": spec.name, "weights": spec.weights, "layer": spec.target_layer, "method": method,
+                "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())},
+                "official": args.official}
+    baseline = explainer
+    if args.official and args.alpha != 1:
+        baseline = UpscaledInput(explainer, args.alpha)
+        settings["baseline_alpha"] = args.alpha
     wrapped = None
     if args.ucag if need_ucag is None else need_ucag:
         confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)
         wrapped = UCAG(explainer, crop=args.crop_size, n=args.num_patches, alpha=args.alpha,
                        patch_batch=args.patch_batch, confidence=confidence, official=args.official,
                        multilabel=spec.multilabel)
-    return Setup(device, spec, method, explainer, wrapped)
+        settings.update({"ucag": True, "alpha": args.alpha, "crop": args.crop_size, "n": args.num_patches,
+                         "confidence": wrapped.confidence})
+    else:
+        settings["ucag"] = False
+    return Setup(device, spec, method, baseline, wrapped, settings)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -1,59 +1,67 @@
-"""What insdel.py and density.py share: data, resume, sharding, merging and writing the outputs."""
+"""How every metric script runs: flags -> device, model, rows, output folder, resume check -> the one
+evaluation driver (:func:`evaluation.driver.run_task`). A script contributes its parser, a function that
+builds its :class:`evaluation.driver.Task` and the settings its numbers depend on."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.cli import UsageError, build_setup
+from app.cli import Setup, UsageError, build_setup
 from evaluation import distributed
 from evaluation.datasets import discover
-from evaluation.runner import Metric, evaluate, row_means, table_rows
+from evaluation.driver import ImageMetric, ImageMetricTask, Task, run_task
 from evaluation.store import ResultStore
+from models import ModelSpec
+
+# make_task(setup) -> (the task, the settings its numbers depend on beyond the model and method)
+MakeTask = Callable[[Setup], tuple[Task, dict]]
 
 
-def ucag_settings(args: argparse.Namespace, setup) -> dict:
-    """The UCAG geometry a run's results depend on (recorded in run.json; empty without --ucag)."""
-    if setup.ucag is None:
-        return {}
-    return {"alpha": args.alpha, "crop": args.crop_size, "n": args.num_patches,
-            "confidence": setup.ucag.confidence, "official": setup.ucag.official}
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
 
 
-def default_out(args: argparse.Namespace, script: str, method: str) -> Path:
-    return Path("results") / script / f"{args.name}_{method}{'_ucag' if args.ucag else ''}"
-
-
-def run_evaluation(args: argparse.Namespace, script: str, metric: Metric, fields: Sequence[str], extra_config: dict,
-                   running: Callable[[list[dict]], str], write_outputs: Callable[..., None],
-                   on_batch: Callable[[int], None] | None = None) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
+def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path], make_task: MakeTask,
+                   on_batch: Callable[[int], None] | None = None,
+                   load_spec: Callable[[object], ModelSpec] | None = None) -> int:
+    """Build everything from the flags, refuse an output folder of other settings, run the driver."""
+    check_limit(args.limit)
     info, args.device = distributed.init(args.device)
     try:
-        setup = build_setup(args)
-        samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt")
-        target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
-        samples = samples[:args.limit] if args.limit else samples
-        out = Path(args.out) if args.out else default_out(args, script, setup.method)
+        setup = build_setup(args, load_spec=load_spec)
+        task, settings = make_task(setup)
+        out = Path(args.out) if args.out else default_out(setup)
         store = ResultStore(out, info.rank)
-        config = {"model": setup.spec.name, "weights": setup.spec.weights, "layer": setup.spec.target_layer,
-                  "method": setup.method, "ucag": setup.ucag is not None, "target": target_mode,
-                  "img_path": str(Path(args.img_path).resolve()), **extra_config, **ucag_settings(args, setup)}
-        store.check_config(config, info.is_main)
+        store.check_config({**setup.settings(), **settings}, info.is_main)
         if info.is_main:
-            print(f"{len(samples)} images, {info.world} process(es), device {setup.device}; results in {out}/")
-        evaluate(samples, setup, store, info, metric, target_mode, args.batch_size, args.workers, args.alpha,
-                 desc=f"{setup.method}{' + UCAG' if setup.ucag else ''}", running=running, on_batch=on_batch)
-        info.barrier()
-        if info.is_main:
-            results, skipped = store.merged()
-            rows = table_rows(setup)
-            if not results:
-                raise UsageError(f"no image could be evaluated ({len(skipped)} skipped, see {out}/skipped.txt)")
-            summary = {"model": setup.spec.name, "method": setup.method, "n_images": len(results),
-                       "target": target_mode, **extra_config, "rows": row_means(results, rows, fields)}
-            write_outputs(out, results, skipped, rows, summary)
+            print(f"{len(task.items)} items, {info.world} process(es), device {setup.device}; results in {out}/")
+        run_task(task, store, info, args.batch_size, args.workers, on_batch)
     finally:
         distributed.finish(info)
     return 0
+
+
+def results_folder(script: str, args: argparse.Namespace) -> Callable[[Setup], Path]:
+    """results/<script>/<model>_<method>[_ucag]: the default --out."""
+    return lambda setup: Path("results") / script / f"{args.name}_{setup.method}{'_ucag' if args.ucag else ''}"
+
+
+def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric, fields: Sequence[str],
+                     settings: dict, write: Callable[[Path, list[dict], list[dict], dict], None],
+                     running: Callable[[list[dict]], str], on_batch: Callable[[int], None] | None = None) -> int:
+    """insdel.py and density.py: a per-image metric over ImageNet-style data (class folders, a flat folder with
+    labels, or any folder explained for the predicted class)."""
+
+    def make_task(setup: Setup) -> tuple[Task, dict]:
+        samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt")
+        target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
+        samples = samples[:args.limit] if args.limit else samples
+        header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, **settings}
+        job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header)
+        desc = f"{setup.method}{' + UCAG' if setup.ucag else ''}"
+        return job.task(write, running, desc), {"target": target_mode,
+                                                 "img_path": str(Path(args.img_path).resolve()), **settings}
+
+    return run_evaluation(args, results_folder(script, args), make_task, on_batch)

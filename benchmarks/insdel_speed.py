@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.cli import resolve_device  # noqa: E402
 from benchmarks.ucag_speed import timed  # noqa: E402
 from common.images import find_images, load_rgb  # noqa: E402
-from evaluation.causal import game_curves, num_points  # noqa: E402
+from evaluation.insertion_deletion import game_curves, num_points  # noqa: E402
 from models import load_model, preprocess  # noqa: E402
 
 

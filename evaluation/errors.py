@@ -8,3 +8,7 @@ class DataError(ToolkitError):
 
 class StoreError(ToolkitError):
     """An output folder that cannot hold this run's results (other settings, unreadable records)."""
+
+
+class EvaluationError(ToolkitError):
+    """A run that produced nothing to report (every item skipped)."""

@@ -1,4 +1,5 @@
-"""Writing a finished run: per_image.csv, summary.json, table.md (the paper's layout), curves.png."""
+"""Writing a finished run: per_image.csv / per_class.csv, summary.json, table.md (every table in the paper's
+layout lives here), curves.png, skipped.txt."""
 from __future__ import annotations
 
 import csv
@@ -104,3 +105,76 @@ def plot_curves(path: Path, results: list[dict], rows: Sequence[str], summary_ro
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _row_names(summary: dict) -> list[str]:
+    return [row["name"] for row in summary["rows"]]
+
+
+def _write_common(out: Path, results: list[dict], skipped: list[dict], summary: dict, fields: Sequence[str],
+                  table: str) -> None:
+    write_per_image(out / "per_image.csv", results, _row_names(summary), fields)
+    write_skipped(out / "skipped.txt", skipped)
+    write_summary(out / "summary.json", summary)
+    (out / "table.md").write_text(table)
+    print(table)
+
+
+def write_insdel_report(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
+    """insdel.py: per_image.csv, skipped.txt, summary.json, table.md and curves.png."""
+    _write_common(out, results, skipped, summary, ("deletion", "insertion"), insdel_table(summary))
+    plot_curves(out / "curves.png", results, _row_names(summary), summary["rows"])
+
+
+def write_density_report(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
+    """density.py: per_image.csv, skipped.txt, summary.json and table.md."""
+    _write_common(out, results, skipped, summary, ("positive", "negative"), density_table(summary))
+
+
+def segmentation_table(summary: dict) -> str:
+    """Table 4's layout: mAP and pixel accuracy, original / with UCAG."""
+    base = next(r for r in summary["rows"] if not r["ucag"])
+    ucag = next((r for r in summary["rows"] if r["ucag"]), None)
+
+    def pair(field: str) -> str:
+        return f"{base[field]:.3f}" + (f"/{ucag[field]:.3f}" if ucag else "")
+
+    return "\n".join([
+        "ImageNet segmentation (layout of the paper's Table 4): original" + (" / with UCAG" if ucag else "") +
+        f"; {summary['n_images']} images, AP protocol '{summary['ap']}'.", "",
+        f"| Model | Metric | {summary['method']} |", "|---|---|---|",
+        f"| {summary['model']} | mAP | {pair('map')} |",
+        f"| {summary['model']} | Pixel Acc. | {pair('pixel_accuracy')} |"]) + "\n"
+
+
+def write_segmentation_report(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
+    """segmentation.py: per_image.csv (correct, labelled pixels and AP per row), skipped.txt, summary.json,
+    table.md."""
+    _write_common(out, results, skipped, summary, ("correct", "labelled", "ap"), segmentation_table(summary))
+
+
+def _cell(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.1f}"
+
+
+def pointing_tables(summary: dict) -> str:
+    """Tables 2 and 3's layouts: pointing accuracy all/difficult per row; energy all(difficult), without /
+    with UCAG."""
+    column = f"{summary['dataset']} {summary['model']}"
+    lines = [f"Pointing game (layout of the paper's Table 2): accuracy %, all/difficult, mean over classes; "
+             f"{summary['n_images']} images, tolerance {summary['tolerance']} px. `*` = with UCAG.", "",
+             f"| Methods | {column} |", "|---|---|"]
+    lines += [f"| {r['name']} | {_cell(r['pointing_all'])}/{_cell(r['pointing_difficult'])} |" for r in summary["rows"]]
+    plain = [row for row in summary["rows"] if not row["ucag"]]
+    lines += ["", "Energy-based pointing game (layout of the paper's Table 3): all(difficult), without / with UCAG.",
+              "", "| Model | Dataset | " + " | ".join(r["name"] for r in plain) + " |",
+              "|---|---|" + "---|" * len(plain)]
+    cells = []
+    for row in plain:
+        text = f"{_cell(row['energy_all'])}({_cell(row['energy_difficult'])})"
+        with_ucag = next((r for r in summary["rows"] if r["ucag"] and r["name"] == f"{row['name']}*"), None)
+        if with_ucag:
+            text += f"/{_cell(with_ucag['energy_all'])}({_cell(with_ucag['energy_difficult'])})"
+        cells.append(text)
+    lines.append(f"| {summary['model']} | {summary['dataset']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

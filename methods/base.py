@@ -2,8 +2,9 @@
 
 An explainer maps a batch ``x: (B, 3, H, W)`` and per-sample targets ``(B,)`` to raw, signed,
 unnormalised maps ``(B, 1, h, w)`` on ``x``'s device plus the model's logits ``(B, K)`` for ``x``.
-No ReLU, min-max or NumPy happens inside: callers post-process explicitly
-(:func:`methods.postprocess.finalize_maps`).
+No ReLU, min-max or NumPy happens inside. The final maps every script shows and scores come from one
+place, the explainer's own :meth:`Explainer.finalize` (or :meth:`Explainer.finalize_signed` for the
+red/blue pictures of signed methods), which wrappers such as UCAG override.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from methods.postprocess import finalize_maps, finalize_signed
 
 Targets = torch.Tensor | Sequence[int] | int | None
 
@@ -58,6 +61,14 @@ class Explainer(ABC):
     @abstractmethod
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         """Maps and logits for ``x``; ``targets`` is a (B,) tensor or None for the predicted classes."""
+
+    def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw (B, 1, h, w) maps -> final [0, 1] maps at ``size``: ReLU, resize, per-map min-max."""
+        return finalize_maps(maps, size)
+
+    def finalize_signed(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw maps -> [-1, 1] maps at ``size`` with their sign kept (divided by the largest magnitude)."""
+        return finalize_signed(maps, size)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
         if x.dim() != 4 or x.shape[1] != 3:

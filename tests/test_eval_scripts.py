@@ -153,24 +153,35 @@ def test_default_output_folder(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "results" / "density" / "efficientnet_lite0_gradcam_ucag" / "summary.json").exists()
 
 
-def test_official_baseline_runs_the_explainer_on_the_upscaled_image(lite, photo_batch):
+def official_args(official: bool):
     import argparse
+    return argparse.Namespace(method="gradcam", name="efficientnet_lite0", weights="default", target_layer=None,
+                              ucag=True, alpha=2.0, crop_size=124, num_patches=2, patch_batch=8,
+                              no_confidence=False, official=official, score=False, device="cpu", batch_size=1,
+                              workers=0, mask_batch=None, steps=None, baseline=None, path_batch=None,
+                              resolutions=None, masks=None, cell=None, keep_prob=None, seed=None, rule=None)
 
+
+def test_official_baseline_runs_the_explainer_on_the_upscaled_image(lite, photo_batch):
     import torch.nn.functional as F
 
     from app.cli import build_setup
-    from evaluation.runner import Row, row_maps
     from methods import finalize_maps
-    args = argparse.Namespace(method="gradcam", name="efficientnet_lite0", weights="default", target_layer=None,
-                              ucag=True, alpha=2.0, crop_size=124, num_patches=2, patch_batch=8,
-                              no_confidence=False, official=True, score=False, device="cpu", batch_size=1,
-                              workers=0)
-    setup = build_setup(args)
+    from ucag import UpscaledInput
+
+    setup = build_setup(official_args(True))
     targets = torch.tensor([285])
     x = photo_batch[1:2]
+    baseline = setup.rows()[0]
+    assert isinstance(baseline.explainer, UpscaledInput) and baseline.name == "gradcam"
+    plain_explainer = setup.ucag.explainer
     upscaled = F.interpolate(x, size=(448, 448), mode="bicubic", align_corners=False)
-    expected = finalize_maps(setup.explainer(upscaled, targets).maps, (224, 224))
-    assert torch.allclose(row_maps(setup, Row("gradcam", False), x, targets, 2.0), expected, atol=1e-6)
-    setup.ucag.official = False
-    plain = finalize_maps(setup.explainer(x, targets).maps, (224, 224))
-    assert torch.allclose(row_maps(setup, Row("gradcam", False), x, targets, 2.0), plain, atol=1e-6)
+    expected = finalize_maps(plain_explainer(upscaled, targets).maps, (224, 224))
+    explanation = baseline.explainer(x, targets)
+    assert torch.allclose(baseline.explainer.finalize(explanation.maps, (224, 224)), expected, atol=1e-6)
+    assert torch.allclose(explanation.logits, lite.model(x), atol=1e-5)  # the contract: logits of x itself
+    assert setup.settings()["baseline_alpha"] == 2.0
+
+    plain = build_setup(official_args(False))
+    assert plain.rows()[0].explainer is plain.ucag.explainer
+    assert "baseline_alpha" not in plain.settings()

@@ -9,7 +9,7 @@ from evaluation.errors import DataError
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import COCO2014, VOC2007, boxes_mask, read_difficult_list
 from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit, pooled_mean
-from evaluation.segmentation import average_precision, image_scores, pixel_counts, threshold_maps
+from evaluation.segmentation_metrics import average_precision, image_scores, pixel_counts, threshold_maps
 from tests.localization_fixtures import coco_dataset, segmentation_file, voc_dataset
 
 

@@ -134,3 +134,44 @@ def test_pointing_game_baselines_run_end_to_end(method, tmp_path, capsys):
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["name"] for r in rows][:2] == ["center", method]
     assert all(0 <= r["pointing_all"] <= 100 for r in rows)
+
+
+@pytest.mark.parametrize("script", ["insdel", "density", "pointing", "segmentation"])
+def test_official_baseline_is_the_same_in_every_script(script, tmp_path, capsys, monkeypatch):
+    """--official with alpha != 1 means one baseline everywhere: the explainer on the alpha-upscaled image,
+    recorded in run.json; without --official no script upscales it."""
+    import density
+    import insdel
+    from tests.conftest import EXAMPLES
+    from ucag.framework import UpscaledInput
+
+    calls = []
+    original = UpscaledInput.explain
+
+    def counted(self, x, targets):
+        calls.append(tuple(x.shape))
+        return original(self, x, targets)
+
+    monkeypatch.setattr(UpscaledInput, "explain", counted)
+    geometry = ["--ucag", "-n", "2", "-a", "1.5", "-c", "180", "--workers", "0", "--device", "cpu"]
+    if script in ("insdel", "density"):
+        module = insdel if script == "insdel" else density
+        data = ["--img-path", str(EXAMPLES / "coffee.jpg")] + (["--step", str(224 * 112)] if script == "insdel" else [])
+    elif script == "pointing":
+        module = pointing_game
+        data = ["--dataset", "voc07", "--data-root", str(voc_dataset(tmp_path / "voc")), "--weights", "random",
+                "--name", "resnet50", "--limit", "1"]
+    else:
+        module = segmentation
+        data = ["--data", str(segmentation_file(tmp_path / "gtsegs_ijcv.mat")), "--limit", "1"]
+    for official in (True, False):
+        calls.clear()
+        out = tmp_path / f"out-{official}"
+        flags = ["--official"] if official else []
+        code, _, err = run(module, ["gradcam", *geometry, *flags, *data, "--out", str(out)], capsys)
+        assert code == 0, err
+        recorded = json.loads((out / "run.json").read_text())
+        if official:
+            assert calls and recorded["baseline_alpha"] == 1.5 and recorded["official"] is True
+        else:
+            assert not calls and "baseline_alpha" not in recorded

@@ -6,8 +6,8 @@ For an input I and target k:
   Y_s = exp(softmax(f(I_s))_k)                   patch confidence                       (Eq. 4)
   M_s = Psi(E_s * Y_s, beta)                     weighted and resized back to the crop  (Eq. 5)
   M   = V(M_s, Gamma)                            folded, divided by the duplication     (Eq. 6)
-The result is raw and signed like any explainer's; :func:`methods.postprocess.finalize_maps` applies
-the final ReLU, resize and min-max (``UCAG.finalize`` adds the official blur in ``official`` mode).
+The result is raw and signed like any explainer's; :meth:`UCAG.finalize` applies the final ReLU, resize
+and min-max (plus the official blur in ``official`` mode).
 """
 from __future__ import annotations
 
@@ -18,15 +18,49 @@ from tqdm.auto import tqdm
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.hooks import restored_state
 from methods.postprocess import finalize_maps, finalize_signed, official_blur
+from methods.targets import target_probabilities
 from ucag.geometry import PatchGrid
+
+
+@torch.no_grad()
+def image_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for the whole images (no graph; the model's state is restored)."""
+    with restored_state(model):
+        return model(x)
 
 
 def patch_confidence(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
     """Y = exp(softmax(logits)[target]) per patch (paper Eq. 4); exp(sigmoid(logit)) for multi-label models."""
-    scores = logits.float().gather(1, targets[:, None]).squeeze(1)
-    if multilabel:
-        return torch.sigmoid(scores).exp()
-    return torch.softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1).exp()
+    return target_probabilities(logits, targets, multilabel).exp()
+
+
+class UpscaledInput(Explainer):
+    """The official code's baseline for alpha != 1: ``explainer`` on the whole image upscaled by alpha
+    (bicubic, align_corners=False, as UCAG's crops); maps come at the explainer's own resolution for the
+    upscaled image and :meth:`finalize` brings them to any size."""
+
+    name = "upscaled"
+
+    def __init__(self, explainer: Explainer, alpha: float):
+        super().__init__(explainer.model)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        self.explainer, self.alpha = explainer, alpha
+
+    @property
+    def signed(self) -> bool:
+        return self.explainer.signed
+
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+        height, width = x.shape[-2:]
+        logits = image_logits(self.model, x)  # the contract's logits are x's; targets default to x's prediction
+        targets = resolve_targets(targets, logits)
+        scaled = F.interpolate(x, size=(int(height * self.alpha), int(width * self.alpha)), mode="bicubic",
+                               align_corners=False)
+        return Explanation(self.explainer(scaled, targets).maps, logits)
+
+    def __repr__(self) -> str:
+        return f"UpscaledInput({self.explainer!r}, alpha={self.alpha})"
 
 
 class UCAG(Explainer):
@@ -65,15 +99,10 @@ class UCAG(Explainer):
         ch, cw = grid.crop_size
         return int(ch * self.alpha), int(cw * self.alpha)
 
-    @torch.no_grad()
-    def _image_logits(self, x: torch.Tensor) -> torch.Tensor:
-        with restored_state(self.model):
-            return self.model(x)
-
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, _, height, width = x.shape
         grid = self.grid(height, width)
-        logits = self._image_logits(x)
+        logits = image_logits(self.model, x)
         targets = resolve_targets(targets, logits)
         crops = grid.unfold(x)                                   # (B*n*n, 3, ch, cw)
         crop_targets = targets.repeat_interleave(grid.num_patches)

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from evaluation.density import map_density
+from evaluation.map_density import map_density
 
 
 class MeanModel(torch.nn.Module):

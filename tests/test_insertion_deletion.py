@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from evaluation.causal import auc, game_curves, insertion_substrate, num_points, saliency_ranks
+from evaluation.insertion_deletion import auc, game_curves, insertion_substrate, num_points, saliency_ranks
 from methods import build_explainer, finalize_maps
 
 
