@@ -21,12 +21,16 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(maps))
 
 
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, 1, h, w) maps (anti-aliased when shrinking)."""
+def resize_maps(maps: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of (B, 1, h, w) maps, anti-aliased when shrinking.
+
+    ``antialias=False``: plain bilinear interpolation also when shrinking, as TorchRay's pointing-game
+    benchmark resizes its saliency maps (the pointing game's reference protocol).
+    """
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     shrinking = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=antialias and shrinking)
 
 
 def official_blur(maps: torch.Tensor) -> torch.Tensor:
@@ -35,20 +39,20 @@ def official_blur(maps: torch.Tensor) -> torch.Tensor:
 
 
 def finalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None, relu: bool = True,
-                  blur: bool = False) -> torch.Tensor:
+                  blur: bool = False, antialias: bool = True) -> torch.Tensor:
     """Raw (B, 1, h, w) maps -> [0, 1] maps at ``size``: ReLU, resize, min-max.
 
     ``blur`` reproduces the official code's UCAG output: ReLU, min-max, blur in the model's input frame,
-    then the resize (no second min-max, as there).
+    then the resize (no second min-max, as there). ``antialias``: see :func:`resize_maps`.
     """
     maps = maps.float()
     if relu:
         maps = maps.clamp(min=0)
     if blur:
         maps = official_blur(min_max(maps))
-        return resize_maps(maps, size) if size else maps
+        return resize_maps(maps, size, antialias) if size else maps
     if size:
-        maps = resize_maps(maps, size)
+        maps = resize_maps(maps, size, antialias)
     return min_max(maps)
 
 

@@ -8,8 +8,10 @@
   classifier keys 0/2/4 -> 0/3/6 with flattened weights, ResNet BatchNorm/Scale pairs ``bnN.{0,1}.*`` ->
   ``bnN.*``, first convolution BGR -> RGB; the Caffe architecture details are restored (ResNet conv1 with
   bias, stride-2 1x1 convolutions, 3x3/2 max-pool without padding, all max-pools with ``ceil_mode``), and
-  the Caffe preprocessing is used (0..255 pixels minus the RGB mean 123.68/116.779/103.939).
-Images keep their aspect ratio, the shorter side resized to 224 (TorchRay protocol).
+  the Caffe preprocessing is used (0..255 pixels minus the RGB mean 123.68/116.779/103.939) after a plain
+  bilinear resize without anti-aliasing, as TorchRay's benchmark transform for these models.
+Images keep their aspect ratio, the shorter side resized to 224 and the longer one truncated
+(``int(224 * long / short)``, as torchvision's ``Resize(224)`` and TorchRay; 375 x 500 -> 224 x 298).
 """
 from __future__ import annotations
 
@@ -98,4 +100,5 @@ def load_multilabel(arch: str, categories: list[str], weights: str, device: str 
                      list(categories), mean=mean, std=std, keep_aspect=True, multilabel=True)
     spec.weights = weights
     spec.extra["caffe"] = caffe
+    spec.extra["resize_antialias"] = not caffe  # TorchRay's Caffe transform: F.interpolate, no anti-aliasing
     return spec

@@ -15,11 +15,12 @@ def to_tensor(image: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, anti-aliased resize of a (3, H, W) or (B, 3, H, W) float image to ``size``."""
+def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear (``align_corners=False``), by default anti-aliased, resize of a (3, H, W) or (B, 3, H, W)
+    float image to ``size``."""
     batch = image if image.dim() == 4 else image[None]
     if tuple(batch.shape[-2:]) != tuple(size):
-        batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+        batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return batch if image.dim() == 4 else batch[0]
 
 
@@ -38,19 +39,26 @@ def unnormalize(batch: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 
 
 def model_input_size(height: int, width: int, spec: ModelSpec) -> tuple[int, int]:
-    """Size an (height, width) image is resized to: the model's input, or shorter side = input side."""
+    """Size an (height, width) image is resized to: the model's input, or (``spec.keep_aspect``) the shorter
+    side at the input side and the longer one truncated, ``int(side * long / short)``, as torchvision's
+    ``Resize(side)`` and TorchRay's benchmark transforms do (375 x 500 -> 224 x 298)."""
     if not spec.keep_aspect:
         return spec.input_size
     side = spec.input_size[0]
-    if height <= width:
-        return side, max(1, round(width * side / height))
-    return max(1, round(height * side / width)), side
+    if width <= height:
+        return int(side * height / width), side
+    return side, int(side * width / height)
 
 
 def preprocess_one(image: np.ndarray, spec: ModelSpec, device: torch.device | str) -> torch.Tensor:
-    """One uint8 RGB image -> a normalised (1, 3, h, w) batch at :func:`model_input_size`."""
+    """One uint8 RGB image -> a normalised (1, 3, h, w) batch at :func:`model_input_size`.
+
+    The resize is anti-aliased unless ``spec.extra["resize_antialias"]`` is False (TorchRay's Caffe
+    checkpoints, whose benchmark transform is plain bilinear interpolation of the [0, 1] image).
+    """
     size = model_input_size(*image.shape[:2], spec)
-    return normalize(resize_image(to_tensor(image, device), size)[None], spec)
+    antialias = spec.extra.get("resize_antialias", True)
+    return normalize(resize_image(to_tensor(image, device), size, antialias)[None], spec)
 
 
 def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, device: torch.device | str) -> torch.Tensor:

@@ -8,8 +8,21 @@ import torch
 from evaluation.errors import DataError
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import COCO2014, VOC2007, boxes_mask, read_difficult_list
-from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit, pooled_mean
+from evaluation.pointing import (
+    class_accuracies,
+    class_mean,
+    energy_score,
+    explainer_point,
+    in_difficult_subset,
+    map_point,
+    pointing_accuracy,
+    pointing_hit,
+)
 from evaluation.segmentation_metrics import average_precision, image_scores, pixel_counts, threshold_maps
+from methods.baselines import Center
+from methods.postprocess import finalize_maps, resize_maps
+from models.preprocessing import model_input_size
+from models.spec import ModelSpec
 from tests.localization_fixtures import coco_dataset, segmentation_file, voc_dataset
 
 
@@ -30,12 +43,70 @@ def test_map_point_is_row_col_of_the_maximum():
     assert map_point(saliency) == (7, 42)
 
 
-def test_class_mean_differs_from_pooled_accuracy():
-    # class 0: 9 of 10 hits, class 1: 0 of 2 hits, class 2: no pairs (left out)
+def test_accuracy_is_a_class_mean_with_empty_classes_as_zero_by_default():
+    # class 0: 9 of 10 hits, class 1: 0 of 2 hits, class 2: no pairs, class 3: absent from the dict.
+    # Not the pooled accuracy over pairs (9 / 12).
     hits = {0: [1.0] * 9 + [0.0], 1: [0.0, 0.0], 2: []}
+    assert class_accuracies(hits, 4).tolist() == [0.9, 0.0, 0.0, 0.0]
+    assert pointing_accuracy(hits, 4) == pytest.approx(0.9 / 4)  # TorchRay: empty classes count as 0
+    assert pointing_accuracy(hits, 4, "evaluated-classes") == pytest.approx((0.9 + 0.0) / 2)  # they are left out
     assert class_mean(hits) == pytest.approx((0.9 + 0.0) / 2)
-    assert pooled_mean(hits) == pytest.approx(9 / 12)
-    assert math.isnan(class_mean({0: []}))
+    assert math.isnan(class_mean({0: []})) and math.isnan(pointing_accuracy({0: []}, 2, "evaluated-classes"))
+    assert pointing_accuracy({0: []}, 2) == 0.0
+    assert pointing_accuracy({1: [True, False]}, 2) == pytest.approx(0.25)  # booleans are fine
+    with pytest.raises(ValueError, match="aggregation must be one of torchray, evaluated-classes"):
+        pointing_accuracy(hits, 4, "pooled")
+    with pytest.raises(ValueError, match="class 4 is outside 0..3"):
+        pointing_accuracy({4: [1.0]}, 4)
+
+
+def test_difficult_subset_membership():
+    flags = {"000001": [False, True]}
+    assert in_difficult_subset(flags, "000001", 1) and not in_difficult_subset(flags, "000001", 0)
+    # an image missing from the list: in the subset as in TorchRay (only listed easy pairs are skipped) ...
+    assert in_difficult_subset(flags, "000009", 0)
+    # ... or, as an option, in 'all' only
+    assert not in_difficult_subset(flags, "000009", 0, unlisted="all-only")
+    assert not in_difficult_subset(None, "000001", 1)  # no list, no subset
+    with pytest.raises(ValueError, match="unlisted must be one of difficult, all-only"):
+        in_difficult_subset(flags, "000001", 1, unlisted="skip")
+
+
+def test_center_baseline_points_at_torchrays_exact_centre():
+    center = Center(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3)))
+    assert Center.pointing_point(375, 500) == (187.5, 250.0)  # TorchRay: (u, v) = (w / 2, h / 2)
+    maps = center(torch.zeros(2, 3, 6, 8), [0, 1]).maps
+    assert maps.shape == (2, 1, 6, 8) and map_point(maps[0, 0]) == (3, 4) and float(maps.min()) == 0.0
+    assert float(maps[0, 0, 3, 4]) == 1.0 and float(maps[0, 0, 3, 3]) < 1.0
+    saliency = torch.zeros(375, 500)
+    assert explainer_point(center, saliency) == (187.5, 250.0)
+    assert explainer_point(object(), saliency) == (0, 0)  # other explainers: the map's maximum
+    mask = np.zeros((375, 500), bool)
+    mask[202, 250] = True  # 14.5 px below the centre: a hit; from pixel (187, 249) it would be sqrt(226) px
+    assert pointing_hit(mask, (187.5, 250.0)) and not pointing_hit(mask, (187, 249))
+    odd = center(torch.zeros(1, 3, 5, 7), [0]).maps[0, 0]  # four pixels tie around (2.5, 3.5): top-left
+    assert map_point(odd) == (2, 3) and float(odd[2, 3]) == float(odd[3, 4])
+
+
+def test_pointing_resize_is_plain_bilinear():
+    # shrinking 1 x 6 -> 1 x 2: plain bilinear (align_corners=False) samples x = 1.0 and 4.0 exactly
+    raw = torch.tensor([[[[0.0, 1.0, 0.0, 0.0, 0.7, 0.7]]]])
+    plain = resize_maps(raw, (1, 2), antialias=False)
+    assert plain.flatten().tolist() == pytest.approx([1.0, 0.7])
+    assert map_point(plain[0, 0]) == (0, 0)
+    # the anti-aliased default averages 0.7, 0.7 into the right sample and moves the maximum
+    assert map_point(resize_maps(raw, (1, 2))[0, 0]) == (0, 1)
+    assert map_point(finalize_maps(raw, (1, 2), antialias=False)[0, 0]) == (0, 0)
+    upsampled = torch.rand(1, 1, 4, 5)
+    assert torch.equal(resize_maps(upsampled, (9, 11)), resize_maps(upsampled, (9, 11), antialias=False))
+
+
+def test_multilabel_input_size_truncates_like_torchvision_resize():
+    spec = ModelSpec("toy", torch.nn.Identity(), "", ["a"], keep_aspect=True)
+    assert model_input_size(375, 500, spec) == (224, 298)  # 298.67: truncated, not rounded to 299
+    assert model_input_size(500, 375, spec) == (298, 224)
+    assert model_input_size(300, 300, spec) == (224, 224)
+    assert model_input_size(375, 500, ModelSpec("toy", torch.nn.Identity(), "", ["a"])) == (224, 224)
 
 
 def test_energy_score_by_hand():
