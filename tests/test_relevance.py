@@ -5,16 +5,16 @@ import pytest
 import torch
 import torchvision
 from zennit.attribution import Gradient
-from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
+from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, layer_map_base
 from zennit.rules import AlphaBeta, Epsilon, ZBox, ZPlus
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution, Linear
 
 from methods import build_explainer
 from methods.errors import MethodError
-from methods.relevance import CLRP, LRP, SGLRP
-from methods.relevance.network import Affine, Chain, Pass, RelevanceNet, Residual
-from methods.relevance.rules import AffineOp, Rule, nonzero_mask, safe_divide, stabilize
+from methods.relevance import CLRP, LRP, SGLRP, network, rules
+from methods.relevance.explainers import lrp_rule
+from methods.relevance.rules import AffineOp, nonzero_mask, safe_divide, stabilize
 from models import load_model
 from ucag import UCAG
 
@@ -105,16 +105,16 @@ def test_two_branch_skip_sum_by_hand():
     z+ through W sends branch relevance 5 to x in shares (1*1, 2*2)/5 and 2 to x2: R_x = (1 + 1, 2 + 4 + 2)."""
     linear = torch.nn.Linear(2, 2, bias=False)
     linear.weight.data = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
-    block = Residual(Chain([Affine(linear)]), None)
-    net = RelevanceNet.__new__(RelevanceNet)
-    net.rule, net.first_rule, net.bounds, net.rule_eps = Rule("zplus", eps=0.0), Rule("zplus", eps=0.0), None, 0.0
-    net.mode = "lrp"
+    block = network.Residual(network.Chain([network.Linear(linear)]), None)
+    network.Composite({network.Linear: rules.ZPlus(eps=0.0), network.Residual: rules.SkipSum(eps=0.0)}).assign(block)
     x = torch.tensor([[1.0, 2.0]])
     out = block.forward(x)
     assert out.tolist() == [[6.0, 4.0]]
-    relevance = block.relprop(out, net)
+    relevance = block.relprop(out)
     assert torch.allclose(relevance, torch.tensor([[2.0, 8.0]]))
-    assert isinstance(Chain([Pass()]).relprop(relevance, net), torch.Tensor)
+    passing = network.Chain([network.Dropout()])
+    network.Composite({network.Dropout: rules.Pass()}).assign(passing)
+    assert passing.relprop(relevance) is relevance
 
 
 def test_contrastive_maps_sum_to_zero_and_keep_signs(resnet50):
@@ -182,3 +182,32 @@ def test_affine_transpose_is_the_input_gradient(kernel, stride, padding, size):
     s = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, x, s)
     assert torch.allclose(op.transpose(s, weight, x.shape), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["zplus", "alpha2beta1"])
+def test_signed_input_terms_equal_zennit(rule):
+    """On a layer whose input may be negative (no ReLU before it) the z+ and alpha-beta rules add the x- terms:
+    one convolution with signed input and biases, against zennit's rule on the same layer."""
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    relevance = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    step = network.Conv(conv)
+    step.input_layer = True  # reads the image: its input is signed
+    network.Composite({network.Conv: lrp_rule(rule, 0.25)}).assign(step)
+    step.forward(x)
+    ours = step.relprop(relevance)
+    composite = LayerMapComposite(layer_map=[(Convolution, ZENNIT_RULES[rule])])
+    with Gradient(model=torch.nn.Sequential(conv), composite=composite) as attributor:
+        _, reference = attributor(x, relevance)
+    assert bool((x < 0).any())
+    assert torch.allclose(ours, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_a_step_without_a_rule_refuses():
+    """A composite maps step kinds to rules; a step it does not map (RSP has no linear-layer rule) raises."""
+    step = network.Linear(torch.nn.Linear(2, 2))
+    network.Composite({network.Conv: rules.ZPlus()}).assign(step)
+    step.forward(torch.ones(1, 2))
+    with pytest.raises(MethodError, match="no rule for Linear steps"):
+        step.relprop(torch.ones(1, 2))

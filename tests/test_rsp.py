@@ -6,16 +6,15 @@ import torchvision
 
 from methods.relevance import RSP
 from methods.relevance.network import RelevanceNet
-from methods.relevance.rsp import hidden_propagation, per_sample_weight_gradient
-from methods.relevance.rules import AffineOp, Rule
+from methods.relevance.rsp import COMPOSITE, gradcam_terms, hidden_propagation, per_sample_weight_gradient
+from methods.relevance.rules import AffineOp
 from tests.test_relevance import BOUNDS
 
 
 def start_relevance(model, x, targets):
-    net = RelevanceNet(model, Rule("zplus"), Rule("zbox"), BOUNDS if x.dtype == torch.float32 else
-                       tuple(b.double() for b in BOUNDS), mode="rsp")
+    net = RelevanceNet(model, COMPOSITE)
     net.forward(x)
-    terms = net.block_gradcam_terms(targets)
+    terms = gradcam_terms(net, targets)
     return terms / (terms.flatten(1).max(dim=1).values.view(-1, 1, 1, 1) + 1e-9)
 
 

@@ -11,14 +11,28 @@ stream starts as x * dy'_t/dx at the last layer and, at every hidden convolution
 into R = (F_x + M) / (1 + exp(-C)) + F_dx + A, added to C with a shift that keeps C's total ("delta
 shift"). Pooling, ReLU and skip sums redistribute in proportion to their inputs, BatchNorm and Dropout pass
 relevance through, the first linear layer after the flattening adds M, and the input layer uses z^B with
-the image's own minimum and maximum. The final map is divided by its maximum.
+the image's own minimum and maximum. The final map is divided by its maximum. :data:`COMPOSITE` maps the
+chain's steps to these rules; they read the gradient stream at each step's output (``output_gradient``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from methods.relevance.rules import AffineOp, nonzero_mask
+from methods.relevance.network import (
+    AvgPool,
+    Composite,
+    Conv,
+    Dropout,
+    Linear,
+    MaxPool,
+    RelevanceNet,
+    ReLU,
+    Residual,
+    walk,
+)
+from methods.relevance.rap import ImageBox
+from methods.relevance.rules import AffineOp, Pass, Rule, SumRule, nonzero_mask
 
 
 def divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -136,75 +150,81 @@ def hidden_linear(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, relev
     return delta_shift(c, divide(m, sample_max(m)))
 
 
-def proportional(forward, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """x * d/dx <forward(x) * mask, relevance / (forward(x) * mask)>: parameter-free layers."""
-    if forward is F.relu:  # closed form: relevance * x / (x + 1e-9) where x > 0, else 0
-        positive = F.relu(x)
-        return relevance * positive.div_(positive + 1e-9)
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        z = forward(leaf) * nonzero_mask(relevance)
-        (grad,) = torch.autograd.grad(z, leaf, divide(relevance, z.detach()))
-    return x * grad
-
-
-def run_streams(net, x: torch.Tensor, targets_fn):
-    """Forward through the chain with autograd and backpropagate the sharpened target, keeping the gradient
-    at every step's input (and at every residual sum). Returns (logits, targets)."""
-    from methods.relevance.network import Residual, walk
+def run_streams(net: RelevanceNet, x: torch.Tensor, targets_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward through the chain with autograd and backpropagate the sharpened target; every step then
+    holds the gradient at its output (``output_gradient``) and at its input (``x.grad``, the image's
+    own gradient is never computed). Returns (logits, targets)."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logits = net.chain.forward(leaf)
-        kept = {}  # the gradients the relevance stream reads; the image's own gradient is never computed
+        kept = {}
         for step in walk(net.chain, containers=True):
-            if getattr(step, "x", None) is not None and step.x.requires_grad and step.x is not leaf:
+            if step.x.requires_grad and step.x is not leaf:
                 kept[id(step.x)] = step.x
             if isinstance(step, Residual):
                 kept[id(step.total)] = step.total
         targets = targets_fn(logits.detach())
         objective = sharpened_target(logits, targets).gather(1, targets[:, None]).sum()
         torch.autograd.backward(objective, inputs=list(kept.values()))
+    net.chain.assign_output_gradients(None)
     return logits.detach(), targets
 
 
-def propagate(step, relevance: torch.Tensor, grad_out, previous=None) -> torch.Tensor:
-    """The relevance stream through one step (recursing into chains and residual blocks)."""
-    from methods.relevance import rap
-    from methods.relevance.network import Affine, AvgPool, Chain, Flatten, MaxPool, Pass, Residual
-    if isinstance(step, Chain):
-        for index in range(len(step.steps) - 1, -1, -1):
-            later = step.steps[index + 1].x.grad if index + 1 < len(step.steps) else grad_out
-            before = step.steps[index - 1] if index > 0 else None
-            relevance = propagate(step.steps[index], relevance, later, before)
-        return relevance
-    if isinstance(step, Affine) and not step.first and step.op.kind == "conv":
-        # the gradient stream's input gradient is this layer's alone unless x also feeds a skip path
-        own_grad = step.x.grad if previous is not None else None
-        return hidden_conv(step.op, step.x.detach(), step.raw_weight, step.weight, relevance, grad_out, own_grad)
-    if isinstance(step, Affine):
-        if step.first:
-            return rap.input_propagation(step.op, step.x.detach(), step.raw_weight, relevance, divide=divide)
+class ConvRule(Rule):
+    """A hidden convolution: :func:`hidden_conv`; the input gradient of the stream is reused unless the
+    input also feeds a skip path (then its gradient is not this layer's alone)."""
+
+    def relprop(self, step, relevance):
+        own_grad = None if step.shared_input else step.x.grad
+        return hidden_conv(step.op, step.x.detach(), step.raw_weight, step.weight, relevance, step.output_gradient,
+                           own_grad)
+
+
+class LinearRule(Rule):
+    """A hidden linear layer: :func:`hidden_linear`, with M when it reads flattened activations."""
+
+    def relprop(self, step, relevance):
+        return hidden_linear(step.op, step.x.detach(), step.raw_weight, relevance, step.output_gradient,
+                             step.spatial_input_shape)
+
+
+class ReLURule(Rule):
+    """R * x / (x + 1e-9) where x > 0, else 0: the proportional rule of a ReLU in closed form."""
+
+    def relprop(self, step, relevance):
+        positive = F.relu(step.x.detach())
+        return relevance * positive.div_(positive + 1e-9)
+
+
+class ProportionalRule(Rule):
+    """x * d/dx <f(x) * mask, R / (f(x) * mask)>, mask = (R != 0): pooling."""
+
+    def relprop(self, step, relevance):
         x = step.x.detach()
-        if step.op.kind == "conv":
-            return hidden_conv(step.op, x, step.raw_weight, step.weight, relevance, grad_out)
-        shape = previous.x.shape if isinstance(previous, Flatten) else None
-        return hidden_linear(step.op, x, step.raw_weight, relevance, grad_out, shape)
-    if isinstance(step, Pass):
-        return proportional(F.relu, step.x.detach(), relevance) if step.fn is not None else relevance
-    if isinstance(step, (MaxPool, AvgPool)):
-        return proportional(step.pool, step.x.detach(), relevance)
-    if isinstance(step, Flatten):
-        return relevance.view(step.x.shape)
-    if isinstance(step, Residual):
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            z = step.apply(leaf) * nonzero_mask(relevance)
+            (grad,) = torch.autograd.grad(z, leaf, divide(relevance, z.detach()))
+        return x * grad
+
+
+class SkipSumRule(SumRule):
+    """The sum and the ReLU after it together, then the block input's two shares recombined."""
+
+    def split(self, step, relevance):
         # the authors: at_sum = R * t / (t + 1e-9) through the ReLU (t = relu(total)), share = divide(at_sum,
         # total); share is 0 wherever at_sum is, so it equals at_sum / (t + 1e-9), one division
         positive = F.relu(step.total.detach())
         denominator = positive + 1e-9
         share = (relevance * positive).div_(denominator).div_(denominator)
-        identity, residual = step.identity.detach(), step.residual.detach()
-        from_branch = propagate(step.branch, residual * share, step.total.grad)
-        from_skip = propagate(step.skip, identity * share, step.total.grad) if step.skip else identity * share
+        return step.identity.detach() * share, step.residual.detach() * share
+
+    def join(self, step, from_skip, from_branch):
         # the block input x >= 0: x * (divide(from_branch, x) + divide(from_skip, x)) in one quotient
         x = step.x.detach()
         return (from_branch + from_skip).mul_(x).div_(x + 1e-9)
-    raise TypeError(f"AGF cannot propagate through {type(step).__name__}")
+
+
+COMPOSITE = Composite({Conv: ConvRule(), Linear: LinearRule(), ReLU: ReLURule(), Dropout: Pass(),
+                       MaxPool: ProportionalRule(), AvgPool: ProportionalRule(), Residual: SkipSumRule()},
+                      input_rule=ImageBox(divide=divide))

@@ -1,26 +1,42 @@
-"""Relevance explainers on torchvision VGG / ResNet: LRP, contrastive LRP (CLRP) and softmax-gradient
-LRP (SGLRP). Maps are input-level (summed over colour channels), raw and signed."""
+"""Relevance explainers on torchvision VGG / ResNet. Maps are input-level (summed over colour channels),
+raw and signed.
+
+LRP, contrastive LRP (CLRP) and softmax-gradient LRP (SGLRP) are one explainer with different output
+relevance; RAP, RSP and AGF share :class:`SeededPropagation`: each its own composite of rules and its own
+start ("seed") relevance at a step of the chain.
+"""
 from __future__ import annotations
+
+from abc import abstractmethod
 
 import torch
 from torch import nn
 
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.hooks import restored_state
-from methods.relevance.network import Chain, RelevanceNet
-from methods.relevance.rules import Rule
+from methods.relevance import agf, rap, rsp
+from methods.relevance.network import AvgPool, Composite, Conv, Dropout, Linear, MaxPool, RelevanceNet, ReLU, Residual
+from methods.relevance.rules import AlphaBeta, Epsilon, Norm, Pass, Rule, SkipSum, WinnerTakesAll, ZBox, ZPlus
 
 RULES = ("zplus", "alpha2beta1", "epsilon")
 
 
-def make_rule(name: str, epsilon: float) -> Rule:
+def lrp_rule(name: str, epsilon: float) -> Rule:
+    """The LRP rule of the registry option ``rule``."""
     if name == "zplus":
-        return Rule("zplus")
+        return ZPlus()
     if name == "alpha2beta1":
-        return Rule("alphabeta", alpha=2.0, beta=1.0)
+        return AlphaBeta(alpha=2.0, beta=1.0)
     if name == "epsilon":
-        return Rule("epsilon", eps=epsilon)
+        return Epsilon(eps=epsilon)
     raise ValueError(f"unknown LRP rule '{name}'; valid: {', '.join(RULES)}")
+
+
+def lrp_composite(rule: Rule, bounds: tuple[torch.Tensor, torch.Tensor]) -> Composite:
+    """``rule`` on every convolution and linear layer, z^B in ``bounds`` at the input layer, stabilised
+    proportional rules (eps 1e-6, zennit's Norm) for average pooling and skip sums."""
+    return Composite({Conv: rule, Linear: rule, ReLU: Pass(), Dropout: Pass(), MaxPool: WinnerTakesAll(),
+                      AvgPool: Norm(1e-6), Residual: SkipSum(1e-6)}, input_rule=ZBox(*bounds))
 
 
 class LRP(Explainer):
@@ -34,11 +50,8 @@ class LRP(Explainer):
     def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], rule: str = "zplus",
                  epsilon: float = 0.25):
         super().__init__(model)
-        self.bounds, self.rule = bounds, make_rule(rule, epsilon)
-        RelevanceNet(model, self.rule, Rule("zbox"), bounds)  # fail early on unsupported architectures
-
-    def network(self) -> RelevanceNet:
-        return RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds)
+        self.composite = lrp_composite(lrp_rule(rule, epsilon), bounds)
+        RelevanceNet(model, self.composite)  # fail early on unsupported architectures
 
     def initial_relevance(self, logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         """Output relevance vectors to propagate; the map is their combination (see :meth:`combine`)."""
@@ -50,7 +63,7 @@ class LRP(Explainer):
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with restored_state(self.model):
-            net = self.network()
+            net = RelevanceNet(self.model, self.composite)
             logits = net.forward(x)
             targets = resolve_targets(targets, logits)
             maps = [net.relprop(r).sum(dim=1, keepdim=True) for r in self.initial_relevance(logits, targets)]
@@ -95,49 +108,76 @@ class SGLRP(LRP):
         return _contrast(*maps)
 
 
-class RAP(LRP):
-    """Relative Attributing Propagation (Nam et al., AAAI 2020); see :mod:`methods.relevance.rap`."""
+class SeededPropagation(Explainer):
+    """RAP, RSP and AGF: the method's :attr:`composite` of rules, propagating a seed relevance given at the
+    output of ``chain.steps[:end]`` (see :meth:`seed`) to the input, where the z^B box is the image's own
+    min/max. ``bounds`` is accepted so that every relevance explainer is built as ``cls(model, bounds)``;
+    these methods do not use it."""
+
+    signed = True
+    composite: Composite
+
+    def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__(model)
+        RelevanceNet(model, self.composite)  # fail early on unsupported architectures
+
+    @abstractmethod
+    def seed(self, net: RelevanceNet, x: torch.Tensor,
+             targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """(logits, seed relevance, end): runs the forward and gives the relevance at the output of
+        ``net.chain.steps[:end]`` (None: the logits)."""
+
+    def finish(self, relevance: torch.Tensor) -> torch.Tensor:
+        """The input relevance (B, 3, H, W) -> the map (B, 1, H, W)."""
+        return relevance.sum(dim=1, keepdim=True)
+
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+        with restored_state(self.model):
+            net = RelevanceNet(self.model, self.composite)
+            logits, relevance, end = self.seed(net, x, targets)
+            maps = self.finish(net.relprop(relevance, end))
+        return Explanation(maps, logits)
+
+
+class RAP(SeededPropagation):
+    """Relative Attributing Propagation (Nam et al., AAAI 2020); see :mod:`methods.relevance.rap`.
+    Seed: the one-hot target at the logits."""
 
     name = "rap"
+    composite = rap.COMPOSITE
 
-    def network(self) -> RelevanceNet:
-        return RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="rap")
+    def seed(self, net, x, targets):
+        logits = net.forward(x)
+        targets = resolve_targets(targets, logits)
+        return logits, torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0), None
 
-    def initial_relevance(self, logits, targets):
-        return [torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)]
 
-
-class RSP(LRP):
-    """Relative Sectional Propagation (Nam et al., AAAI 2021); see :mod:`methods.relevance.rsp`."""
+class RSP(SeededPropagation):
+    """Relative Sectional Propagation (Nam et al., AAAI 2021); see :mod:`methods.relevance.rsp`.
+    Seed: the Grad-CAM terms w_c A_c at the end of the last convolutional block, divided by their max."""
 
     name = "rsp"
+    composite = rsp.COMPOSITE
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        with restored_state(self.model):
-            net = RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="rsp")
-            logits = net.forward(x)
-            targets = resolve_targets(targets, logits)
-            start = net.block_gradcam_terms(targets)
-            peak = start.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
-            start = start / (peak + 1e-9)
-            maps = net.relprop_below(start).sum(dim=1, keepdim=True)
-        return Explanation(maps, logits)
+    def seed(self, net, x, targets):
+        logits = net.forward(x)
+        targets = resolve_targets(targets, logits)
+        terms = rsp.gradcam_terms(net, targets)
+        peak = terms.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
+        return logits, terms / (peak + 1e-9), net.block_end
 
 
-class AGF(LRP):
-    """Attribution Guided Factorization (Gur et al., AAAI 2021); see :mod:`methods.relevance.agf`."""
+class AGF(SeededPropagation):
+    """Attribution Guided Factorization (Gur et al., AAAI 2021); see :mod:`methods.relevance.agf`.
+    Seed: x * dy'_t/dx at the input of the output layer (y' the sharpened target); map divided by its max."""
 
     name = "agf"
+    composite = agf.COMPOSITE
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        from methods.relevance import agf
-        with restored_state(self.model):
-            net = RelevanceNet(self.model, self.rule, Rule("zbox"), self.bounds, mode="agf")
-            logits, targets = agf.run_streams(net, x, lambda out: resolve_targets(targets, out))
-            last = net.chain.steps[-1]
-            with torch.no_grad():
-                # the last layer starts the relevance stream: x * dy'_t/dx; the rest is a chain below it
-                below = Chain(net.chain.steps[:-1])
-                relevance = agf.propagate(below, last.x.detach() * last.x.grad, last.x.grad)
-                maps = (relevance / agf.sample_max(relevance)).sum(dim=1, keepdim=True)
-        return Explanation(maps, logits)
+    def seed(self, net, x, targets):
+        logits, targets = agf.run_streams(net, x, lambda out: resolve_targets(targets, out))
+        last = net.chain.steps[-1]
+        return logits, last.x.detach() * last.x.grad, len(net.chain.steps) - 1
+
+    def finish(self, relevance):
+        return (relevance / agf.sample_max(relevance)).sum(dim=1, keepdim=True)

@@ -1,8 +1,9 @@
 """torchvision VGG and ResNet as a chain of relevance steps, without changing the user's model class.
 
 Canonization as zennit does it: every BatchNorm is merged into the convolution before it; a residual
-block's skip sum splits relevance in proportion to its two summands; ReLU and Dropout pass relevance
-through; max pooling routes it to the maxima; average pooling redistributes it in proportion to inputs.
+block becomes a skip sum with its branch and skip chains; ReLU, Dropout and pooling are steps of their
+own. Which rule a step uses is not decided here: a :class:`Composite` maps step kinds to rule objects
+(:mod:`methods.relevance.rules`), once per network, and every step calls its rule.
 """
 from __future__ import annotations
 
@@ -12,16 +13,7 @@ import torchvision
 from torch import nn
 
 from methods.errors import MethodError
-from methods.relevance import rap, rsp
-from methods.relevance.rules import (
-    AffineOp,
-    Rule,
-    affine_relevance,
-    gradient_relevance,
-    norm_relevance,
-    safe_divide,
-    stabilize,
-)
+from methods.relevance.rules import AffineOp, Rule, SumRule
 
 
 def merged_parameters(layer: nn.Module, norm: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -36,7 +28,12 @@ def merged_parameters(layer: nn.Module, norm: nn.BatchNorm2d | None) -> tuple[to
 
 
 class Step:
-    """One stage of the chain: ``forward`` records what ``relprop`` needs."""
+    """One stage of the chain: ``forward`` records the input ``x`` that the step's rule reads."""
+
+    rule: Rule | SumRule | None = None
+    input_layer = False    # the affine layer that reads the image
+    output_layer = False   # the affine layer that gives the logits
+    shared_input = False   # x also feeds a parallel path (first step of a residual branch or skip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.x = x
@@ -45,50 +42,58 @@ class Step:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def relprop(self, relevance: torch.Tensor, net: RelevanceNet) -> torch.Tensor:
-        return relevance
+    def relprop(self, relevance: torch.Tensor) -> torch.Tensor:
+        if self.rule is None:
+            raise MethodError(f"this relevance method has no rule for {type(self).__name__} steps")
+        return self.rule.relprop(self, relevance)
+
+    def assign_output_gradients(self, gradient: torch.Tensor | None) -> None:
+        """Record dy/d(output) of this step, read from a gradient stream run through the chain (AGF)."""
+        self.output_gradient = gradient
 
 
 class Affine(Step):
-    def __init__(self, layer: nn.Module, norm: nn.BatchNorm2d | None = None):
+    """A convolution or linear layer; ``weight``/``bias`` with the following BatchNorm merged in,
+    ``raw_weight``/``raw_bias`` the layer's own (RAP, RSP and AGF let BatchNorm pass relevance)."""
+
+    def __init__(self, layer: nn.Module, norm: nn.BatchNorm2d | None, op: AffineOp):
         self.weight, self.bias = merged_parameters(layer, norm)
-        self.raw_weight = layer.weight.detach()  # RAP works on the convolution itself (BatchNorm passes R)
+        self.raw_weight = layer.weight.detach()
         self.raw_bias = None if layer.bias is None else layer.bias.detach()
-        self.last = False
-        if isinstance(layer, nn.Conv2d):
-            self.op = AffineOp("conv", layer.stride, layer.padding, layer.dilation, layer.groups)
-        else:
-            self.op = AffineOp("linear")
-        self.first = False
+        self.op = op
+
+    @property
+    def nonnegative_input(self) -> bool:
+        """In VGG and ResNet every affine layer but the input one reads ReLU outputs (or pooled ones)."""
+        return not self.input_layer
 
     def apply(self, x):
         return self.op.forward(x, self.weight, self.bias)
 
-    def relprop(self, relevance, net):
-        if net.mode == "rsp":
-            if self.first:
-                return rap.input_propagation(self.op, self.x, self.raw_weight, relevance)
-            if self.op.kind != "conv":
-                raise ValueError("RSP starts below the classifier; no linear layer is propagated")
-            return rsp.hidden_propagation(self.op, self.x, self.raw_weight, relevance)
-        if net.mode == "rap":
-            if self.last:
-                return rap.first_propagation(self.x, self.raw_weight, self.raw_bias, relevance)
-            if self.first:
-                return rap.input_propagation(self.op, self.x, self.raw_weight, relevance)
-            return rap.hidden_propagation(self.op, self.x, self.raw_weight, relevance, nonnegative=True)
-        rule = net.first_rule if self.first else net.rule
-        # every affine layer but the first follows a ReLU (or pooling of one) in VGG and ResNet
-        return affine_relevance(self.op, self.x, self.weight, self.bias, relevance, rule, net.bounds,
-                                nonnegative=not self.first)
+
+class Conv(Affine):
+    def __init__(self, layer: nn.Conv2d, norm: nn.BatchNorm2d | None = None):
+        super().__init__(layer, norm, AffineOp("conv", layer.stride, layer.padding, layer.dilation, layer.groups))
 
 
-class Pass(Step):
-    def __init__(self, fn=None):
-        self.fn = fn
+class Linear(Affine):
+    def __init__(self, layer: nn.Linear):
+        super().__init__(layer, None, AffineOp("linear"))
+        self.after_flatten: Flatten | None = None  # the Flatten right before this layer, if any
 
+    @property
+    def spatial_input_shape(self) -> torch.Size | None:
+        """(B, C, H, W) of the activations flattened into this layer's input, or None."""
+        return None if self.after_flatten is None else self.after_flatten.x.shape
+
+
+class ReLU(Step):
     def apply(self, x):
-        return self.fn(x) if self.fn else x
+        return F.relu(x)
+
+
+class Dropout(Step):
+    """Identity in eval mode."""
 
 
 class MaxPool(Step):
@@ -98,9 +103,6 @@ class MaxPool(Step):
     def apply(self, x):
         return self.pool(x)
 
-    def relprop(self, relevance, net):
-        return gradient_relevance(self.pool, self.x, relevance)
-
 
 class AvgPool(Step):
     def __init__(self, pool: nn.Module):
@@ -109,15 +111,14 @@ class AvgPool(Step):
     def apply(self, x):
         return self.pool(x)
 
-    def relprop(self, relevance, net):
-        return norm_relevance(self.pool, self.x, relevance, net.rule_eps, exact=net.mode == "rap")
-
 
 class Flatten(Step):
+    """A reshape: relevance is reshaped back, whatever the method."""
+
     def apply(self, x):
         return torch.flatten(x, 1)
 
-    def relprop(self, relevance, net):
+    def relprop(self, relevance):
         return relevance.view(self.x.shape)
 
 
@@ -130,14 +131,20 @@ class Chain(Step):
             x = step.forward(x)
         return x
 
-    def relprop(self, relevance, net):
-        for step in reversed(self.steps):
-            relevance = step.relprop(relevance, net)
+    def relprop(self, relevance, end: int | None = None):
+        """Relevance at the output of ``steps[:end]`` (all steps by default) propagated to the chain's input."""
+        for step in reversed(self.steps[:end]):
+            relevance = step.relprop(relevance)
         return relevance
+
+    def assign_output_gradients(self, gradient):
+        for step, following in zip(self.steps, self.steps[1:], strict=False):
+            step.assign_output_gradients(following.x.grad)
+        self.steps[-1].assign_output_gradients(gradient)
 
 
 class Residual(Step):
-    """out = ReLU(branch(x) + skip(x)); the sum splits relevance in proportion to its two summands."""
+    """out = ReLU(s), s = branch(x) + skip(x); its sum rule splits the relevance between the summands."""
 
     def __init__(self, branch: Chain, skip: Chain | None):
         self.branch, self.skip = branch, skip
@@ -148,74 +155,18 @@ class Residual(Step):
         self.total = self.identity + self.residual
         return F.relu(self.total)
 
-    def relprop(self, relevance, net):
-        identity, residual = self.identity, self.residual
-        if net.mode == "rsp":  # RSP clamps both summands (plus 1e-9) before the proportional split
-            identity, residual = identity.clamp(min=0) + 1e-9, residual.clamp(min=0) + 1e-9
-        total = identity + residual
-        share = safe_divide(relevance, total) if net.mode in ("rap", "rsp") else \
-            relevance / stabilize(total, net.rule_eps)
-        to_skip, to_branch = identity * share, residual * share
-        from_skip = self.skip.relprop(to_skip, net) if self.skip else to_skip
-        return from_skip + self.branch.relprop(to_branch, net)
+    def relprop(self, relevance):
+        if self.rule is None:
+            raise MethodError("this relevance method has no rule for residual sums")
+        to_skip, to_branch = self.rule.split(self, relevance)
+        from_skip = self.skip.relprop(to_skip) if self.skip else to_skip
+        return self.rule.join(self, from_skip, self.branch.relprop(to_branch))
 
-
-def _sequential_steps(modules) -> list[Step]:
-    steps, pending = [], list(modules)
-    for i, module in enumerate(pending):
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            following = pending[i + 1] if i + 1 < len(pending) else None
-            steps.append(Affine(module, following if isinstance(following, nn.BatchNorm2d) else None))
-        elif isinstance(module, nn.BatchNorm2d):
-            if not steps or not isinstance(steps[-1], Affine):
-                raise MethodError("a BatchNorm layer without a preceding convolution is not supported")
-        elif isinstance(module, nn.ReLU):
-            steps.append(Pass(F.relu))
-        elif isinstance(module, nn.Dropout):
-            steps.append(Pass())
-        elif isinstance(module, nn.MaxPool2d):
-            steps.append(MaxPool(module))
-        elif isinstance(module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-            steps.append(AvgPool(module))
-        else:
-            raise MethodError(f"relevance propagation does not support {type(module).__name__} layers")
-    return steps
-
-
-def _resnet_block(block: nn.Module) -> Residual:
-    if isinstance(block, torchvision.models.resnet.Bottleneck):
-        branch = [Affine(block.conv1, block.bn1), Pass(F.relu), Affine(block.conv2, block.bn2), Pass(F.relu),
-                  Affine(block.conv3, block.bn3)]
-    else:
-        branch = [Affine(block.conv1, block.bn1), Pass(F.relu), Affine(block.conv2, block.bn2)]
-    skip = Chain(_sequential_steps(block.downsample)) if block.downsample is not None else None
-    return Residual(Chain(branch), skip)
-
-
-SUPPORTED = "torchvision VGG (vgg11..vgg19, with or without _bn) and ResNet (resnet18..resnet152) models"
-
-
-def build_chain(model: nn.Module) -> Chain:
-    """The relevance chain of a torchvision VGG or ResNet; other architectures raise MethodError."""
-    if isinstance(model, torchvision.models.VGG):
-        features = _sequential_steps(model.features)
-        cam_index = len(features) - 1 if isinstance(features[-1], MaxPool) else len(features)
-        steps = features + [AvgPool(model.avgpool), Flatten()]
-        steps += _sequential_steps(model.classifier)
-    elif isinstance(model, torchvision.models.ResNet):
-        steps = [Affine(model.conv1, model.bn1), Pass(F.relu), MaxPool(model.maxpool)]
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            steps += [_resnet_block(block) for block in stage]
-        cam_index = len(steps)
-        steps += [AvgPool(model.avgpool), Flatten(), Affine(model.fc)]
-    else:
-        raise MethodError(f"relevance methods support {SUPPORTED}, not {type(model).__name__} "
-                        "(e.g. --name vgg16 or --name resnet50)")
-    chain = Chain(steps)
-    chain.cam_index = cam_index  # steps[:cam_index] end at the last convolutional block (RSP's start)
-    affine = [step for step in walk(chain) if isinstance(step, Affine)]
-    affine[0].first, affine[-1].last = True, True
-    return chain
+    def assign_output_gradients(self, gradient):
+        self.output_gradient = gradient
+        self.branch.assign_output_gradients(self.total.grad)
+        if self.skip:
+            self.skip.assign_output_gradients(self.total.grad)
 
 
 def walk(step: Step, containers: bool = False):
@@ -232,37 +183,107 @@ def walk(step: Step, containers: bool = False):
         yield from walk(step.branch, containers)
 
 
-class RelevanceNet:
-    """Forward through the chain (recording inputs), then propagate relevance from the outputs."""
+class Composite:
+    """Which rule every step uses, chosen once (zennit's layer map with special first/last layers):
+    ``input_rule`` for the input layer and ``output_rule`` for the output layer where given, otherwise
+    the ``layer_map`` entry of the step's class (or of its nearest base class). Steps without an entry
+    keep no rule and refuse to propagate."""
 
-    def __init__(self, model: nn.Module, rule: Rule, first_rule: Rule,
-                 bounds: tuple[torch.Tensor, torch.Tensor], mode: str = "lrp"):
-        self.chain = build_chain(model)
-        self.rule, self.first_rule, self.bounds, self.mode = rule, first_rule, bounds, mode
-        self.rule_eps = 1e-6  # stabiliser of the sum / average-pool redistribution (zennit's Norm)
+    def __init__(self, layer_map: dict[type[Step], Rule | SumRule], input_rule: Rule | None = None,
+                 output_rule: Rule | None = None):
+        self.layer_map, self.input_rule, self.output_rule = layer_map, input_rule, output_rule
+
+    def rule_for(self, step: Step) -> Rule | SumRule | None:
+        if step.input_layer and self.input_rule is not None:
+            return self.input_rule
+        if step.output_layer and self.output_rule is not None:
+            return self.output_rule
+        return next((self.layer_map[kind] for kind in type(step).__mro__ if kind in self.layer_map), None)
+
+    def assign(self, root: Step) -> None:
+        for step in walk(root, containers=True):
+            step.rule = self.rule_for(step)
+
+
+def _sequential_steps(modules) -> list[Step]:
+    steps, pending = [], list(modules)
+    for i, module in enumerate(pending):
+        if isinstance(module, nn.Conv2d):
+            following = pending[i + 1] if i + 1 < len(pending) else None
+            steps.append(Conv(module, following if isinstance(following, nn.BatchNorm2d) else None))
+        elif isinstance(module, nn.Linear):
+            steps.append(Linear(module))
+        elif isinstance(module, nn.BatchNorm2d):
+            if not steps or not isinstance(steps[-1], Conv):
+                raise MethodError("a BatchNorm layer without a preceding convolution is not supported")
+        elif isinstance(module, nn.ReLU):
+            steps.append(ReLU())
+        elif isinstance(module, nn.Dropout):
+            steps.append(Dropout())
+        elif isinstance(module, nn.MaxPool2d):
+            steps.append(MaxPool(module))
+        elif isinstance(module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+            steps.append(AvgPool(module))
+        else:
+            raise MethodError(f"relevance propagation does not support {type(module).__name__} layers")
+    return steps
+
+
+def _resnet_block(block: nn.Module) -> Residual:
+    if isinstance(block, torchvision.models.resnet.Bottleneck):
+        branch = [Conv(block.conv1, block.bn1), ReLU(), Conv(block.conv2, block.bn2), ReLU(),
+                  Conv(block.conv3, block.bn3)]
+    else:
+        branch = [Conv(block.conv1, block.bn1), ReLU(), Conv(block.conv2, block.bn2)]
+    branch[0].shared_input = True
+    skip = None
+    if block.downsample is not None:
+        skip = Chain(_sequential_steps(block.downsample))
+        skip.steps[0].shared_input = True
+    return Residual(Chain(branch), skip)
+
+
+SUPPORTED = "torchvision VGG (vgg11..vgg19, with or without _bn) and ResNet (resnet18..resnet152) models"
+
+
+def build_chain(model: nn.Module) -> tuple[Chain, int]:
+    """(chain, block_end) of a torchvision VGG or ResNet: ``chain.steps[:block_end]`` end at the last
+    convolutional block (RSP's start). Other architectures raise MethodError."""
+    if isinstance(model, torchvision.models.VGG):
+        features = _sequential_steps(model.features)
+        block_end = len(features) - 1 if isinstance(features[-1], MaxPool) else len(features)
+        steps = features + [AvgPool(model.avgpool), Flatten()]
+        steps += _sequential_steps(model.classifier)
+    elif isinstance(model, torchvision.models.ResNet):
+        steps = [Conv(model.conv1, model.bn1), ReLU(), MaxPool(model.maxpool)]
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            steps += [_resnet_block(block) for block in stage]
+        block_end = len(steps)
+        steps += [AvgPool(model.avgpool), Flatten(), Linear(model.fc)]
+    else:
+        raise MethodError(f"relevance methods support {SUPPORTED}, not {type(model).__name__} "
+                          "(e.g. --name vgg16 or --name resnet50)")
+    for before, step in zip(steps, steps[1:], strict=False):
+        if isinstance(before, Flatten) and isinstance(step, Linear):
+            step.after_flatten = before
+    chain = Chain(steps)
+    affine = [step for step in walk(chain) if isinstance(step, Affine)]
+    affine[0].input_layer, affine[-1].output_layer = True, True
+    return chain, block_end
+
+
+class RelevanceNet:
+    """A model's chain with the rules of ``composite``: forward (recording inputs), then relevance back."""
+
+    def __init__(self, model: nn.Module, composite: Composite):
+        self.chain, self.block_end = build_chain(model)
+        composite.assign(self.chain)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.chain.forward(x)
 
     @torch.no_grad()
-    def relprop(self, relevance: torch.Tensor) -> torch.Tensor:
-        return self.chain.relprop(relevance, self)
-
-    def block_gradcam_terms(self, targets: torch.Tensor) -> torch.Tensor:
-        """w_c A_c at the end of the last convolutional block (Grad-CAM without the channel sum)."""
-        head = self.chain.steps[self.chain.cam_index:]
-        with torch.enable_grad():
-            activation = head[0].x.detach().requires_grad_(True)
-            out = activation
-            for step in head:
-                out = step.apply(out)
-            (grads,) = torch.autograd.grad(out.gather(1, targets[:, None]).sum(), activation)
-        return grads.mean(dim=(2, 3), keepdim=True) * activation.detach()
-
-    @torch.no_grad()
-    def relprop_below(self, relevance: torch.Tensor) -> torch.Tensor:
-        """Propagate relevance given at the end of the last convolutional block down to the input."""
-        for step in reversed(self.chain.steps[:self.chain.cam_index]):
-            relevance = step.relprop(relevance, self)
-        return relevance
+    def relprop(self, relevance: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """Relevance at the output of ``chain.steps[:end]`` (the logits by default) down to the input."""
+        return self.chain.relprop(relevance, end)

@@ -8,16 +8,28 @@ through the input's positive contributions (x+ W+, -x+ W-, and the mirror terms 
 the surplus uniformly from the non-zero input relevances, so totals are kept layer by layer ("shift").
 The input layer uses the z^B rule with the image's own lowest and highest values as the box. BatchNorm
 passes relevance through (RAP's BatchNorm rule returns R unchanged), convolution biases are ignored
-below the last layer, pooling redistributes in proportion to inputs, and a residual sum splits
-relevance in proportion to its two summands. The authors' linear and convolutional layers differ in one
-term (the negative relevance's first share uses the positive or the negative contribution as
-denominator); both are kept as written there.
+below the last layer, max pooling routes relevance to the maxima, average pooling redistributes it in
+proportion to inputs, and a residual sum splits relevance in proportion to its two summands (both
+without a stabiliser). The authors' linear and convolutional layers differ in one term (the negative
+relevance's first share uses the positive or the negative contribution as denominator); both are kept
+as written there. :data:`COMPOSITE` maps the chain's steps to these rules.
 """
 from __future__ import annotations
 
 import torch
 
-from methods.relevance.rules import AffineOp, nonzero_mask, safe_divide, safe_reciprocal
+from methods.relevance.network import Affine, AvgPool, Composite, Dropout, MaxPool, ReLU, Residual
+from methods.relevance.rules import (
+    AffineOp,
+    Norm,
+    Pass,
+    Rule,
+    SkipSum,
+    WinnerTakesAll,
+    nonzero_mask,
+    safe_divide,
+    safe_reciprocal,
+)
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
@@ -94,12 +106,56 @@ def hidden_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, rele
 
 
 def input_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
-                      divide=None) -> torch.Tensor:
+                      divide=safe_divide) -> torch.Tensor:
     """The input layer: z^B with the image's own minimum and maximum as the box (no bias)."""
     shape = x.shape
     low = x.flatten(1).min(dim=1).values.view(-1, 1, 1, 1).expand_as(x)
     high = x.flatten(1).max(dim=1).values.view(-1, 1, 1, 1).expand_as(x)
     wp, wn = weight.clamp(min=0), weight.clamp(max=0)
     z = op.forward(x, weight, None) - op.forward(low, wp, None) - op.forward(high, wn, None)
-    s = (divide or safe_divide)(relevance, z)
+    s = divide(relevance, z)
     return x * op.transpose(s, weight, shape) - low * op.transpose(s, wp, shape) - high * op.transpose(s, wn, shape)
+
+
+class OutputRule(Rule):
+    """The output layer: :func:`first_propagation` of the one-hot target (layer's own weight and bias)."""
+
+    def relprop(self, step, relevance):
+        return first_propagation(step.x, step.raw_weight, step.raw_bias, relevance)
+
+
+class HiddenRule(Rule):
+    """A hidden convolution or linear layer: :func:`hidden_propagation` (the layer's own weight)."""
+
+    def relprop(self, step, relevance):
+        return hidden_propagation(step.op, step.x, step.raw_weight, relevance, nonnegative=step.nonnegative_input)
+
+
+class ImageBox(Rule):
+    """The input layer: :func:`input_propagation`, z^B in the box of the image's own min and max;
+    ``divide`` is the method's safe division of R by z."""
+
+    def __init__(self, divide=safe_divide):
+        self.divide = divide
+
+    def relprop(self, step, relevance):
+        return input_propagation(step.op, step.x, step.raw_weight, relevance, self.divide)
+
+
+class ExactNorm(Norm):
+    """Proportional redistribution without a stabiliser: R / z, 0 where z = 0."""
+
+    def divide(self, relevance, z):
+        return safe_divide(relevance, z)
+
+
+class ExactSkipSum(SkipSum):
+    """The skip sum split in proportion to the summands without a stabiliser (0 where the sum is 0)."""
+
+    def divide(self, relevance, total):
+        return safe_divide(relevance, total)
+
+
+COMPOSITE = Composite({Affine: HiddenRule(), ReLU: Pass(), Dropout: Pass(),
+                       MaxPool: WinnerTakesAll(), AvgPool: ExactNorm(), Residual: ExactSkipSum()},
+                      input_rule=ImageBox(), output_rule=OutputRule())

@@ -9,14 +9,17 @@ which are conservative as they are). The input layer uses z^B with the image's o
 BatchNorm passes relevance through, and a residual sum splits relevance in proportion to its clamped
 summands. The authors' code sums the section kernels over the images of a batch; here each image gets
 its own (grouped convolutions), so a batch gives the same maps as one image at a time.
+:data:`COMPOSITE` maps the chain's steps (below the last convolutional block) to these rules.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from methods.relevance.rap import shift_to_total
-from methods.relevance.rules import AffineOp, safe_reciprocal
+from methods.relevance.network import Composite, Conv, MaxPool, RelevanceNet, ReLU, Residual
+from methods.relevance.rap import ExactSkipSum, ImageBox, shift_to_total
+from methods.relevance.rules import AffineOp, Pass, Rule, WinnerTakesAll, safe_reciprocal
+from methods.targets import target_gradients
 
 
 def _grouped(op: AffineOp, batch: int) -> dict:
@@ -89,3 +92,34 @@ def hidden_propagation(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, rele
         return from_pos - from_neg
     total = (positive - negative).flatten(1).sum(1).view(-1, 1, 1, 1)
     return shift_to_total(2 * (from_pos - from_neg), total)
+
+
+def gradcam_terms(net: RelevanceNet, targets: torch.Tensor) -> torch.Tensor:
+    """w_c A_c at the end of the last convolutional block (Grad-CAM without the channel sum), w_c the
+    spatial mean of dS_k/dA_c; ``net`` has run its forward."""
+    head = net.chain.steps[net.block_end:]
+    with torch.enable_grad():
+        activation = head[0].x.detach().requires_grad_(True)
+        logits = activation
+        for step in head:
+            logits = step.apply(logits)
+        (grads,) = target_gradients(logits, targets, activation)
+    return grads.mean(dim=(2, 3), keepdim=True) * activation.detach()
+
+
+class HiddenRule(Rule):
+    """A hidden convolution: :func:`hidden_propagation` with the layer's own kernel."""
+
+    def relprop(self, step, relevance):
+        return hidden_propagation(step.op, step.x, step.raw_weight, relevance)
+
+
+class ClampedSkipSum(ExactSkipSum):
+    """The skip sum split in proportion to its summands clamped at 0 (plus 1e-9 each), as the authors do."""
+
+    def summands(self, step):
+        return step.identity.clamp(min=0) + 1e-9, step.residual.clamp(min=0) + 1e-9
+
+
+COMPOSITE = Composite({Conv: HiddenRule(), ReLU: Pass(), MaxPool: WinnerTakesAll(), Residual: ClampedSkipSum()},
+                      input_rule=ImageBox())

@@ -1,15 +1,21 @@
-"""LRP rules for affine layers (convolution or linear, BatchNorm already merged in), as z-rules:
-R_in = sum over terms of input_term * f^T(R / z), with z the rule's stabilised output.
+"""Relevance rules: how one step of the chain passes the relevance R of its output to its input.
 
-zplus (alpha1-beta0): z = W+ x+ + b+ + W- x-            (x- = 0 after a ReLU)
-alphabeta(a, b):      a * [positive part] - b * [negative part], each normalised by its own z
-epsilon:              z = W x + b, stabilised by epsilon
-zbox (input layer):   z = W x - W+ l - W- h, with l / h the lowest / highest input values
+A :class:`Rule` is an object with ``relprop(step, R) -> R_in`` (``step.x`` is the recorded input); a
+:class:`SumRule` splits the relevance of a skip sum between its two summands. A composite
+(:class:`methods.relevance.network.Composite`) picks one rule per step, once, from the step's kind, as
+zennit's layer maps do; canonization (BatchNorm merged, skip sums split) lives in the chain, not here.
+
+The LRP rules for affine layers (convolution or linear, BatchNorm merged in) are z-rules,
+R_in = sum over terms of input_term * W_term^T (R / z), z the rule's stabilised output:
+ZPlus (alpha1-beta0):  z = W+ x+ + b+ + W- x-            (x- = 0 after a ReLU)
+AlphaBeta(a, b):       a * [positive part] - b * [negative part], each normalised by its own z
+Epsilon:               z = W x + b, stabilised by epsilon
+ZBox (input layer):    z = W x - W+ l - W- h, with l / h the lowest / highest input values
 The stabiliser adds eps * sign(z) (sign 0 -> +1). These match zennit's ZPlus, AlphaBeta, Epsilon, ZBox.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -76,83 +82,148 @@ class AffineOp:
                 and self.groups == 1)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """name: 'zplus', 'alphabeta', 'epsilon' or 'zbox'; alpha/beta for alphabeta; eps is the stabiliser
-    (the epsilon of the epsilon rule)."""
+class Rule(ABC):
+    """The relevance rule of a one-input step."""
 
-    name: str = "zplus"
-    alpha: float = 2.0
-    beta: float = 1.0
-    eps: float = 1e-6
+    @abstractmethod
+    def relprop(self, step, relevance: torch.Tensor) -> torch.Tensor:
+        """R_in, the relevance of ``step.x``, from the relevance R of the step's output."""
 
 
-def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
+class SumRule(ABC):
+    """The relevance rule of a skip sum ReLU(s), s = identity + residual (``step`` records both summands)."""
+
+    @abstractmethod
+    def split(self, step, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R_identity, R_residual): the relevance of the two summands."""
+
+    def join(self, step, from_skip: torch.Tensor, from_branch: torch.Tensor) -> torch.Tensor:
+        """The block input's relevance from what reached it through the skip and through the branch."""
+        return from_skip + from_branch
+
+
+class Pass(Rule):
+    """R_in = R (ReLU, Dropout: the canonical LRP choice)."""
+
+    def relprop(self, step, relevance):
+        return relevance
+
+
+def _positive(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(min=0)
 
 
-def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
+def _negative(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def affine_relevance(op: AffineOp, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     relevance: torch.Tensor, rule: Rule,
-                     bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     nonnegative: bool = False) -> torch.Tensor:
-    """Relevance of the layer input ``x`` given the relevance of its output.
+def _z_part(step, relevance: torch.Tensor, w_for_pos: torch.Tensor, w_for_neg: torch.Tensor,
+            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x+ W1^T (R/z) + x- W2^T (R/z) for z = W1 x+ + b + W2 x-; when the step's input is known to be >= 0
+    (it follows a ReLU), the x- terms, exactly zero, are skipped."""
+    op, x = step.op, step.x
+    if step.nonnegative_input:
+        s = relevance / stabilize(op.forward(x, w_for_pos, bias), eps)
+        return x * op.transpose(s, w_for_pos, x.shape)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    z = op.forward(xp, w_for_pos, bias) + op.forward(xn, w_for_neg, None)
+    s = relevance / stabilize(z, eps)
+    return xp * op.transpose(s, w_for_pos, x.shape) + xn * op.transpose(s, w_for_neg, x.shape)
 
-    nonnegative: ``x`` is known to be >= 0 (it follows a ReLU), so the x- terms, exactly zero, are skipped.
-    """
-    shape = x.shape
-    if rule.name == "epsilon":
-        s = relevance / stabilize(op.forward(x, weight, bias), rule.eps)
-        return x * op.transpose(s, weight, shape)
-    if rule.name == "zbox":
-        low, high = (b.to(x).expand_as(x) for b in bounds)
+
+class ZPlus(Rule):
+    """z+ (alpha1-beta0): R_in = x+ W+^T (R/z) + x- W-^T (R/z), z = W+ x+ + W- x- + b+."""
+
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def relprop(self, step, relevance):
+        weight = step.weight
+        return _z_part(step, relevance, weight.clamp(min=0), weight.clamp(max=0), _positive(step.bias), self.eps)
+
+
+class AlphaBeta(Rule):
+    """alpha * [z+ part] - beta * [z- part], z- = W- x+ + W+ x- + b-, each part normalised by its own z."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6):
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+
+    def relprop(self, step, relevance):
+        wp, wn = step.weight.clamp(min=0), step.weight.clamp(max=0)
+        return (self.alpha * _z_part(step, relevance, wp, wn, _positive(step.bias), self.eps)
+                - self.beta * _z_part(step, relevance, wn, wp, _negative(step.bias), self.eps))
+
+
+class Epsilon(Rule):
+    """epsilon rule: R_in = x W^T (R / (z + eps sign z)), z = W x + b."""
+
+    def __init__(self, eps: float = 0.25):
+        self.eps = eps
+
+    def relprop(self, step, relevance):
+        x = step.x
+        s = relevance / stabilize(step.op.forward(x, step.weight, step.bias), self.eps)
+        return x * step.op.transpose(s, step.weight, x.shape)
+
+
+class ZBox(Rule):
+    """z^B for the input layer, the box [l, h] of possible input values:
+    R_in = x W^T s - l W+^T s - h W-^T s, s = R / z, z = W x + b - (W+ l + b+) - (W- h + b-)."""
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor, eps: float = 1e-6):
+        self.low, self.high, self.eps = low, high, eps
+
+    def relprop(self, step, relevance):
+        op, x, weight, bias, shape = step.op, step.x, step.weight, step.bias, step.x.shape
+        low, high = self.low.to(x).expand_as(x), self.high.to(x).expand_as(x)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-        z = op.forward(x, weight, bias) - op.forward(low, wp, _pos(bias)) - op.forward(high, wn, _neg(bias))
-        s = relevance / stabilize(z, rule.eps)
+        z = op.forward(x, weight, bias) - op.forward(low, wp, _positive(bias)) - op.forward(high, wn, _negative(bias))
+        s = relevance / stabilize(z, self.eps)
         return x * op.transpose(s, weight, shape) - low * op.transpose(s, wp, shape) - high * op.transpose(s, wn, shape)
-    xp, xn = (x, None) if nonnegative else (x.clamp(min=0), x.clamp(max=0))
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-
-    def part(w_for_pos: torch.Tensor, w_for_neg: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if nonnegative:
-            s = relevance / stabilize(op.forward(xp, w_for_pos, b), rule.eps)
-            return xp * op.transpose(s, w_for_pos, shape)
-        z = op.forward(xp, w_for_pos, b) + op.forward(xn, w_for_neg, None)
-        s = relevance / stabilize(z, rule.eps)
-        return xp * op.transpose(s, w_for_pos, shape) + xn * op.transpose(s, w_for_neg, shape)
-
-    if rule.name == "zplus":
-        return part(wp, wn, _pos(bias))
-    if rule.name == "alphabeta":
-        return rule.alpha * part(wp, wn, _pos(bias)) - rule.beta * part(wn, wp, _neg(bias))
-    raise ValueError(f"unknown LRP rule '{rule.name}'")
 
 
-def norm_relevance(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, relevance: torch.Tensor,
-                   eps: float = 1e-6, exact: bool = False) -> torch.Tensor:
-    """Proportional redistribution through a parameter-free linear map (sum or average pooling).
+class Norm(Rule):
+    """Proportional redistribution through a parameter-free linear step (average pooling):
+    R_in = x * J^T (R / z), z = step(x) stabilised by eps (zennit's Norm)."""
 
-    exact: divide without a stabiliser (0 where the output is 0), as RAP does.
-    """
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        z = forward(leaf)
-        detached = z.detach()
-        if exact:
-            share = safe_divide(relevance, detached)
-        else:
-            share = relevance / stabilize(detached, eps)
-        (grad,) = torch.autograd.grad(z, leaf, share)
-    return x * grad
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def divide(self, relevance: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return relevance / stabilize(z, self.eps)
+
+    def relprop(self, step, relevance):
+        with torch.enable_grad():
+            leaf = step.x.detach().requires_grad_(True)
+            z = step.apply(leaf)
+            (grad,) = torch.autograd.grad(z, leaf, self.divide(relevance, z.detach()))
+        return step.x * grad
 
 
-def gradient_relevance(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       relevance: torch.Tensor) -> torch.Tensor:
-    """Relevance routed by the gradient (max pooling: winner takes all)."""
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(forward(leaf), leaf, relevance)
-    return grad
+class WinnerTakesAll(Rule):
+    """Relevance routed by the gradient (max pooling: to the maxima)."""
+
+    def relprop(self, step, relevance):
+        with torch.enable_grad():
+            leaf = step.x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(step.apply(leaf), leaf, relevance)
+        return grad
+
+
+class SkipSum(SumRule):
+    """R_identity = identity * R / s, R_residual = residual * R / s, s stabilised by eps (zennit's
+    canonized sum with the Norm rule)."""
+
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def summands(self, step) -> tuple[torch.Tensor, torch.Tensor]:
+        return step.identity, step.residual
+
+    def divide(self, relevance: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        return relevance / stabilize(total, self.eps)
+
+    def split(self, step, relevance):
+        identity, residual = self.summands(step)
+        share = self.divide(relevance, identity + residual)
+        return identity * share, residual * share
