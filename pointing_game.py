@@ -24,7 +24,16 @@ from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
 from app.evaluation_run import run_evaluation
 from evaluation.driver import Row, Task
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
-from evaluation.pointing import class_mean, energy_score, map_point, pointing_hit
+from evaluation.pointing import (
+    AGGREGATIONS,
+    UNLISTED,
+    class_mean,
+    energy_score,
+    explainer_point,
+    in_difficult_subset,
+    pointing_accuracy,
+    pointing_hit,
+)
 from evaluation.reports import pointing_tables, write_skipped, write_summary
 from models.multilabel import load_multilabel
 from models.preprocessing import preprocess_one
@@ -45,16 +54,25 @@ def build_parser() -> Parser:
                       help="EBP difficult flags: '<image id>\\t<0/1 per class>' per line (TorchRay's files)")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     data.add_argument("--tolerance", type=int, default=15, help="pointing tolerance in pixels (default 15)")
+    data.add_argument("--aggregation", choices=AGGREGATIONS, default="torchray",
+                      help="accuracy = mean over all classes, a class without pairs counting as 0 (torchray, "
+                           "default), or over the classes with at least one pair (evaluated-classes)")
+    data.add_argument("--unlisted", choices=UNLISTED, default="difficult",
+                      help="with --difficult-list, images missing from it: all their pairs in the difficult "
+                           "subset (difficult, TorchRay's rule, default) or in 'all' only (all-only)")
     data.add_argument("--out", default=None, help="output folder (default results/pointing/<dataset>_<model>_<method>)")
     return parser
 
 
-def process_image(rows: list[Row], spec, device, record: dict, flags: dict | None, tolerance: int) -> dict:
-    """Every class present in the image explained in one batch, by every row; hits and energies per class."""
+def process_image(rows: list[Row], spec, device, record: dict, flags: dict | None, unlisted: str,
+                  tolerance: int) -> dict:
+    """Every class present in the image explained in one batch, by every row; hits and energies per class.
+    Maps are resized to the image as TorchRay does (plain bilinear); the center baseline points at TorchRay's
+    exact centre."""
     image, targets = record["image"], record["targets"]
     height, width = image.shape[:2]
     pairs = [{"class": t.label,
-              "difficult": None if flags is None else bool(flags.get(record["key"], [False] * 1000)[t.label])}
+              "difficult": None if flags is None else in_difficult_subset(flags, record["key"], t.label, unlisted)}
              for t in targets]
     result = {"key": record["key"], "file": str(record["entry"].path), "pairs": pairs, "rows": {}}
     if not targets:
@@ -62,8 +80,9 @@ def process_image(rows: list[Row], spec, device, record: dict, flags: dict | Non
     x = preprocess_one(image, spec, device).expand(len(targets), -1, -1, -1)
     labels = torch.tensor([t.label for t in targets], device=device)
     for row in rows:
-        maps = row.explainer.finalize(row.explainer(x, labels).maps, (height, width))[:, 0]
-        hits = [pointing_hit(t.mask, map_point(maps[i]), tolerance) for i, t in enumerate(targets)]
+        maps = row.explainer.finalize(row.explainer(x, labels).maps, (height, width), antialias=False)[:, 0]
+        hits = [pointing_hit(t.mask, explainer_point(row.explainer, maps[i]), tolerance)
+                for i, t in enumerate(targets)]
         energies = [energy_score(maps[i], t.boxes) for i, t in enumerate(targets)]
         result["rows"][row.name] = {"hit": hits, "energy": energies}
     return result
@@ -84,15 +103,21 @@ def aggregate(results: list[dict], row_name: str, num_classes: int, with_difficu
     return per
 
 
-def summarize(results: list[dict], rows: list[Row], num_classes: int, with_difficult: bool) -> list[dict]:
-    """Each row's class-mean pointing accuracy and energy (%), all pairs and the difficult subset."""
+def summarize(results: list[dict], rows: list[Row], num_classes: int, with_difficult: bool,
+              aggregation: str) -> list[dict]:
+    """Each row's pointing accuracy (``aggregation`` over classes) and class-mean energy (%), for all pairs
+    and for the difficult subset."""
     summary = []
     for row in rows:
         per = aggregate(results, row.name, num_classes, with_difficult)
         entry = {"name": row.name, "ucag": row.ucag}
         for field in FIELDS:
-            keep = with_difficult or not field.endswith("difficult")
-            entry[field] = class_mean(per[field]) * 100 if keep else float("nan")
+            if not with_difficult and field.endswith("difficult"):
+                entry[field] = float("nan")
+            elif field.startswith("pointing"):
+                entry[field] = pointing_accuracy(per[field], num_classes, aggregation) * 100
+            else:
+                entry[field] = class_mean(per[field]) * 100
         summary.append(entry)
     return summary
 
@@ -126,12 +151,15 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         if flags is not None:
             missing = sum(entry.key not in flags for entry in entries)
             if missing:
-                tqdm.write(f"note: {missing} image(s) are not in {args.difficult_list}; they count in 'all' only")
+                subset = "in 'all' and in the difficult subset" if args.unlisted == "difficult" else "in 'all' only"
+                tqdm.write(f"note: {missing} image(s) are not in {args.difficult_list}; their pairs count {subset} "
+                           f"(--unlisted {args.unlisted})")
 
         def summary_of(results: list[dict]) -> dict:
             return {"dataset": args.dataset, "model": args.name, "method": setup.method, "n_images": len(results),
                     "n_pairs": sum(len(r["pairs"]) for r in results), "tolerance": args.tolerance,
-                    "rows": summarize(results, rows, len(dataset.categories), with_difficult)}
+                    "aggregation": args.aggregation,
+                    "rows": summarize(results, rows, len(dataset.categories), with_difficult, args.aggregation)}
 
         def write(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
             write_per_class(out / "per_class.csv", results, [row.name for row in rows], dataset.categories,
@@ -147,12 +175,14 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
             return ", ".join(f"{name} {100 * np.mean(v):.1f}%" for name, v in hits.items() if v)
 
         def score(batch: list[dict]) -> list[dict]:
-            return [process_image(rows, setup.spec, setup.device, r, flags, args.tolerance) for r in batch]
+            return [process_image(rows, setup.spec, setup.device, r, flags, args.unlisted, args.tolerance)
+                    for r in batch]
 
         task = Task(entries, lambda e: e.key, lambda e: load_entry(dataset, e), score, summary_of, write, running,
                     f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}")
         return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
-                      "tolerance": args.tolerance, "difficult_list": args.difficult_list}
+                      "tolerance": args.tolerance, "difficult_list": args.difficult_list,
+                      "aggregation": args.aggregation, "unlisted": args.unlisted}
 
     def default_out(setup: Setup) -> Path:
         return Path(f"results/pointing/{args.dataset}_{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")

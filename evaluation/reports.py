@@ -161,7 +161,9 @@ def pointing_tables(summary: dict) -> str:
     """Tables 2 and 3's layouts: pointing accuracy all/difficult per row; energy all(difficult), without /
     with UCAG."""
     column = f"{summary['dataset']} {summary['model']}"
-    lines = [f"Pointing game (layout of the paper's Table 2): accuracy %, all/difficult, mean over classes; "
+    over = {"torchray": "mean over all classes (TorchRay)",
+            "evaluated-classes": "mean over the classes with pairs"}[summary.get("aggregation", "torchray")]
+    lines = [f"Pointing game (layout of the paper's Table 2): accuracy %, all/difficult, {over}; "
              f"{summary['n_images']} images, tolerance {summary['tolerance']} px. `*` = with UCAG.", "",
              f"| Methods | {column} |", "|---|---|"]
     lines += [f"| {r['name']} | {_cell(r['pointing_all'])}/{_cell(r['pointing_difficult'])} |" for r in summary["rows"]]

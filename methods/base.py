@@ -62,9 +62,10 @@ class Explainer(ABC):
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         """Maps and logits for ``x``; ``targets`` is a (B,) tensor or None for the predicted classes."""
 
-    def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Raw (B, 1, h, w) maps -> final [0, 1] maps at ``size``: ReLU, resize, per-map min-max."""
-        return finalize_maps(maps, size)
+    def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None, antialias: bool = True) -> torch.Tensor:
+        """Raw (B, 1, h, w) maps -> final [0, 1] maps at ``size``: ReLU, resize, per-map min-max.
+        ``antialias=False``: plain bilinear also when shrinking (the pointing game's reference protocol)."""
+        return finalize_maps(maps, size, antialias=antialias)
 
     def finalize_signed(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw maps -> [-1, 1] maps at ``size`` with their sign kept (divided by the largest magnitude)."""

@@ -124,9 +124,9 @@ class UCAG(Explainer):
         folded = grid.fold(partial) / (gamma + 1 if self.official else gamma)
         return Explanation(folded, logits)
 
-    def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None, antialias: bool = True) -> torch.Tensor:
         """Final [0, 1] UCAG maps: ReLU, resize, min-max (official mode: blur as the official code)."""
-        return finalize_maps(maps, size, blur=self.official)
+        return finalize_maps(maps, size, blur=self.official, antialias=antialias)
 
     def finalize_signed(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Final [-1, 1] UCAG maps of a signed explainer (red/blue pictures); official mode blurs first."""
