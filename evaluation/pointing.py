@@ -5,7 +5,7 @@ The reference protocol is TorchRay 1.0.0.2's benchmark (``torchray.benchmark.poi
 ``examples/attribution_benchmark.py``), and every default here follows it:
 
 - maps are resized to the original image with plain bilinear interpolation (``align_corners=False``, no
-  anti-aliasing): ``methods.postprocess.finalize_maps(raw, (height, width), antialias=False)``;
+  anti-aliasing): the explainer's ``finalize(raw, (height, width), antialias=False)``;
 - the point is the first maximum of the map in raster order (:func:`map_point`), except for the
   ``center`` baseline, whose point is TorchRay's exact (w / 2, h / 2) (:func:`explainer_point`);
 - a hit is a ground-truth pixel at distance < ``tolerance`` from the point (:func:`pointing_hit`);
