@@ -6,20 +6,19 @@ logit S_k. Maps are raw and signed (no ReLU): ``sum_c w_c A_c`` or an elementwis
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.hooks import LayerCapture, restored_state
+from methods.hooks import LayerCapture, Post, restored_state
+from methods.targets import target_gradients
 
 
 class CAM(Explainer):
     """Gradient-weighted class activation maps at ``layer``; subclasses define :meth:`combine`."""
 
-    def __init__(self, model: nn.Module, layer: nn.Module,
-                 activation_post: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None):
         super().__init__(model)
         self.layer = layer
         self.activation_post = activation_post
@@ -29,8 +28,7 @@ class CAM(Explainer):
                 LayerCapture(self.layer, self.activation_post) as capture:
             logits = capture.forward(self.model, x)
             targets = resolve_targets(targets, logits)
-            score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
-            (grads,) = torch.autograd.grad(score, capture.activation)
+            (grads,) = target_gradients(logits, targets, capture.activation)
         activations = capture.activation.detach()
         return Explanation(self.combine(activations, grads), logits.detach())
 

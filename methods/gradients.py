@@ -37,7 +37,7 @@ and EfficientNet-Lite use ReLU modules, DenseNet's final ReLU is functional.)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Explainer, Explanation, Targets, as_targets, resolve_targets
-from methods.hooks import restored_state
+from methods.hooks import LayerCapture, restored_state
+from methods.options import choice
+from methods.targets import target_gradients, target_scores
 from models.spec import ModelSpec
 
 __all__ = [
@@ -109,8 +111,7 @@ def modified_relus(model: nn.Module, rule: str) -> Iterator[list[nn.Module]]:
     """Within the block, every ``nn.ReLU`` / ``nn.ReLU6`` module of ``model`` back-propagates by ``rule``
     ('guided' or 'deconv'); the forward values are unchanged. The original ``forward`` attributes are put
     back on exit, also when an exception is raised. Functional ReLUs are not affected."""
-    if rule not in RULES:
-        raise ValueError(f"unknown ReLU rule '{rule}'; expected one of {RULES}")
+    choice("rule", rule, RULES)
     patched: list[tuple[nn.Module, bool, object]] = []
     try:
         for module in model.modules():
@@ -146,23 +147,15 @@ class InputGradient(Explainer):
             x = x.detach().requires_grad_(True)
             logits = self.model(x)
             targets = resolve_targets(targets, logits)
-            score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
-            (grads,) = torch.autograd.grad(score, x)
+            (grads,) = target_gradients(logits, targets, x)
         return grads, logits.detach()
 
     def _rules(self):
-        if self.rule is None:
-            return _null_context()
-        return modified_relus(self.model, self.rule)
+        return nullcontext() if self.rule is None else modified_relus(self.model, self.rule)
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         grads, logits = self.input_gradients(x, targets)
         return Explanation(grads.abs().amax(dim=1, keepdim=True), logits)
-
-
-@contextmanager
-def _null_context():
-    yield []
 
 
 class GuidedBackprop(InputGradient):
@@ -241,29 +234,6 @@ class FullGradTerms(NamedTuple):
     logit: torch.Tensor
 
 
-@contextmanager
-def _recorded_outputs(modules: list[nn.Module]) -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
-    """Forward hooks recording each call's output (a module run twice is recorded twice). The rest of the
-    network gets a copy, so a following in-place op (``ReLU(inplace=True)``) leaves the recorded tensor
-    and its gradient those of the layer's output."""
-    records: list[tuple[nn.Module, torch.Tensor]] = []
-
-    def hook(module, inputs, output):
-        if not isinstance(output, torch.Tensor):
-            return None
-        records.append((module, output))
-        return output.clone()
-
-    handles = []
-    try:
-        for module in modules:
-            handles.append(module.register_forward_hook(hook))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 class FullGrad(Explainer):
     """FullGrad saliency (Srinivas & Fleuret 2019), after the authors' ``saliency/fullgrad.py``.
 
@@ -287,27 +257,29 @@ class FullGrad(Explainer):
         super().__init__(model)
         self.eps, self.align_corners, self.clip_biases = eps, align_corners, clip_biases
 
-    def bias_layers(self) -> list[nn.Module]:
-        """Modules whose outputs carry a bias term: Conv2d / Linear with a bias, BatchNorm2d with running
-        statistics, and (with ``clip_biases``) Hardtanh / ReLU6."""
-        return [m for m in self.model.modules()
+    def bias_layers(self) -> dict[str, nn.Module]:
+        """Modules (by name) whose outputs carry a bias term: Conv2d / Linear with a bias, BatchNorm2d with
+        running statistics, and (with ``clip_biases``) Hardtanh / ReLU6."""
+        return {name: m for name, m in self.model.named_modules()
                 if (isinstance(m, BIAS_LAYERS) and effective_bias(m) is not None)
-                or (self.clip_biases and isinstance(m, nn.Hardtanh))]
+                or (self.clip_biases and isinstance(m, nn.Hardtanh))}
 
     def decompose(self, x: torch.Tensor, targets: torch.Tensor | None):
         """One forward and one backward pass: grad_x * x (B, 3, H, W), the list of (layer, grad_b * b)
         terms (shaped like each layer's output), the logits and the targets."""
         layers = self.bias_layers()
-        with restored_state(self.model), torch.enable_grad(), _recorded_outputs(layers) as records:
+        # every call of every bias layer recorded (a module run twice gives two terms), the graph kept to x
+        with restored_state(self.model), torch.enable_grad(), \
+                LayerCapture(layers, cut_graph=False, each_call=True) as capture:
             x = x.detach().requires_grad_(True)
-            logits = self.model(x)
+            logits = capture.forward(self.model, x)
             targets = resolve_targets(targets, logits)
-            score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
-            outputs = [output for _, output in records]
-            grads = torch.autograd.grad(score, [x] + outputs, allow_unused=True)
+            outputs = [output for _, output in capture.records]
+            grads = target_gradients(logits, targets, [x] + outputs, allow_unused=True)
             # effective biases are read in eval mode, inside restored_state
             terms = []
-            for (module, output), grad in zip(records, grads[1:], strict=True):
+            for (name, output), grad in zip(capture.records, grads[1:], strict=True):
+                module = layers[name]
                 if grad is None:
                     continue  # an output that does not reach the target logit
                 if isinstance(module, nn.Hardtanh):
@@ -322,8 +294,7 @@ class FullGrad(Explainer):
         bias_term = torch.zeros(x.shape[0], dtype=input_term.dtype, device=x.device)
         for _, term in terms:
             bias_term = bias_term + term.flatten(1).sum(dim=1)
-        return FullGradTerms(input_term.flatten(1).sum(dim=1), bias_term,
-                             logits.gather(1, targets[:, None])[:, 0])
+        return FullGradTerms(input_term.flatten(1).sum(dim=1), bias_term, target_scores(logits, targets))
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         input_term, terms, logits, _ = self.decompose(x, targets)

@@ -1,11 +1,13 @@
 """Context managers that touch a model and always put it back: state restore and activation capture."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+Post = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextmanager
@@ -26,51 +28,92 @@ def restored_state(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Modu
 
 
 class LayerCapture:
-    """Forward hook on a target layer that records its output as the activation A.
+    """Forward hooks recording the outputs of one or several layers in one forward pass (the activations
+    A), removed on exit. The one capture every method that hooks layers uses.
 
-    With ``cut_graph`` the hook re-enables autograd and hands the rest of the network a copy of a fresh
-    leaf tensor, so a forward run under ``torch.no_grad()`` builds a graph only for the layers after the
-    target: gradients dS/dA then cost about a no-grad forward. The copy keeps A intact when the next
-    layer works in place (``ReLU(inplace=True)``). ``post`` (e.g. ReLU) is applied to the output first;
-    it must be idempotent with what the model does next.
+    layers: one module, or a mapping name -> module (the names order nothing; they word the errors and key
+    :attr:`activations`). post: an op applied to each output before it is recorded (DenseNet's final ReLU),
+    or a mapping name -> op for some of the layers; it must be idempotent with what the model does next.
+    Every recorded layer hands the rest of the network a copy, so an in-place op after it
+    (``ReLU(inplace=True)``) leaves the recorded tensor, and its gradient, those of the layer's output.
+
+    cut_graph: :meth:`forward` runs the model under ``torch.no_grad()``; the first recorded output becomes a
+    fresh leaf with autograd re-enabled from there on, so only the layers after it build a graph and the
+    gradients dS/dA cost about a no-grad forward. Deeper recorded outputs that require grad stay in that
+    graph; one that does not (off the first one's path, parameters frozen as SISE does) becomes a leaf of
+    its own. Without it the caller's grad mode is kept: gradients reach the input (FullGrad), or no graph
+    is built at all (Score-CAM under ``no_grad``).
+
+    each_call: record every call (a module that runs twice is recorded twice) and let layers not run
+    (FullGrad's bias layers); otherwise each layer must run exactly once per forward.
     """
 
-    def __init__(self, layer: nn.Module, post: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 cut_graph: bool = True):
-        self.layer, self.post, self.cut_graph = layer, post, cut_graph
-        self.activation: torch.Tensor | None = None
-        self._handle = None
+    def __init__(self, layers: nn.Module | Mapping[str, nn.Module], post: Post | Mapping[str, Post] | None = None,
+                 cut_graph: bool = True, each_call: bool = False):
+        self.single = isinstance(layers, nn.Module)
+        self.layers = {"": layers} if self.single else dict(layers)
+        self.posts = dict(post) if isinstance(post, Mapping) else {name: post for name in self.layers}
+        self.cut_graph, self.each_call = cut_graph, each_call
+        self.records: list[tuple[str, torch.Tensor]] = []
+        self._handles: list = []
 
-    def _hook(self, module: nn.Module, inputs, output):
-        if self.activation is not None:
-            raise RuntimeError("the target layer ran twice in one forward pass (a shared module?); "
-                               "choose another with --target-layer")
-        if not isinstance(output, torch.Tensor):
-            raise RuntimeError(f"the target layer returns {type(output).__name__}, not a tensor")
-        act = self.post(output) if self.post is not None else output
-        if not self.cut_graph:
-            self.activation = act
-            return act if self.post is not None else None
-        torch.set_grad_enabled(True)  # the enclosing no_grad() restores the caller's mode on exit
-        self.activation = act.detach().requires_grad_(True)
-        return self.activation.clone()
+    @property
+    def activation(self) -> torch.Tensor | None:
+        """The last recorded output (the single layer's A)."""
+        return self.records[-1][1] if self.records else None
+
+    @property
+    def activations(self) -> dict[str, torch.Tensor]:
+        """name -> recorded output, in execution order."""
+        return dict(self.records)
+
+    def _label(self, name: str) -> str:
+        return "the target layer" if self.single else f"layer '{name}'"
+
+    def _hook(self, name: str):
+        post = self.posts.get(name)
+
+        def hook(module: nn.Module, inputs, output):
+            if not self.each_call and any(seen == name for seen, _ in self.records):
+                hint = "choose another with --target-layer" if self.single else "choose other layers"
+                raise RuntimeError(f"{self._label(name)} ran twice in one forward pass (a shared module?); {hint}")
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"{self._label(name)} returns {type(output).__name__}, not a tensor")
+            act = post(output) if post is not None else output
+            if self.cut_graph and not act.requires_grad:
+                torch.set_grad_enabled(True)  # the no_grad() of forward() restores the caller's mode on exit
+                act = act.detach().requires_grad_(True)
+            self.records.append((name, act))
+            return act.clone()
+        return hook
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Run ``model(x)``; layers before the target build no autograd graph when ``cut_graph``."""
-        self.activation = None
+        """Run ``model(x)``, recording the layers' outputs; layers before the first build no autograd graph
+        when ``cut_graph``."""
+        self.records = []
         if self.cut_graph:
             with torch.no_grad():
                 logits = model(x)
         else:
             logits = model(x)
-        if self.activation is None:
-            raise RuntimeError("the target layer did not run during the forward pass")
+        if not self.each_call:
+            seen = {name for name, _ in self.records}
+            missing = [name for name in self.layers if name not in seen]
+            if missing:
+                where = "the target layer" if self.single else f"layers {', '.join(missing)}"
+                raise RuntimeError(f"{where} did not run during the forward pass")
         return logits
 
     def __enter__(self) -> LayerCapture:
-        self._handle = self.layer.register_forward_hook(self._hook)
+        try:
+            for name, layer in self.layers.items():
+                self._handles.append(layer.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -7,8 +7,6 @@ P_k = softmax(f(x * M))_k (sigmoid(f(x * M)_k) for multi-label models).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.hooks import LayerCapture, restored_state
+from methods.hooks import LayerCapture, Post, restored_state
+from methods.options import in_interval, integer, positive_int
+from methods.targets import target_probabilities
 from models.spec import ModelSpec
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def target_probability(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
-    """P_k per row: softmax(logits)[k], or sigmoid(logits[k]) for multi-label models; (n,) float32."""
-    logits = logits.float()
-    if multilabel:
-        return torch.sigmoid(logits.gather(1, targets[:, None])).squeeze(1)
-    return torch.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
 
 
 def _chunks(total: int, size: int, desc: str):
@@ -49,19 +35,19 @@ class ScoreCAM(Explainer):
 
     name = "scorecam"
 
-    def __init__(self, model: nn.Module, layer: nn.Module,
-                 activation_post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None,
                  mask_batch: int = 64, multilabel: bool = False):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
-        self.mask_batch = _positive_int("mask_batch", mask_batch)
+        self.mask_batch = positive_int("mask_batch", mask_batch)
         self.multilabel = multilabel
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, _, height, width = x.shape
         with restored_state(self.model):
-            with LayerCapture(self.layer, self.activation_post) as capture:  # A kept intact past in-place ops
+            # no graph (no gradients here); the capture keeps A intact past in-place ops
+            with LayerCapture(self.layer, self.activation_post, cut_graph=False) as capture:
                 logits = capture.forward(self.model, x)
             activations = capture.activation.detach()             # (B, C, h, w)
             targets = resolve_targets(targets, logits)
@@ -77,7 +63,7 @@ class ScoreCAM(Explainer):
                 low = masks.amin(dim=(2, 3), keepdim=True)
                 span = masks.amax(dim=(2, 3), keepdim=True) - low
                 masks = torch.where(span > 0, (masks - low) / span.clamp(min=torch.finfo(span.dtype).tiny), 0)
-                scores[index] = target_probability(self.model(x[image] * masks.to(x.dtype)), targets[image],
+                scores[index] = target_probabilities(self.model(x[image] * masks.to(x.dtype)), targets[image],
                                                    self.multilabel)
         weights = scores.view(batch, channels, 1, 1)
         return Explanation((weights * activations.float()).sum(dim=1, keepdim=True), logits.detach())
@@ -123,14 +109,11 @@ class RISE(Explainer):
     def __init__(self, model: nn.Module, n_masks: int = 4000, cell: int = 7, p: float = 0.5, seed: int = 0,
                  mask_batch: int = 64, multilabel: bool = False):
         super().__init__(model)
-        self.n_masks = _positive_int("n_masks", n_masks)
-        self.cell = _positive_int("cell", cell)
-        if isinstance(p, bool) or not isinstance(p, Real) or not 0 < p <= 1:
-            raise ValueError(f"p (keep probability) must be in (0, 1], got {p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.p, self.seed = float(p), int(seed)
-        self.mask_batch = _positive_int("mask_batch", mask_batch)
+        self.n_masks = positive_int("n_masks", n_masks)
+        self.cell = positive_int("cell", cell)
+        self.p = in_interval("p", p, 0.0, 1.0, open_low=True)  # the keep probability
+        self.seed = integer("seed", seed)
+        self.mask_batch = positive_int("mask_batch", mask_batch)
         self.multilabel = multilabel
         self._cache: dict = {}
 
@@ -172,7 +155,7 @@ class RISE(Explainer):
                 index = pairs[start:start + self.mask_batch]
                 image = torch.div(index, n, rounding_mode="floor")
                 masks = self.masks(height, width, x.device, index - image * n)
-                probs = target_probability(self.model(x[image] * masks[:, None].to(x.dtype)), targets[image],
+                probs = target_probabilities(self.model(x[image] * masks[:, None].to(x.dtype)), targets[image],
                                            self.multilabel)
                 weights = torch.zeros(batch, len(index), device=x.device)
                 weights[image, torch.arange(len(index), device=x.device)] = probs

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from methods import gradients, multipass, perturbation, sise
+import torch
+
+from methods import cameras, gradients, igcam, perturbation, sise
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
 from methods.errors import MethodError
 from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
+from models.preprocessing import normalize
 from models.spec import ModelSpec
 
 Builder = Callable[..., Explainer]
@@ -71,10 +74,7 @@ register("center")(lambda spec, **options: Center(spec.model))
 
 def input_bounds(spec: ModelSpec) -> tuple:
     """Normalised values of black and white pixels: the z^B rule's box."""
-    import torch
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (0 - mean) / std, (1 - mean) / std
+    return normalize(torch.zeros(1, 3, 1, 1), spec), normalize(torch.ones(1, 3, 1, 1), spec)
 
 
 def _relevance_builder(cls):
@@ -102,11 +102,11 @@ register("deconv", "deconvnet")(gradients.build_deconv)
 def _build_igcam(spec: ModelSpec, **options) -> Explainer:
     """Integrated Grad-CAM; at most 256 path points per forward/backward unless --path-batch says otherwise
     (an image's 50 points stay in one batch; UCAG's 64 crops x 50 points would not fit at once)."""
-    return multipass.build_igcam(spec, **{"path_batch": 256, **options})
+    return igcam.build_igcam(spec, **{"path_batch": 256, **options})
 
 
 register("igcam", "integrated-gradcam", options=("steps", "baseline", "path_batch"))(_build_igcam)
-register("cameras", options=("resolutions",))(multipass.build_cameras)
+register("cameras", options=("resolutions",))(cameras.build_cameras)
 
 register("sise", options=("mask_batch",))(sise.build_sise)
 register("adasise", "ada-sise", options=("mask_batch",))(sise.build_adasise)

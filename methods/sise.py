@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -55,13 +55,15 @@ from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.hooks import restored_state
+from methods.errors import MethodError
+from methods.hooks import LayerCapture, Post, restored_state
+from methods.options import choice, positive_int
+from methods.targets import target_log_probabilities, target_probabilities
 from models.efficientnet_lite import EfficientNetLite0
 from models.errors import ModelError
 from models.spec import ModelSpec
 from models.target_layer import find_target_layer
 
-Post = Callable[[torch.Tensor], torch.Tensor]
 FUSIONS = ("soft", "hard")
 
 
@@ -201,6 +203,11 @@ def to_uint8(values: torch.Tensor) -> torch.Tensor:
     return (values.float().clamp(0, 1) * 255).to(torch.uint8)
 
 
+def otsu_level(levels: np.ndarray) -> float:
+    """OpenCV's Otsu threshold (uint8 units) of a 1-D uint8 array."""
+    return cv2.threshold(levels.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
+
+
 def otsu_thresholds(values: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
     """Per-row Otsu thresholds (uint8 units, as ``cv2.threshold`` returns them) of ``uint8(values * 255)``.
 
@@ -216,79 +223,13 @@ def otsu_thresholds(values: torch.Tensor, valid: torch.Tensor | None = None) -> 
         data = data[~np.isnan(data)]
         if data.size:
             levels = (np.clip(data, 0, 1) * np.float32(255)).astype(np.uint8)
-            thresholds[row] = cv2.threshold(levels.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
+            thresholds[row] = otsu_level(levels)
     return thresholds
-
-
-# ----------------------------------------------------------------------------------------------------
-# Multi-layer capture
-# ----------------------------------------------------------------------------------------------------
-
-class BlockCapture:
-    """Forward hooks recording the outputs of several layers in one pass, removed on exit.
-
-    An output that does not require grad becomes a fresh leaf (the layers before the shallowest one then
-    build no graph); every layer hands the network a copy, so in-place layers after it leave the recorded
-    activation intact. ``posts[name]`` (e.g. DenseNet's final ReLU) is applied first and must be
-    idempotent with what the model does next.
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str], posts: dict[str, Post] | None = None):
-        self.model, self.names = model, list(names)
-        self.posts = dict(posts or {})
-        self.activations: dict[str, torch.Tensor] = {}
-        self.order: list[str] = []
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        post = self.posts.get(name)
-
-        def hook(module, inputs, output):
-            if name in self.activations:
-                raise RuntimeError(f"layer '{name}' ran twice in one forward pass (a shared module?); "
-                                   f"choose other layers with the 'layers' option")
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                raise RuntimeError(f"layer '{name}' does not return a (B, C, h, w) tensor")
-            act = post(output) if post is not None else output
-            if not act.requires_grad:
-                act = act.detach().requires_grad_(True)
-            self.activations[name] = act
-            self.order.append(name)
-            return act.clone()
-        return hook
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.activations, self.order = {}, []
-        logits = self.model(x)
-        missing = [name for name in self.names if name not in self.activations]
-        if missing:
-            raise RuntimeError(f"layers did not run during the forward pass: {', '.join(missing)}")
-        return logits
-
-    def __enter__(self) -> BlockCapture:
-        try:
-            for name in self.names:
-                self._handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 # ----------------------------------------------------------------------------------------------------
 # Explainers
 # ----------------------------------------------------------------------------------------------------
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
 
 def _varies(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """span above float rounding of the magnitude (constant maps are not normalised)."""
@@ -317,11 +258,8 @@ class SISE(Explainer):
         super().__init__(model)
         self.layers = _layer_names(model, layers)
         self.posts = dict(posts or {})
-        self.mask_batch = _positive_int("mask_batch", mask_batch)
-        fusion = self.default_fusion if fusion is None else str(fusion).lower()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-        self.fusion = fusion
+        self.mask_batch = positive_int("mask_batch", mask_batch)
+        self.fusion = choice("fusion", self.default_fusion if fusion is None else str(fusion).lower(), FUSIONS)
         self.multilabel = multilabel
         self.last_selection: dict[str, torch.Tensor] = {}
 
@@ -336,27 +274,21 @@ class SISE(Explainer):
         return {name: keep.sum(dim=1) for name, keep in self.last_selection.items()}
 
     # --- the pipeline -------------------------------------------------------------------------------
-    def _scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.multilabel:
-            return torch.sigmoid(logits.gather(1, targets[:, None])).squeeze(1)
-        return torch.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
-
-    def _log_score(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.multilabel:
-            return F.logsigmoid(logits.gather(1, targets[:, None])).sum()
-        return torch.log_softmax(logits, dim=1).gather(1, targets[:, None]).sum()
-
     def _activations_and_significance(self, x, targets):
         for param in self.model.parameters():  # restored_state restores the flags
             param.requires_grad_(False)       # only the block-end activations need gradients
-        with torch.enable_grad(), BlockCapture(self.model, self.layers, self.posts) as capture:
-            logits = capture.forward(x)
+        layers = {name: self.model.get_submodule(name) for name in self.layers}
+        with torch.enable_grad(), LayerCapture(layers, self.posts) as capture:
+            logits = capture.forward(self.model, x)
             targets = resolve_targets(targets, logits)
-            order = list(capture.order)
-            acts = [capture.activations[name] for name in order]
-            grads = torch.autograd.grad(self._log_score(logits, targets), acts, allow_unused=True)
+            order = [name for name, _ in capture.records]
+            acts = [act for _, act in capture.records]
+            for name, act in capture.records:
+                if act.dim() != 4:
+                    raise RuntimeError(f"layer '{name}' does not return a (B, C, h, w) tensor")
+            # the gradient of log P_k: the sign and normalised values of dP_k/dA without P_k's underflow
+            log_probs = target_log_probabilities(logits, targets, self.multilabel)
+            grads = torch.autograd.grad(log_probs.sum(), acts, allow_unused=True)
         significance = [torch.zeros(a.shape[:2], device=a.device) if g is None else g.float().mean(dim=(2, 3))
                         for a, g in zip(acts, grads, strict=True)]
         return order, [a.detach() for a in acts], significance, logits.detach(), targets
@@ -389,7 +321,7 @@ class SISE(Explainer):
             low = masks.amin(dim=(2, 3), keepdim=True)
             high = masks.amax(dim=(2, 3), keepdim=True)
             masks = (masks - low) / (high - low).clamp(min=torch.finfo(masks.dtype).tiny)
-            scores = self._scores(self.model(x[image] * masks.to(x.dtype)), targets[image])
+            scores = target_probabilities(self.model(x[image] * masks.to(x.dtype)), targets[image], self.multilabel)
             weights = scores
             if self.area_normalise:
                 weights = scores / (masks.sum(dim=(1, 2, 3)) + 1e-6)
@@ -419,7 +351,7 @@ class SISE(Explainer):
         host = levels.flatten(1).cpu().numpy()          # one host copy per layer
         thresholds = np.zeros(host.shape[0], dtype=np.float64)
         for row, data in enumerate(host):
-            t = cv2.threshold(data.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
+            t = otsu_level(data)
             if self.fusion == "soft":
                 raised = round(t * self.tau)
                 t = t * self.tau if np.count_nonzero(data >= raised) < 0.1 * data.size else t
@@ -461,14 +393,14 @@ def _layer_names(model: nn.Module, layers) -> list[str]:
         layers = [name.strip() for name in layers.split(",") if name.strip()]
     names = list(layers)
     if not names or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"layers must be a non-empty list of module names, got {layers!r}")
+        raise MethodError(f"layers must be a non-empty list of module names, got {layers!r}")
     if len(set(names)) != len(names):
-        raise ValueError(f"layers has duplicates: {names}")
+        raise MethodError(f"layers has duplicates: {names}")
     for name in names:
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"layer '{name}' not found in the model") from None
+            raise MethodError(f"layer '{name}' not found in the model") from None
     return names
 
 
@@ -498,5 +430,5 @@ def _builder(cls):
 build_sise = _builder(SISE)
 build_adasise = _builder(AdaSISE)
 
-__all__ = ["AdaSISE", "BlockCapture", "SISE", "block_end_layers", "build_adasise", "build_sise",
+__all__ = ["AdaSISE", "SISE", "block_end_layers", "build_adasise", "build_sise",
            "layer_posts", "otsu_thresholds", "traced_block_ends"]

@@ -31,13 +31,6 @@ def normalize(batch: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return (batch - mean) / std
 
 
-def unnormalize(batch: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """Inverse of :func:`normalize`."""
-    mean = torch.tensor(spec.mean, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    return batch * std + mean
-
-
 def model_input_size(height: int, width: int, spec: ModelSpec) -> tuple[int, int]:
     """Size an (height, width) image is resized to: the model's input, or (``spec.keep_aspect``) the shorter
     side at the input side and the longer one truncated, ``int(side * long / short)``, as torchvision's

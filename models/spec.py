@@ -45,11 +45,3 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.categories)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device: torch.device | str) -> ModelSpec:
-        self.model.to(device)
-        return self

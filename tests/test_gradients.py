@@ -16,6 +16,7 @@ from captum.attr import Deconvolution, Saliency
 from captum.attr import GuidedBackprop as CaptumGuidedBackprop
 from torch import nn
 
+from methods.errors import MethodError
 from methods.gradients import (
     Deconvnet,
     FullGrad,
@@ -250,7 +251,7 @@ def test_patch_restores_an_instance_forward_and_survives_exceptions():
             raise KeyError
     assert model[1].__dict__["forward"] is custom
     assert "forward" not in model[2].__dict__
-    with pytest.raises(ValueError, match="unknown ReLU rule"):
+    with pytest.raises(MethodError, match="rule must be one of guided, deconv"):
         with modified_relus(model, "lrp"):
             raise AssertionError("an unknown rule was accepted")
 

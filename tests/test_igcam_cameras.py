@@ -1,4 +1,4 @@
-"""Integrated Grad-CAM and CAMERAS (methods/multipass.py): closed forms against plain autograd hooks,
+"""Integrated Grad-CAM (methods/igcam.py) and CAMERAS (methods/cameras.py): closed forms against plain autograd hooks,
 convergence, batching, chunking, option checks and a run through UCAG. Small inputs, resnet18."""
 import itertools
 import warnings
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.cam import GradCAM
-from methods.multipass import CAMERAS, IntegratedGradCAM, build_cameras, build_igcam
+from methods.cameras import CAMERAS, build_cameras
+from methods.igcam import IntegratedGradCAM, build_igcam
 from models import load_model
 from ucag import UCAG
 
@@ -149,7 +150,7 @@ def test_igcam_baselines(r18, x64):
 
 @pytest.mark.parametrize("options", [dict(steps=0), dict(steps=2.5), dict(steps=True), dict(path_batch=0),
                                      dict(baseline="white"), dict(baseline=float("nan")), dict(baseline=None),
-                                     dict(formula="paper")])
+                                     dict(baseline=7.0), dict(baseline=-0.5), dict(formula="paper")])
 def test_igcam_rejects_bad_options(r18, options):
     with pytest.raises(ValueError):
         build_igcam(r18, **options)
