@@ -78,17 +78,25 @@ def input_bounds(spec: ModelSpec) -> tuple:
 
 
 def _relevance_builder(cls):
+    """LRP, CLRP, SGLRP: z^B at the input with the box of normalised black and white pixels."""
     def build(spec: ModelSpec, **options) -> Explainer:
         return cls(spec.model, input_bounds(spec), **options)
+    return build
+
+
+def _seeded_builder(cls):
+    """RAP, RSP, AGF: z^B with each image's own min/max, no box from the preprocessing."""
+    def build(spec: ModelSpec) -> Explainer:
+        return cls(spec.model)
     return build
 
 
 register("lrp", options=("rule",))(_relevance_builder(LRP))
 register("clrp", "c-lrp")(_relevance_builder(CLRP))
 register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
-register("rap")(_relevance_builder(RAP))
-register("rsp")(_relevance_builder(RSP))
-register("agf")(_relevance_builder(AGF))
+register("rap")(_seeded_builder(RAP))
+register("rsp")(_seeded_builder(RSP))
+register("agf")(_seeded_builder(AGF))
 
 
 register("scorecam", "score-cam", options=("mask_batch",))(perturbation.build_scorecam)

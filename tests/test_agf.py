@@ -8,7 +8,6 @@ import torchvision
 from methods.relevance import AGF
 from methods.relevance.agf import _abs_rule, _cluster_weights, _ones_response, delta_shift, divide, sharpened_target
 from methods.relevance.rules import AffineOp
-from tests.test_relevance import BOUNDS
 
 
 def test_delta_shift_keeps_the_base_total():
@@ -72,7 +71,7 @@ def test_batch_equals_single_images():
     torch.manual_seed(2)
     model = torchvision.models.resnet18().eval().double()
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
-    explainer = AGF(model, tuple(b.double() for b in BOUNDS))
+    explainer = AGF(model)
     maps, _ = explainer(x, torch.tensor([1, 2, 3]))
     for i in range(3):
         single, _ = explainer(x[i:i + 1], torch.tensor([1 + i]))
@@ -82,7 +81,7 @@ def test_batch_equals_single_images():
 def test_fixed_seed_regression_value():
     torch.manual_seed(6)
     model = torchvision.models.vgg11().eval()
-    maps, _ = AGF(model, BOUNDS)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
+    maps, _ = AGF(model)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
     assert float(maps.abs().sum()) == pytest.approx(REGRESSION_ABS_SUM, rel=1e-3)
     assert float(maps.max()) == pytest.approx(REGRESSION_MAX, rel=1e-3)
     assert float(maps.min()) < 0 < float(maps.max())

@@ -10,7 +10,6 @@ from methods.relevance import RAP
 from methods.relevance.rap import first_propagation, hidden_propagation, shift_to_total
 from methods.relevance.rules import AffineOp
 from models import load_model
-from tests.test_relevance import BOUNDS
 
 
 def test_first_propagation_by_hand():
@@ -45,7 +44,7 @@ def test_rap_conserves_the_explained_logit(arch, dtype, rtol):
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch).eval().to(dtype)
     x = torch.randn(2, 3, 224, 224, dtype=dtype)
-    maps, logits = RAP(model, tuple(b.to(dtype) for b in BOUNDS))(x, torch.tensor([3, 8]))
+    maps, logits = RAP(model)(x, torch.tensor([3, 8]))
     assert torch.allclose(maps.flatten(1).sum(1).to(dtype), logits[[0, 1], [3, 8]], rtol=rtol)
 
 
@@ -62,14 +61,14 @@ def test_relevant_and_irrelevant_parts_are_separated():
     first = first_propagation(hidden, model.classifier[-1].weight, model.classifier[-1].bias,
                               torch.nn.functional.one_hot(torch.tensor([5]), 1000).float())
     assert bool((first * torch.sign(logit) >= 0).all())
-    maps, _ = RAP(model, BOUNDS)(x, torch.tensor([5]))
+    maps, _ = RAP(model)(x, torch.tensor([5]))
     assert float(maps.min()) < 0 < float(maps.max())
 
 
 def test_fixed_seed_regression_value():
     torch.manual_seed(3)
     model = torchvision.models.vgg11().eval()
-    maps, logits = RAP(model, BOUNDS)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
+    maps, logits = RAP(model)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
     assert float(maps.abs().sum()) == pytest.approx(0.21961751580238342, rel=1e-4)
     assert float(maps[0, 0, 40, 33]) == pytest.approx(-0.0001328483340330422, rel=1e-3)
     assert float(maps.sum()) == pytest.approx(float(logits[0, 7]), rel=1e-4)
@@ -82,7 +81,7 @@ def test_rap_batch_equals_single():
     torch.manual_seed(2)
     model = torchvision.models.resnet18().eval().double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    explainer = RAP(model, tuple(b.double() for b in BOUNDS))
+    explainer = RAP(model)
     maps, _ = explainer(x, torch.tensor([1, 2]))
     for i in range(2):
         single, _ = explainer(x[i:i + 1], torch.tensor([1 + i]))

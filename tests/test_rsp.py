@@ -8,7 +8,6 @@ from methods.relevance import RSP
 from methods.relevance.network import RelevanceNet
 from methods.relevance.rsp import COMPOSITE, gradcam_terms, hidden_propagation, per_sample_weight_gradient
 from methods.relevance.rules import AffineOp
-from tests.test_relevance import BOUNDS
 
 
 def start_relevance(model, x, targets):
@@ -24,7 +23,7 @@ def test_rsp_conserves_its_gradcam_start(arch):
     model = torchvision.models.get_model(arch).eval().double()
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
     targets = torch.tensor([3, 8])
-    maps, _ = RSP(model, tuple(b.double() for b in BOUNDS))(x, targets)
+    maps, _ = RSP(model)(x, targets)
     start = start_relevance(model, x, targets)
     assert start.shape[-1] in (14, 7)  # the end of the last convolutional block
     assert torch.allclose(maps.flatten(1).sum(1), start.flatten(1).sum(1), rtol=1e-9)
@@ -64,7 +63,7 @@ def test_batch_equals_single_images():
     torch.manual_seed(3)
     model = torchvision.models.resnet18().eval()
     x = torch.randn(3, 3, 64, 64)
-    explainer = RSP(model, BOUNDS)
+    explainer = RSP(model)
     maps, _ = explainer(x, torch.tensor([1, 2, 3]))
     for i in range(3):
         single, _ = explainer(x[i:i + 1], torch.tensor([1 + i]))
@@ -74,7 +73,7 @@ def test_batch_equals_single_images():
 def test_fixed_seed_regression_value():
     torch.manual_seed(4)
     model = torchvision.models.vgg11().eval()
-    maps, _ = RSP(model, BOUNDS)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
+    maps, _ = RSP(model)(torch.randn(1, 3, 64, 64), torch.tensor([7]))
     assert float(maps.abs().sum()) == pytest.approx(REGRESSION_ABS_SUM, rel=1e-3)
     assert float(maps.sum()) == pytest.approx(REGRESSION_SUM, rel=1e-3)
 

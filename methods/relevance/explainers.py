@@ -111,13 +111,12 @@ class SGLRP(LRP):
 class SeededPropagation(Explainer):
     """RAP, RSP and AGF: the method's :attr:`composite` of rules, propagating a seed relevance given at the
     output of ``chain.steps[:end]`` (see :meth:`seed`) to the input, where the z^B box is the image's own
-    min/max. ``bounds`` is accepted so that every relevance explainer is built as ``cls(model, bounds)``;
-    these methods do not use it."""
+    min/max (no fixed input box, unlike LRP's)."""
 
     signed = True
     composite: Composite
 
-    def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module):
         super().__init__(model)
         RelevanceNet(model, self.composite)  # fail early on unsupported architectures
 
