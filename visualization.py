@@ -11,6 +11,8 @@ H x W, values in [0, 1]); plus predictions.csv and skipped.txt for the whole run
 from __future__ import annotations
 
 import csv
+import io
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +20,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from app.cli import Parser, Setup, UsageError, add_common_flags, build_setup, parse_target, run_cli
+from app.cli import (
+    Parser,
+    Setup,
+    UsageError,
+    add_common_flags,
+    build_setup,
+    parse_target,
+    prepare_out_dir,
+    run_cli,
+)
+from common.files import save_npy, write_text
 from common.images import find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches
@@ -39,13 +51,23 @@ def build_parser() -> Parser:
     return parser
 
 
-def output_stem(record: ImageRecord, root: Path, out: Path, method: str) -> Path:
-    """out/<sub-folders of the image below root>/<stem>_<method>."""
-    try:
-        relative = record.path.parent.relative_to(root)
-    except ValueError:
-        relative = Path()
-    return out / relative / f"{record.path.stem}_{method}"
+def output_stems(files: Sequence[Path], root: Path, out: Path, method: str) -> dict[Path, Path]:
+    """out/<sub-folders of each image below root>/<stem>_<method>; when two images of the run share a stem
+    in one folder (cat.jpg, cat.png), their extension is kept in the name (cat_jpg_<method>, cat_png_<method>)
+    so no output overwrites another."""
+    def relative(path: Path) -> Path:
+        try:
+            return path.parent.relative_to(root)
+        except ValueError:
+            return Path()
+
+    seen = Counter((relative(path), path.stem) for path in files)
+    stems = {}
+    for path in files:
+        folder = relative(path)
+        name = path.stem if seen[(folder, path.stem)] == 1 else f"{path.stem}_{path.suffix.lstrip('.')}"
+        stems[path] = out / folder / f"{name}_{method}"
+    return stems
 
 
 def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None):
@@ -68,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(files) == 1:
         load_rgb(files[0])  # a single unreadable file is an error, not a skip
     root = Path(args.img_path) if Path(args.img_path).is_dir() else Path(args.img_path).parent
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(args.out)
+    stems = output_stems(files, root, out, setup.method)
+    if any(stem.name != f"{path.stem}_{setup.method}" for path, stem in stems.items()):
+        tqdm.write("note: some images share a file stem in one folder; their outputs keep the extension "
+                   "(<stem>_<ext>_<method>)")
     label = setup.method if setup.ucag is None else f"{setup.method}+UCAG"
     print(f"{label} on {setup.spec.name} ({setup.spec.weights} weights, layer {setup.spec.target_layer}) "
           f"over {len(files)} image(s), device {setup.device}")
@@ -85,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if records:
             maps, targets, probs = explain_batch(setup, records, target)
             for i, record in enumerate(records):
-                rows.append(save_outputs(setup, args, record, root, out, [(row, raw[i:i + 1]) for row, raw in maps],
+                rows.append(save_outputs(setup, args, record, stems[record.path],
+                                         [(row, raw[i:i + 1]) for row, raw in maps],
                                          int(targets[i]), float(probs[i]), smallest_crop))
         bar.update(len(batch))
     bar.close()
@@ -97,14 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path, maps: list[tuple[Row, torch.Tensor]],
+def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path, maps: list[tuple[Row, torch.Tensor]],
                  target: int, prob: float, smallest_crop: int) -> dict:
     """Write the .npy maps and the .png panel of one image; returns its predictions.csv row."""
     height, width = record.image.shape[:2]
     if min(height, width) < smallest_crop:
         tqdm.write(f"note: {record.path} ({width}x{height}) is smaller than a crop; upsampled to "
                    f"{setup.spec.input_size[1]}x{setup.spec.input_size[0]} before unfolding")
-    stem = output_stem(record, root, out, setup.method)
     stem.parent.mkdir(parents=True, exist_ok=True)
     class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
     panels = [(record.image, "input")]
@@ -113,7 +138,7 @@ def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path,
         signed = explainer.signed
         final = (explainer.finalize_signed if signed else explainer.finalize)(raw, (height, width))
         final = final[0, 0].cpu().numpy().astype(np.float32)
-        np.save(f"{stem}_ucag.npy" if row.ucag else f"{stem}.npy", final)
+        save_npy(Path(f"{stem}_ucag.npy" if row.ucag else f"{stem}.npy"), final)
         title = (f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, n={args.num_patches})"
                  if row.ucag else setup.method)
         panels.append(((signed_overlay if signed else overlay)(record.image, final), title))
@@ -123,12 +148,13 @@ def save_outputs(setup: Setup, args, record: ImageRecord, root: Path, out: Path,
 
 
 def write_run_files(out: Path, rows: list[dict], skipped: list[ImageRecord]) -> None:
-    with open(out / "predictions.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file", "target", "class", "probability", "figure"])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "skipped.txt", "w") as handle:
-        handle.writelines(f"{record.path}\t{record.error}\n" for record in skipped)
+    """predictions.csv and skipped.txt of the run (file names written byte for byte, whatever their encoding)."""
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["file", "target", "class", "probability", "figure"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "predictions.csv", table.getvalue())
+    write_text(out / "skipped.txt", "".join(f"{record.path}\t{record.error}\n" for record in skipped))
 
 
 def raise_no_images(skipped: list[ImageRecord]) -> None:

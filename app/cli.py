@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -15,6 +18,9 @@ from methods import Explainer, build_explainer, canonical_name, method_options
 from models import DEFAULT_MODEL, ModelSpec, load_model
 from ucag import UCAG, UpscaledInput
 from ucag.geometry import REFERENCE_SIDE, PatchGrid
+
+# The largest side of an upscaled crop (alpha * crop): beyond it one crop's activations outgrow any device.
+MAX_SCALED_SIDE = 4096
 
 
 class UsageError(ToolkitError):
@@ -103,7 +109,11 @@ def resolve_device(name: str | None) -> torch.device:
             raise UsageError(f"--device {name} requested but no CUDA GPU is available (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name} requested but Apple's MPS backend is not available here "
+                             "(use --device cpu)")
+    elif device.type != "cpu":
         raise UsageError(f"unsupported device '{name}' (use cpu, cuda or cuda:N)")
     return device
 
@@ -112,8 +122,8 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
     """n >= 2, alpha > 0, 0 < c <= 224, and scaled crops large enough for the model."""
     if args.num_patches < 2:
         raise UsageError(f"-n/--num-patches must be at least 2 (got {args.num_patches})")
-    if not args.alpha > 0:
-        raise UsageError(f"-a/--alpha must be positive (got {args.alpha})")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise UsageError(f"-a/--alpha must be positive and finite (got {args.alpha})")
     if not 0 < args.crop_size <= REFERENCE_SIDE:
         raise UsageError(f"-c/--crop-size must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), "
                         f"got {args.crop_size}")
@@ -121,9 +131,33 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
         raise UsageError(f"--patch-batch must be at least 1 (got {args.patch_batch})")
     grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
     side = min(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
+    largest = max(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
+    if largest > MAX_SCALED_SIDE:
+        raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha:g} would "
+                         f"be {largest} px, above the {MAX_SCALED_SIDE} px limit; lower -a or -c")
     if side < spec.min_side:
         raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha} are "
                         f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
+
+
+def prepare_out_dir(path: str | Path) -> Path:
+    """The output folder, created if needed; a path that is (or lies under) a file, or a folder this
+    process cannot write to, is a one-line error before any work starts."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise UsageError(f"--out {out} lies under {ancestor}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {ancestor} is not writable")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out} cannot be created: {exc.strerror or exc}") from None
+    return out
 
 
 def parse_target(text: str, spec: ModelSpec) -> int | None:

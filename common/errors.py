@@ -12,3 +12,7 @@ class ToolkitError(ValueError):
 
 class ImageError(ToolkitError):
     """An image path that is missing, empty or unreadable."""
+
+
+class OutputError(ToolkitError):
+    """A result file that cannot be written (an output path that is a file, a full disk, no permission)."""

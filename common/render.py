@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.files import save_png
+
 PANEL_HEIGHT = 300
 TITLE_HEIGHT = 26
 
@@ -31,10 +33,17 @@ def signed_overlay(image: np.ndarray, relevance: np.ndarray, weight: float = 0.7
     return np.clip(blended, 0, 255).astype(np.uint8)
 
 
+def drawable(text: str) -> str:
+    """``text`` as OpenCV's Hershey fonts can draw it: ASCII, anything else (accents, the surrogate escapes
+    Python uses for file-name bytes that are not UTF-8) shown as '?'. Such characters crash cv2.putText."""
+    return text.encode("ascii", errors="replace").decode("ascii")
+
+
 def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     scale = PANEL_HEIGHT / panel.shape[0]
     panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), PANEL_HEIGHT), interpolation=cv2.INTER_AREA)
     strip = np.full((TITLE_HEIGHT, panel.shape[1], 3), 255, np.uint8)
+    title = drawable(title)
     font_scale = 0.5
 
     def text_width(scale: float) -> int:
@@ -55,8 +64,8 @@ def save_panels(path: Path, panels: Sequence[tuple[np.ndarray, str]], header: st
         figure = np.hstack([figure, gap, panel])
     if header:
         strip = np.full((TITLE_HEIGHT + 4, figure.shape[1], 3), 255, np.uint8)
-        cv2.putText(strip, header, (4, TITLE_HEIGHT - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(strip, drawable(header), (4, TITLE_HEIGHT - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
+                    cv2.LINE_AA)
         figure = np.vstack([strip, figure])
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(figure, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    save_png(path, figure)

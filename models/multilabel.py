@@ -22,8 +22,9 @@ import torchvision
 from torch import nn
 
 from models.errors import ModelError
-from models.registry import _read_state_dict, _warn_random
+from models.registry import _read_state_dict, _warn_random, check_fits
 from models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from models.target_layer import check_spatial_layer
 
 MULTILABEL_ARCHS = {"vgg16": "features.29", "resnet50": "layer4"}
 CAFFE_MEAN = (123.68 / 255, 116.779 / 255, 103.939 / 255)
@@ -91,13 +92,12 @@ def load_multilabel(arch: str, categories: list[str], weights: str, device: str 
         if head is not None and head.shape[0] != num_classes:
             raise ModelError(f"weights file {weights} has a {head.shape[0]}-class head; this dataset has "
                             f"{num_classes} classes")
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).splitlines()[1:3]).strip()[:300]
-            raise ModelError(f"weights file {weights} does not fit a {num_classes}-class {arch}: {detail}") from None
+        check_fits(model, state_dict, f"a {num_classes}-class {arch}", weights)
+        model.load_state_dict(state_dict)
     spec = ModelSpec(f"{arch}_{num_classes}", model.eval().to(device), target_layer or MULTILABEL_ARCHS[arch],
                      list(categories), mean=mean, std=std, keep_aspect=True, multilabel=True)
+    if target_layer:
+        check_spatial_layer(spec.model, target_layer, spec.input_size)
     spec.weights = weights
     spec.extra["caffe"] = caffe
     spec.extra["resize_antialias"] = not caffe  # TorchRay's Caffe transform: F.interpolate, no anti-aliasing

@@ -9,10 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-from models.efficientnet_lite import efficientnet_lite0, packaged_weights_path
+from models.efficientnet_lite import build_package_network, efficientnet_lite0, packaged_weights_path
 from models.errors import ModelError
 from models.spec import ModelSpec
-from models.target_layer import find_target_layer, get_layer
+from models.target_layer import check_spatial_layer, find_target_layer, get_layer
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -54,7 +54,9 @@ def _read_state_dict(path: str) -> dict:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and format errors all mean the same to a user
-        raise ModelError(f"cannot read weights file {file}: {exc.__class__.__name__}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"cannot read weights file {file}: not a PyTorch checkpoint saved with torch.save "
+                         f"({exc.__class__.__name__}: {first})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -65,13 +67,31 @@ def _read_state_dict(path: str) -> dict:
     return obj
 
 
+def state_dict_mismatch(expected: dict, given: dict, shown: int = 3) -> str:
+    """'' when ``given`` fits a model whose state_dict is ``expected``; otherwise one line naming the first
+    missing, unexpected and differently shaped keys."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {label}: " + ", ".join(keys[:shown]) + more)
+    return "; ".join(parts)
+
+
+def check_fits(model: nn.Module, state_dict: dict, name: str, path: str) -> None:
+    """A one-line ModelError naming the first mismatching keys when ``state_dict`` does not fit ``model``."""
+    detail = state_dict_mismatch(model.state_dict(), state_dict)
+    if detail:
+        raise ModelError(f"weights file {path} does not fit {name}: {detail}")
+
+
 def _load_into(model: nn.Module, state_dict: dict, name: str, path: str) -> None:
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
-        raise ModelError(f"weights file {path} does not fit {name}: {detail[:300]}") from None
+    check_fits(model, state_dict, name, path)
+    model.load_state_dict(state_dict)
 
 
 def _warn_random(name: str) -> None:
@@ -122,10 +142,9 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         else:
             path = str(packaged_weights_path()) if weights == "default" else weights
             state_dict = _read_state_dict(path)
-        try:
-            model = efficientnet_lite0(state_dict)
-        except RuntimeError as exc:
-            raise ModelError(f"weights file {weights} does not fit {name}: {str(exc).splitlines()[0]}") from None
+        if state_dict is not None:
+            check_fits(build_package_network(None), state_dict, name, weights)
+        model = efficientnet_lite0(state_dict)
         spec = ModelSpec(name, model, "head", categories)
     elif name in torchvision_classifiers():
         model, side = _torchvision_model(name, weights)
@@ -141,5 +160,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         spec.activation_post = None
     if not spec.target_layer:
         spec.target_layer = find_target_layer(spec.model, spec.input_size)
+    elif target_layer:
+        check_spatial_layer(spec.model, target_layer, spec.input_size)
     get_layer(spec.model, spec.target_layer)
     return spec

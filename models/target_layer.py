@@ -19,6 +19,29 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 @torch.no_grad()
+def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int]) -> None:
+    """A CAM layer must give a (B, C, h, w) output: one forward of a blank image checks ``name``'s output."""
+    layer = get_layer(model, name)
+    outputs = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        handle.remove()
+    if not outputs:
+        raise ModelError(f"target layer '{name}' does not run in the model's forward pass")
+    output = outputs[-1]
+    if not (isinstance(output, torch.Tensor) and output.dim() == 4):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelError(f"target layer '{name}' gives output {shape}, not a spatial (B, C, h, w) map; "
+                         f"name a convolutional layer or block")
+
+
+@torch.no_grad()
 def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
     """Name of the last non-pooling module whose output is (B, C, h, w) with h*w > 1.
 

@@ -1,5 +1,6 @@
 """visualization.py end to end on the bundled photos, and one clear line for every bad input."""
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,19 @@ def corrupt(tmp_path):
     return str(path)
 
 
+def text_file(tmp_path) -> str:
+    path = tmp_path / "weights.pth"
+    path.write_text("these are not weights\n")
+    return str(path)
+
+
+def resnet18_weights(tmp_path) -> str:
+    import torchvision
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return str(path)
+
+
 BAD_INPUTS = [
     (lambda t: ["gradcam", "--img-path", str(t / "missing")], "does not exist"),
     (lambda t: ["gradcam", "--img-path", str(t)], "no image files"),
@@ -120,7 +134,18 @@ BAD_INPUTS = [
     (lambda t: ["gradcam", "--batch-size", "0"], "batch-size must be at least 1"),
     (lambda t: ["gradcam", "--device", "tpu"], "device"),
     (lambda t: ["gradcam", "-n", "two"], "invalid int value"),
+    (lambda t: ["gradcam", "--ucag", "-a", "inf"], "alpha must be positive and finite (got inf)"),
+    (lambda t: ["gradcam", "--ucag", "-a", "nan"], "alpha must be positive and finite (got nan)"),
+    (lambda t: ["gradcam", "--ucag", "-a", "1e6"], "would be 124000000 px, above the 4096 px limit"),
+    (lambda t: ["gradcam", "--weights", text_file(t)], "not a PyTorch checkpoint saved with torch.save"),
+    (lambda t: ["gradcam", "--weights", resnet18_weights(t)],
+     "does not fit efficientnet_lite0: 296 missing: _conv_stem.weight, _bn0.weight, _bn0.bias, ... (296 in all); "
+     "122 unexpected: conv1.weight, bn1.weight, bn1.bias"),
+    (lambda t: ["gradcam", "--target-layer", "fc"], "target layer 'fc' gives output (1, 1000), not a spatial"),
+    (lambda t: ["gradcam", "--target-layer", "dropout"], "target layer 'dropout' gives output (1, 1280)"),
 ]
+if not torch.backends.mps.is_available():
+    BAD_INPUTS.append((lambda t: ["gradcam", "--device", "mps"], "MPS backend is not available"))
 
 
 @pytest.mark.parametrize("make_argv,message", BAD_INPUTS)
@@ -171,3 +196,61 @@ def test_bad_method_option_is_one_line_error(tmp_path):
     spec = ModelSpec("vgg11", torchvision.models.vgg11(), "features.19", [str(i) for i in range(1000)])
     with pytest.raises(MethodError, match="lrp: unknown LRP rule 'nope'"):
         build_explainer("lrp", spec, rule="nope")
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_output_folder_that_is_a_file_is_refused(where, tmp_path, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file")
+    out = blocker if where == "file" else blocker / "sub"
+    code, _, err = run(["gradcam", "--img-path", str(EXAMPLES / "coffee.jpg"), "--out", str(out)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert ("is a file, not a folder" if where == "file" else "which is a file") in err
+
+
+def test_images_sharing_a_stem_keep_their_extension(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(EXAMPLES / "chelsea.jpg", data / "cat.jpg")
+    shutil.copy(EXAMPLES / "camera.png", data / "cat.png")
+    shutil.copy(EXAMPLES / "coffee.jpg", data / "cup.jpg")
+    out = tmp_path / "out"
+    code, stdout, err = run(["gradcam", *FAST, "--img-path", str(data), "--out", str(out)], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["cat_jpg_gradcam.npy", "cat_jpg_gradcam.png", "cat_png_gradcam.npy", "cat_png_gradcam.png",
+                     "cup_gradcam.npy", "cup_gradcam.png", "predictions.csv", "skipped.txt"]
+    assert "keep the extension" in err + stdout
+    figures = [row["figure"] for row in csv.DictReader(open(out / "predictions.csv"))]
+    assert len(set(figures)) == 3
+    # the two cats are different pictures, so their maps differ
+    assert np.load(out / "cat_jpg_gradcam.npy").shape != np.load(out / "cat_png_gradcam.npy").shape
+
+
+def test_file_name_that_is_not_utf8(tmp_path, capsys):
+    """A name with byte 0xE9 (Latin-1 e-acute): no crash in OpenCV, outputs under the exact name."""
+    data = tmp_path / "data"
+    data.mkdir()
+    raw = bytes(data) + b"/caf\xe9.jpg"
+    shutil.copy(EXAMPLES / "coffee.jpg", raw)
+    out = tmp_path / "out"
+    code, _, err = run(["gradcam", *FAST, "--img-path", str(data), "--out", str(out)], capsys)
+    assert code == 0, err
+    written = sorted(os.listdir(bytes(out)))
+    assert b"caf\xe9_gradcam.npy" in written and b"caf\xe9_gradcam.png" in written
+    assert b"caf\xe9.jpg" in (out / "predictions.csv").read_bytes()
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(handle, array, *args, **kwargs):
+        handle.write(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    out = tmp_path / "out"
+    code, _, err = run(["gradcam", *FAST, "--img-path", str(EXAMPLES / "coffee.jpg"), "--out", str(out)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "cannot write" in err and "No space left on device" in err
+    assert not list(out.glob("*.npy")) and not list(out.glob(".*tmp"))
