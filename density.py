@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.cli import Parser, add_common_flags, add_eval_flags, run_cli
-from app.evaluation_run import run_image_metric
+from app.cli import Parser, run_cli
+from app.evaluation_run import image_metric_parser, run_image_metric
 from evaluation.driver import running_means
 from evaluation.map_density import map_density
 from evaluation.reports import write_density_report
@@ -20,9 +20,7 @@ FIELDS = ("positive", "negative")
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
-    add_common_flags(parser)
-    add_eval_flags(parser)
+    parser = image_metric_parser(PROG, __doc__.split("\n")[0])
     return parser
 
 

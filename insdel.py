@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.cli import Parser, UsageError, add_common_flags, add_eval_flags, run_cli
-from app.evaluation_run import run_image_metric
+from app.cli import Parser, UsageError, run_cli
+from app.evaluation_run import image_metric_parser, run_image_metric
 from evaluation.driver import running_means
 from evaluation.insertion_deletion import auc, game_curves
 from evaluation.reports import write_insdel_report
@@ -22,9 +22,7 @@ FIELDS = ("deletion", "insertion")
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
-    add_common_flags(parser)
-    add_eval_flags(parser)
+    parser = image_metric_parser(PROG, __doc__.split("\n")[0])
     parser.add_argument("--step", type=int, default=224 * 8, help="pixels changed per step (default 224*8)")
     parser.add_argument("--score-batch", type=int, default=128,
                         help="perturbed images per no-grad forward (default 128)")

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.cli import Setup, UsageError, build_setup
+from app.cli import Parser, Setup, UsageError, add_common_flags, add_eval_flags, build_setup
 from evaluation import distributed
 from evaluation.datasets import discover
 from evaluation.driver import ImageMetric, ImageMetricTask, Task, run_task
@@ -46,6 +46,14 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
 def results_folder(script: str, args: argparse.Namespace) -> Callable[[Setup], Path]:
     """results/<script>/<model>_<method>[_ucag]: the default --out."""
     return lambda setup: Path("results") / script / f"{args.name}_{setup.method}{'_ucag' if args.ucag else ''}"
+
+
+def image_metric_parser(prog: str, description: str) -> Parser:
+    """The flags of insdel.py and density.py: the common ones plus the dataset flags."""
+    parser = Parser(prog=prog, description=description)
+    add_common_flags(parser)
+    add_eval_flags(parser)
+    return parser
 
 
 def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric, fields: Sequence[str],

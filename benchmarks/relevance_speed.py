@@ -20,17 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.cli import resolve_device  # noqa: E402
-from benchmarks.ucag_speed import timed  # noqa: E402
+from benchmarks.ucag_speed import forward_backward_once, timed  # noqa: E402
 from methods import build_explainer  # noqa: E402
 from models import load_model  # noqa: E402
 from ucag import UCAG  # noqa: E402
-
-
-def forward_backward_once(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """One forward and backward of the top logit: the unit the methods are compared with."""
-    leaf = x.clone().requires_grad_(True)
-    model(leaf).max(dim=1).values.sum().backward()
-    model.zero_grad(set_to_none=True)
 
 
 def main() -> None:

@@ -18,12 +18,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         raise ModelError(f"target layer '{name}' not found in the model (top-level modules: {tops})") from None
 
 
-@torch.no_grad()
-def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int]) -> None:
-    """A CAM layer must give a (B, C, h, w) output: one forward of a blank image checks ``name``'s output."""
-    layer = get_layer(model, name)
-    outputs = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+def _blank_forward(model: nn.Module, input_size: tuple[int, int]) -> None:
+    """One eval-mode forward of a black image (the model's train/eval mode is restored)."""
     was_training = model.training
     try:
         model.eval()
@@ -31,6 +27,17 @@ def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int]
         model(torch.zeros(1, 3, *input_size, device=device))
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int]) -> None:
+    """A CAM layer must give a (B, C, h, w) output: one forward of a blank image checks ``name``'s output."""
+    layer = get_layer(model, name)
+    outputs = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    try:
+        _blank_forward(model, input_size)
+    finally:
         handle.remove()
     if not outputs:
         raise ModelError(f"target layer '{name}' does not run in the model's forward pass")
@@ -53,13 +60,9 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
         module.register_forward_hook(lambda m, i, o, name=name: records.append((name, o, m)))
         for name, module in model.named_modules() if name
     ]
-    was_training = model.training
     try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros(1, 3, *input_size, device=device))
+        _blank_forward(model, input_size)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     for index in range(len(records) - 1, -1, -1):
