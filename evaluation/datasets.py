@@ -5,17 +5,22 @@ standard sorted list of the 1000 ImageNet wnids, torchvision's class order), a f
 file (the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with ``meta.mat`` beside it, a text file
 with one class index or wnid per line in sorted file-name order, or a CSV ``file,label``), or any folder
 of images (no labels: the target is the model's prediction).
+
+Layout detection never changes the target silently: image files outside the class folders of a class-folder
+tree are left out with a warning naming them, and ``need_labels`` without usable labels is an error. Keys
+are the paths relative to the folder, printable (:func:`common.images.display_path`).
 """
 from __future__ import annotations
 
 import csv
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from common.images import find_images
+from common.images import display_path, find_images
 from evaluation.errors import DataError
 
 WNID = re.compile(r"^n\d{8}$")
@@ -57,53 +62,79 @@ def _parse_label(text: str, where: str, num_classes: int) -> int:
     return label
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file (a leading byte-order mark is accepted); a binary or undecodable file is a DataError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {display_path(path)}: {exc.strerror}") from None
+    if b"\0" in data:
+        raise DataError(f"{what} {display_path(path)} is a binary file, not UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {display_path(path)} is not UTF-8 text (byte {exc.start})") from None
+
+
 def _devkit_labels(path: Path) -> list[int]:
     """ILSVRC2012_IDs (1-based, devkit order) -> torchvision indices through the devkit's meta.mat."""
     meta = path.parent / "meta.mat"
     if not meta.is_file():
-        raise DataError(f"{path.name} holds devkit ILSVRC2012_IDs; their mapping needs {meta} "
+        raise DataError(f"{path.name} holds devkit ILSVRC2012_IDs; their mapping needs {display_path(meta)} "
                         "(the devkit's data/meta.mat) beside it")
     import scipy.io
     try:
         synsets = scipy.io.loadmat(meta, squeeze_me=True)["synsets"]
         # leaf synsets (num_children == 0) are the 1000 classes: (ILSVRC2012_ID, WNID, ...)
         index_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise DataError(f"cannot read the devkit's {meta}: {exc.__class__.__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - scipy raises many types for a corrupt or foreign .mat file
+        raise DataError(f"cannot read the devkit's {display_path(meta)} (a corrupt or foreign meta.mat): "
+                        f"{exc.__class__.__name__}: {exc}") from None
     labels = []
-    for number, line in enumerate(path.read_text().split(), 1):
-        ilsvrc_id = int(line)
+    for number, line in enumerate(read_text_file(path, "labels file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ilsvrc_id = int(line)
+        except ValueError:
+            raise DataError(f"{display_path(path)}:{number}: '{line.strip()[:40]}' is not an ILSVRC2012_ID "
+                            "(an integer)") from None
         if ilsvrc_id not in index_to_wnid:
-            raise DataError(f"{path}:{number}: ILSVRC2012_ID {ilsvrc_id} not in meta.mat")
+            raise DataError(f"{display_path(path)}:{number}: ILSVRC2012_ID {ilsvrc_id} not in meta.mat")
         labels.append(wnid_index(index_to_wnid[ilsvrc_id]))
     return labels
 
 
 def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: int) -> list[int]:
     if not labels_file.is_file():
-        raise DataError(f"labels file not found: {labels_file}")
+        raise DataError(f"labels file not found: {display_path(labels_file)}")
+    shown = display_path(labels_file)
     if labels_file.suffix.lower() == ".csv":
-        with open(labels_file, newline="") as handle:
-            rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+        try:
+            rows = [row for row in csv.reader(read_text_file(labels_file, "labels file").splitlines())
+                    if row and not row[0].startswith("#")]
+        except csv.Error as exc:
+            raise DataError(f"labels file {shown} is not a readable CSV: {exc}") from None
         if rows and rows[0][0].strip().lower() in ("file", "filename", "image", "path"):
             rows = rows[1:]
         by_name = {}
         for number, row in enumerate(rows, 1):
             if len(row) < 2:
-                raise DataError(f"{labels_file}:{number}: expected 'file,label'")
-            by_name[row[0].strip()] = _parse_label(row[1], f"{labels_file}:{number}", num_classes)
+                raise DataError(f"{shown}:{number}: expected 'file,label'")
+            by_name[row[0].strip()] = _parse_label(row[1], f"{shown}:{number}", num_classes)
         missing = [f for f in files if f.relative_to(root).as_posix() not in by_name and f.name not in by_name]
         if missing:
-            raise DataError(f"labels file {labels_file} has no label for {len(missing)} of {len(files)} images "
-                            f"(first: {missing[0].name})")
+            raise DataError(f"labels file {shown} has no label for {len(missing)} of {len(files)} images "
+                            f"(first: {display_path(missing[0].name)})")
         return [by_name.get(f.relative_to(root).as_posix(), by_name.get(f.name)) for f in files]
     if labels_file.name.startswith("ILSVRC2012_validation_ground_truth"):
         labels = _devkit_labels(labels_file)
     else:
-        lines = [line for line in labels_file.read_text().splitlines() if line.strip()]
-        labels = [_parse_label(line.split()[-1], f"{labels_file}:{n}", num_classes) for n, line in enumerate(lines, 1)]
+        lines = [line for line in read_text_file(labels_file, "labels file").splitlines() if line.strip()]
+        labels = [_parse_label(line.split()[-1], f"{shown}:{n}", num_classes) for n, line in enumerate(lines, 1)]
     if len(labels) != len(files):
-        raise DataError(f"labels file {labels_file} has {len(labels)} labels but {root} holds {len(files)} images "
+        raise DataError(f"labels file {shown} has {len(labels)} labels but {display_path(root)} holds {len(files)} "
+                        "images "
                         "(one label per image, in sorted file-name order)")
     return labels
 
@@ -117,10 +148,17 @@ def discover(img_path: str | Path, labels_file: str | Path | None = None, num_cl
     root = Path(img_path)
     files = find_images(root)
     root = root if root.is_dir() else root.parent
-    keys = [f.relative_to(root).as_posix() for f in files]
+    in_class_folders = [f for f in files if WNID.match(f.parent.name)]
+    if labels_file is None and in_class_folders and len(in_class_folders) < len(files):
+        stray = [display_path(f.relative_to(root).as_posix()) for f in files if not WNID.match(f.parent.name)]
+        warnings.warn(f"{len(stray)} image file(s) under {display_path(root)} are outside the ImageNet class folders "
+                      f"(n01440764/...) and are left out: {', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}",
+                      stacklevel=2)
+        files = in_class_folders
+    keys = [display_path(f.relative_to(root).as_posix()) for f in files]
     if labels_file is not None:
         labels: Sequence[int | None] = _labels_for(files, root, Path(labels_file), num_classes)
-    elif all(WNID.match(f.parent.name) for f in files):
+    elif in_class_folders:
         if num_classes != 1000:
             raise DataError("class folders name ImageNet-1k wnids but the model has "
                             f"{num_classes} classes; pass --target pred or --labels")
@@ -128,6 +166,6 @@ def discover(img_path: str | Path, labels_file: str | Path | None = None, num_cl
     else:
         if need_labels:
             raise DataError(f"--target gt needs ground truth: ImageNet class folders (n01440764/...) under "
-                            f"{img_path} or --labels FILE; use --target pred for a plain folder")
+                            f"{display_path(img_path)} or --labels FILE; use --target pred for a plain folder")
         labels = [None] * len(files)
     return [Sample(f, key, label) for f, key, label in zip(files, keys, labels, strict=True)]

@@ -3,6 +3,10 @@
 MATLAB v7.3 = HDF5, read with h5py: ``value/img`` holds (N, 1) object references to uint8 images stored
 as (3, W, H) (MATLAB's column-major order), ``value/gt`` holds (N, 1) references to (1, 1) reference
 arrays whose target is the (W, H) binary mask. The file is opened lazily in each DataLoader worker.
+
+A file without these two reference datasets (numbers instead of references, different lengths) is a
+:class:`DataError` when opened; an item whose references do not lead to a (3, W, H) image and a (W, H) mask
+of the same size becomes a skip record with the reason.
 """
 from __future__ import annotations
 
@@ -10,24 +14,38 @@ from pathlib import Path
 
 import numpy as np
 
+from common.images import display_path
 from evaluation.errors import DataError
 
 
 class ImageNetSegmentation:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        shown = display_path(self.path)
         if not self.path.is_file():
-            raise DataError(f"segmentation file not found: {self.path} (gtsegs_ijcv.mat)")
+            raise DataError(f"segmentation file not found: {shown} (gtsegs_ijcv.mat)")
         import h5py
         try:
             with h5py.File(self.path, "r") as handle:
-                if "value/img" not in handle or "value/gt" not in handle:
-                    raise DataError(f"{self.path} has no value/img and value/gt datasets (is it gtsegs_ijcv.mat?)")
-                self.count = int(handle["value/img"].shape[0])
+                shapes = {}
+                for name in ("value/img", "value/gt"):
+                    dataset = handle.get(name)
+                    if not isinstance(dataset, h5py.Dataset):
+                        raise DataError(f"{shown} has no value/img and value/gt datasets (is it gtsegs_ijcv.mat?)")
+                    if h5py.check_dtype(ref=dataset.dtype) is not h5py.Reference:
+                        raise DataError(f"{shown}: {name} holds {dataset.dtype} values, not object references "
+                                        "(is it gtsegs_ijcv.mat?)")
+                    if dataset.ndim != 2 or dataset.shape[1] < 1:
+                        raise DataError(f"{shown}: {name} has shape {dataset.shape}, expected (N, 1) references")
+                    shapes[name] = dataset.shape[0]
+                if shapes["value/img"] != shapes["value/gt"]:
+                    raise DataError(f"{shown}: value/img holds {shapes['value/img']} images but value/gt "
+                                    f"{shapes['value/gt']} masks")
+                self.count = int(shapes["value/img"])
         except OSError as exc:
-            raise DataError(f"cannot open {self.path} as MATLAB v7.3/HDF5: {exc}") from None
+            raise DataError(f"cannot open {shown} as MATLAB v7.3/HDF5: {exc}") from None
         if self.count == 0:
-            raise DataError(f"{self.path} holds no images")
+            raise DataError(f"{shown} holds no images")
         self._handle = None
 
     def keys(self) -> list[str]:
@@ -46,12 +64,20 @@ class ImageNetSegmentation:
 
     def load(self, key: str) -> dict:
         index = int(key)
+        name = display_path(self.path.name)
         try:
             handle = self._file()
             image = np.array(handle[handle["value/img"][index, 0]])
             mask = np.array(handle[handle[handle["value/gt"][index, 0]][0, 0]])
-        except (KeyError, ValueError, OSError) as exc:
-            return {"key": key, "error": f"cannot read image {index} of {self.path.name}: {exc}"}
+        except (KeyError, ValueError, OSError, TypeError, IndexError, AttributeError) as exc:
+            return {"key": key, "error": f"cannot read image {index} of {name}: {exc.__class__.__name__}: {exc}"}
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[0] == 3)) or image.size == 0 or \
+                not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            return {"key": key, "error": f"image {index} of {name} is a {image.dtype} array of shape {image.shape}, "
+                                         "not a (3, W, H) or (W, H) image"}
+        if mask.ndim != 2 or not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool):
+            return {"key": key, "error": f"mask {index} of {name} is a {mask.dtype} array of shape {mask.shape}, "
+                                         "not a (W, H) mask"}
         image = image.T if image.ndim == 2 else image.transpose(2, 1, 0)
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
