@@ -31,7 +31,7 @@ from app.cli import (
     run_cli,
 )
 from common.files import save_npy, write_text
-from common.images import find_images, load_rgb
+from common.images import display_path, find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches
 from evaluation.driver import Row
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for record in batch:
             if record.error:
                 skipped.append(record)
-                tqdm.write(f"skipped {record.path}: {record.error}")
+                tqdm.write(f"skipped {display_path(record.path)}: {record.error}")
         records = [record for record in batch if record.image is not None]
         if records:
             maps, targets, probs = explain_batch(setup, records, target)
@@ -128,7 +128,7 @@ def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path, maps: list
     """Write the .npy maps and the .png panel of one image; returns its predictions.csv row."""
     height, width = record.image.shape[:2]
     if min(height, width) < smallest_crop:
-        tqdm.write(f"note: {record.path} ({width}x{height}) is smaller than a crop; upsampled to "
+        tqdm.write(f"note: {display_path(record.path)} ({width}x{height}) is smaller than a crop; upsampled to "
                    f"{setup.spec.input_size[1]}x{setup.spec.input_size[0]} before unfolding")
     stem.parent.mkdir(parents=True, exist_ok=True)
     class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
@@ -142,19 +142,20 @@ def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path, maps: list
         title = (f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, n={args.num_patches})"
                  if row.ucag else setup.method)
         panels.append(((signed_overlay if signed else overlay)(record.image, final), title))
-    save_panels(Path(f"{stem}.png"), panels, header=f"{record.path.name}: {class_name} (class {target}), p={prob:.3f}")
-    return {"file": str(record.path), "target": target, "class": class_name, "probability": f"{prob:.6f}",
-            "figure": f"{stem}.png"}
+    header = f"{display_path(record.path.name)}: {class_name} (class {target}), p={prob:.3f}"
+    save_panels(Path(f"{stem}.png"), panels, header=header)
+    return {"file": display_path(record.path), "target": target, "class": class_name,
+            "probability": f"{prob:.6f}", "figure": display_path(f"{stem}.png")}
 
 
 def write_run_files(out: Path, rows: list[dict], skipped: list[ImageRecord]) -> None:
-    """predictions.csv and skipped.txt of the run (file names written byte for byte, whatever their encoding)."""
+    """predictions.csv and skipped.txt of the run (names that are not UTF-8 written with \\xNN escapes)."""
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=["file", "target", "class", "probability", "figure"])
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "predictions.csv", table.getvalue())
-    write_text(out / "skipped.txt", "".join(f"{record.path}\t{record.error}\n" for record in skipped))
+    write_text(out / "skipped.txt", "".join(f"{display_path(record.path)}\t{record.error}\n" for record in skipped))
 
 
 def raise_no_images(skipped: list[ImageRecord]) -> None:

@@ -41,6 +41,5 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """A text file in UTF-8, atomically; characters standing for undecodable bytes of file names (Python's
-    surrogate escapes) are written back as those bytes, so listed names are the files' exact names."""
-    write_atomic(path, lambda handle: handle.write(text.encode("utf-8", errors="surrogateescape")))
+    """A UTF-8 text file, atomically (file names in it go through :func:`common.images.display_path`)."""
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
