@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.cli import resolve_device  # noqa: E402
 from benchmarks.ucag_speed import timed  # noqa: E402
+from common.allocator import keep_freed_memory  # noqa: E402
 from common.images import find_images, load_rgb  # noqa: E402
 from evaluation.insertion_deletion import game_curves, num_points  # noqa: E402
 from models import load_model, preprocess  # noqa: E402
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--score-batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    print(f"allocator: {keep_freed_memory()} (UCAG_SYSTEM_MALLOC=1 measures the default)")
     device = resolve_device(args.device)
     warnings.simplefilter("ignore")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.cli import resolve_device  # noqa: E402
 from benchmarks.ucag_speed import forward_backward_once, timed  # noqa: E402
+from common.allocator import keep_freed_memory  # noqa: E402
 from methods import build_explainer  # noqa: E402
 from models import load_model  # noqa: E402
 from ucag import UCAG  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("-a", "--alpha", type=float, default=1.3)
     args = parser.parse_args()
+    print(f"allocator: {keep_freed_memory()} (UCAG_SYSTEM_MALLOC=1 measures the default)")
     device = resolve_device(args.device)
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; {args.images} images of "

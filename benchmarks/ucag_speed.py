@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.cli import resolve_device  # noqa: E402
+from common.allocator import keep_freed_memory  # noqa: E402
 from common.images import find_images, load_rgb  # noqa: E402
 from methods import build_explainer  # noqa: E402
 from models import load_model, preprocess  # noqa: E402
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("-a", "--alpha", type=float, default=2.6)
     parser.add_argument("-c", "--crop", type=float, default=124)
     args = parser.parse_args()
+    print(f"allocator: {keep_freed_memory()} (UCAG_SYSTEM_MALLOC=1 measures the default)")
     device = resolve_device(args.device)
     warnings.simplefilter("ignore")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
