@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from app.cli import Parser, add_common_flags, add_eval_flags, run_cli
-from app.evaluation_run import run_image_metric
+from app.evaluation_run import add_fresh_flag, run_image_metric
 from evaluation.driver import running_means
 from evaluation.map_density import map_density
 from evaluation.reports import write_density_report
@@ -23,6 +23,7 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
     add_common_flags(parser)
     add_eval_flags(parser)
+    add_fresh_flag(parser)
     return parser
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from app.cli import Parser, UsageError, add_common_flags, add_eval_flags, run_cli
-from app.evaluation_run import run_image_metric
+from app.evaluation_run import add_fresh_flag, run_image_metric
 from evaluation.driver import running_means
 from evaluation.insertion_deletion import auc, game_curves
 from evaluation.reports import write_insdel_report
@@ -28,6 +28,7 @@ def build_parser() -> Parser:
     parser.add_argument("--step", type=int, default=224 * 8, help="pixels changed per step (default 224*8)")
     parser.add_argument("--score-batch", type=int, default=128,
                         help="perturbed images per no-grad forward (default 128)")
+    add_fresh_flag(parser)
     return parser
 
 

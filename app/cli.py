@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -239,10 +242,40 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main process like KeyboardInterrupt on Ctrl-C, so that the run unwinds: records
+    written so far are kept, DataLoader workers are shut down, the exit code is 143 (128 + SIGTERM)."""
+
+
+def _on_sigterm(main_pid: int) -> Callable:
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        if os.getpid() != main_pid:  # a forked child that inherited the handler: end as SIGTERM does
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+    return handler
+
+
+def _escape_unencodable_output() -> None:
+    """A file name that is not valid UTF-8 printed to stdout is escaped instead of ending the run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prog: str = "ucag") -> None:
-    """Run a script's ``main``: user errors become one stderr line and exit code 2."""
+    """Run a script's ``main``: user errors become one stderr line and exit code 2; Ctrl-C exits 130 and
+    SIGTERM 143, both after unwinding (records kept, worker processes shut down)."""
     warnings.formatwarning = _format_warning
+    _escape_unencodable_output()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid())) if in_main_thread else None
     try:
         code = main(argv)
     except ToolkitError as exc:
@@ -251,4 +284,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     sys.exit(code or 0)
