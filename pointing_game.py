@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
-from app.evaluation_run import run_evaluation
+from app.evaluation_run import add_fresh_flag, check_out, hashed_file, run_evaluation
+from common.images import display_path
 from evaluation.driver import Row, Task
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
 from evaluation.pointing import (
@@ -34,7 +35,7 @@ from evaluation.pointing import (
     pointing_accuracy,
     pointing_hit,
 )
-from evaluation.reports import pointing_tables, write_skipped, write_summary
+from evaluation.reports import open_report, pointing_tables, write_skipped, write_summary, write_text
 from models.multilabel import load_multilabel
 from models.preprocessing import preprocess_one
 
@@ -61,6 +62,7 @@ def build_parser() -> Parser:
                       help="with --difficult-list, images missing from it: all their pairs in the difficult "
                            "subset (difficult, TorchRay's rule, default) or in 'all' only (all-only)")
     data.add_argument("--out", default=None, help="output folder (default results/pointing/<dataset>_<model>_<method>)")
+    add_fresh_flag(parser)
     return parser
 
 
@@ -74,7 +76,7 @@ def process_image(rows: list[Row], spec, device, record: dict, flags: dict | Non
     pairs = [{"class": t.label,
               "difficult": None if flags is None else in_difficult_subset(flags, record["key"], t.label, unlisted)}
              for t in targets]
-    result = {"key": record["key"], "file": str(record["entry"].path), "pairs": pairs, "rows": {}}
+    result = {"key": record["key"], "file": display_path(record["entry"].path), "pairs": pairs, "rows": {}}
     if not targets:
         return result
     x = preprocess_one(image, spec, device).expand(len(targets), -1, -1, -1)
@@ -125,7 +127,7 @@ def summarize(results: list[dict], rows: list[Row], num_classes: int, with_diffi
 def write_per_class(path: Path, results: list[dict], row_names: list[str], categories: Sequence[str],
                     with_difficult: bool) -> None:
     per_row = {name: aggregate(results, name, len(categories), with_difficult) for name in row_names}
-    with open(path, "w", newline="") as handle:
+    with open_report(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "name", "pairs_all", "pairs_difficult"] +
                         [f"{name}_{field}" for name in row_names for field in FIELDS])
@@ -141,6 +143,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.tolerance < 0:
         raise UsageError(f"--tolerance must be 0 or more (got {args.tolerance})")
+    check_out(args)
     dataset = open_dataset(args.dataset, args.data_root)
     flags = read_difficult_list(args.difficult_list, len(dataset.categories)) if args.difficult_list else None
     with_difficult = flags is not None
@@ -166,7 +169,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
                             with_difficult)
             write_skipped(out / "skipped.txt", skipped)
             write_summary(out / "summary.json", summary)
-            (out / "table.md").write_text(pointing_tables(summary))
+            write_text(out / "table.md", pointing_tables(summary))
             print(pointing_tables(summary))
 
         def running(results: list[dict]) -> str:
@@ -180,15 +183,17 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
 
         task = Task(entries, lambda e: e.key, lambda e: load_entry(dataset, e), score, summary_of, write, running,
                     f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}")
+        difficult_hash, difficult_path = hashed_file(args.difficult_list)
         return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
-                      "tolerance": args.tolerance, "difficult_list": args.difficult_list,
-                      "aggregation": args.aggregation, "unlisted": args.unlisted}
+                      "tolerance": args.tolerance, "difficult_list": difficult_hash,
+                      "aggregation": args.aggregation, "unlisted": args.unlisted,
+                      "about": {"difficult_list": difficult_path}}
 
     def default_out(setup: Setup) -> Path:
         return Path(f"results/pointing/{args.dataset}_{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")
 
     return run_evaluation(args, default_out, make_task, on_batch, load_spec=lambda device: load_multilabel(
-        args.name, dataset.categories, args.weights, device, args.target_layer))
+        args.name, dataset.categories, args.weights, device, args.target_layer), metric="pointing_game")
 
 
 if __name__ == "__main__":

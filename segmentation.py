@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from app.cli import Parser, Setup, add_common_flags, run_cli
-from app.evaluation_run import results_folder, run_evaluation
+from app.evaluation_run import add_fresh_flag, check_out, results_folder, run_evaluation
 from evaluation.driver import Row, Task
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.reports import write_segmentation_report
@@ -37,6 +37,7 @@ def build_parser() -> Parser:
     data.add_argument("--ap", choices=["map", "agf"], default="map",
                       help="AP of the map's values (default) or of the thresholded two-channel output (AGF script)")
     data.add_argument("--out", default=None, help="output folder (default results/segmentation/<model>_<method>)")
+    add_fresh_flag(parser)
     return parser
 
 
@@ -80,6 +81,7 @@ def summarize(results: list[dict], rows: list[Row]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
+    check_out(args)
     dataset = ImageNetSegmentation(args.data)
 
     def make_task(setup: Setup) -> tuple[Task, dict]:
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
                     f"segmentation {setup.method}")
         return task, {"data": str(Path(args.data).resolve()), "ap": args.ap}
 
-    return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch)
+    return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch, metric="segmentation")
 
 
 if __name__ == "__main__":

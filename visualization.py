@@ -27,7 +27,6 @@ from app.cli import (
     add_common_flags,
     build_setup,
     parse_target,
-    prepare_out_dir,
     run_cli,
 )
 from common.files import save_npy, write_text
@@ -35,6 +34,7 @@ from common.images import display_path, find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches
 from evaluation.driver import Row
+from evaluation.store import check_output_folder
 from methods.targets import target_probabilities
 from models import preprocess
 
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(files) == 1:
         load_rgb(files[0])  # a single unreadable file is an error, not a skip
     root = Path(args.img_path) if Path(args.img_path).is_dir() else Path(args.img_path).parent
-    out = prepare_out_dir(args.out)
+    out = check_output_folder(args.out)
     stems = output_stems(files, root, out, setup.method)
     if any(stem.name != f"{path.stem}_{setup.method}" for path, stem in stems.items()):
         tqdm.write("note: some images share a file stem in one folder; their outputs keep the extension "

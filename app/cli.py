@@ -4,14 +4,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from common.allocator import keep_freed_memory
 from common.errors import ToolkitError
 from evaluation.driver import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
@@ -140,26 +142,6 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
                         f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
 
 
-def prepare_out_dir(path: str | Path) -> Path:
-    """The output folder, created if needed; a path that is (or lies under) a file, or a folder this
-    process cannot write to, is a one-line error before any work starts."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    ancestor = out
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if ancestor.exists() and not ancestor.is_dir():
-        raise UsageError(f"--out {out} lies under {ancestor}, which is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {ancestor} is not writable")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out} cannot be created: {exc.strerror or exc}") from None
-    return out
-
-
 def parse_target(text: str, spec: ModelSpec) -> int | None:
     """'pred' -> None (explain the prediction); an integer class index, checked against the classes."""
     if text == "pred":
@@ -273,10 +255,41 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main process like KeyboardInterrupt on Ctrl-C, so that the run unwinds: records
+    written so far are kept, DataLoader workers are shut down, the exit code is 143 (128 + SIGTERM)."""
+
+
+def _on_sigterm(main_pid: int) -> Callable:
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        if os.getpid() != main_pid:  # a forked child that inherited the handler: end as SIGTERM does
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+    return handler
+
+
+def _escape_unencodable_output() -> None:
+    """A file name that is not valid UTF-8 printed to stdout is escaped instead of ending the run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prog: str = "ucag") -> None:
-    """Run a script's ``main``: user errors become one stderr line and exit code 2."""
+    """Run a script's ``main``: user errors become one stderr line and exit code 2; Ctrl-C exits 130 and
+    SIGTERM 143, both after unwinding (records kept, worker processes shut down)."""
     warnings.formatwarning = _format_warning
+    _escape_unencodable_output()
+    keep_freed_memory()  # CPU batches reuse freed buffers instead of faulting them in again (common.allocator)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid())) if in_main_thread else None
     try:
         code = main(argv)
     except ToolkitError as exc:
@@ -285,4 +298,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     sys.exit(code or 0)

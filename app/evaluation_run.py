@@ -1,21 +1,39 @@
-"""How every metric script runs: flags -> device, model, rows, output folder, resume check -> the one
-evaluation driver (:func:`evaluation.driver.run_task`). A script contributes its parser, a function that
-builds its :class:`evaluation.driver.Task` and the settings its numbers depend on."""
+"""How every metric script runs: flags -> output folder check, device, model, rows, lock, run identity
+(resume check) -> the one evaluation driver (:func:`evaluation.driver.run_task`). A script contributes its
+parser, a function that builds its :class:`evaluation.driver.Task` and the settings its numbers depend on."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from app.cli import Parser, Setup, UsageError, add_common_flags, add_eval_flags, build_setup
+from common.images import display_path
 from evaluation import distributed
 from evaluation.datasets import discover
 from evaluation.driver import ImageMetric, ImageMetricTask, Task, run_task
-from evaluation.store import ResultStore
+from evaluation.errors import StoreError
+from evaluation.store import (
+    ABOUT,
+    METRIC_VERSIONS,
+    RECORD_FORMAT,
+    ResultStore,
+    check_output_folder,
+    file_sha256,
+)
 from models import ModelSpec
 
-# make_task(setup) -> (the task, the settings its numbers depend on beyond the model and method)
+# make_task(setup) -> (the task, the settings its numbers depend on beyond the model and method; an 'about'
+# entry in them is recorded in run.json but is not part of the run's identity)
 MakeTask = Callable[[Setup], tuple[Task, dict]]
+
+
+def add_fresh_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over in --out: the results of an earlier run there (other settings too) are "
+                             "moved to --out/replaced-<time>/ instead of being resumed")
 
 
 def check_limit(limit: int | None) -> None:
@@ -23,22 +41,96 @@ def check_limit(limit: int | None) -> None:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """An explicit --out that is a file, lies under a file or is not writable: an error before any work."""
+    if args.out:
+        check_output_folder(args.out)
+
+
+def hashed_file(path: str | Path | None) -> tuple[str | None, str | None]:
+    """(content hash, resolved path) of a settings file (labels, difficult list); (None, None) without one."""
+    if path is None:
+        return None, None
+    return file_sha256(path), str(Path(path).resolve())
+
+
+def labels_identity(labels: str | None) -> dict:
+    """The labels file's content hash; a devkit ground-truth file is read through the meta.mat beside it,
+    whose hash is part of the identity too."""
+    digest, where = hashed_file(labels)
+    identity = {"labels": digest, ABOUT: {"labels": where}}
+    if labels is not None and Path(labels).name.startswith("ILSVRC2012_validation_ground_truth"):
+        meta = Path(labels).parent / "meta.mat"
+        identity["labels_meta"] = file_sha256(meta) if meta.is_file() else None
+    return identity
+
+
+def precision(setup: Setup) -> str:
+    """The number format the model computes in (with TF32 use on CUDA, which changes results)."""
+    parameter = next(setup.spec.model.parameters(), None)
+    text = str(parameter.dtype).removeprefix("torch.") if parameter is not None else "float32"
+    if setup.device.type == "cuda":
+        text += (f", tf32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+                 f"tf32 cudnn {torch.backends.cudnn.allow_tf32}")
+    return text
+
+
+def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric: str) -> dict:
+    """Everything that can change a recorded number: model and method settings, the weights file's hash
+    (path in 'about'), the script's settings, the metric's code version, device type and precision.
+
+    Not part of it, because they change no number (only how the work is split, up to float rounding):
+    --batch-size, --workers, --score-batch (how many perturbed images share one no-grad forward: each image's
+    probability is computed alone, as in eval mode nothing mixes images), --patch-batch, --limit (the summary
+    covers exactly the invocation's images) and torchrun's process count."""
+    settings = dict(settings)
+    about = dict(settings.pop(ABOUT, {}))
+    identity = {**setup.settings(), **settings}
+    weights = getattr(args, "weights", None)
+    if weights not in (None, "default", "random") and Path(weights).is_file():
+        identity["weights"] = file_sha256(weights)
+        about["weights"] = str(Path(weights).resolve())
+    identity.update(metric=metric, metric_version=METRIC_VERSIONS[metric], record_format=RECORD_FORMAT,
+                    device=setup.device.type, precision=precision(setup))
+    return {**identity, ABOUT: about}
+
+
 def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path], make_task: MakeTask,
                    on_batch: Callable[[int], None] | None = None,
-                   load_spec: Callable[[object], ModelSpec] | None = None) -> int:
-    """Build everything from the flags, refuse an output folder of other settings, run the driver."""
+                   load_spec: Callable[[object], ModelSpec] | None = None, *, metric: str) -> int:
+    """Check the output folder, build everything from the flags, lock the folder, refuse one of other
+    settings (or move it aside with --fresh), run the driver."""
     check_limit(args.limit)
+    check_out(args)
     info, args.device = distributed.init(args.device)
+    store = None
     try:
         setup = build_setup(args, load_spec=load_spec)
-        task, settings = make_task(setup)
-        out = Path(args.out) if args.out else default_out(setup)
+        out = Path(args.out) if args.out else check_output_folder(default_out(setup))
         store = ResultStore(out, info.rank)
-        store.check_config({**setup.settings(), **settings}, info.is_main)
+        store.lock()
+        task, settings = make_task(setup)
+        problem = None
         if info.is_main:
-            print(f"{len(task.items)} items, {info.world} process(es), device {setup.device}; results in {out}/")
+            try:
+                if getattr(args, "fresh", False):
+                    aside = store.start_fresh()
+                    if aside is not None:
+                        print(f"--fresh: moved the earlier results of {display_path(str(out))} to "
+                              f"{display_path(str(aside))}/")
+                store.check_config(run_identity(args, setup, settings, metric), True)
+            except StoreError as exc:
+                problem = str(exc)
+        problem = info.from_main(problem)  # every rank stops on rank 0's refusal, none reads a stale folder
+        if problem is not None:
+            raise StoreError(problem)
+        if info.is_main:
+            print(f"{len(task.items)} items, {info.world} process(es), device {setup.device}; "
+                  f"results in {display_path(str(out))}/")
         run_task(task, store, info, args.batch_size, args.workers, on_batch)
     finally:
+        if store is not None:
+            store.release()
         distributed.finish(info)
     return 0
 
@@ -53,6 +145,7 @@ def image_metric_parser(prog: str, description: str) -> Parser:
     parser = Parser(prog=prog, description=description)
     add_common_flags(parser)
     add_eval_flags(parser)
+    add_fresh_flag(parser)
     return parser
 
 
@@ -70,6 +163,7 @@ def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric,
         job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header)
         desc = f"{setup.method}{' + UCAG' if setup.ucag else ''}"
         return job.task(write, running, desc), {"target": target_mode,
-                                                 "img_path": str(Path(args.img_path).resolve()), **settings}
+                                                 "img_path": str(Path(args.img_path).resolve()),
+                                                 **labels_identity(args.labels), **settings}
 
-    return run_evaluation(args, results_folder(script, args), make_task, on_batch)
+    return run_evaluation(args, results_folder(script, args), make_task, on_batch, metric=script)

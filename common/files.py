@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from common.errors import OutputError
+from common.images import display_path
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -21,10 +22,15 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         with open(temporary, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from None
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

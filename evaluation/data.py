@@ -1,6 +1,7 @@
 """Reading image files in background workers; unreadable files become records with an error."""
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,14 @@ def _as_list(records: list[ImageRecord]) -> list[ImageRecord]:
     return records
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and the main
+    process alone stops the run and shuts its workers down (promptly, instead of waiting for dead ones)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def image_batches(paths: Sequence[Path], batch_size: int, workers: int = 0) -> DataLoader:
     """Batches (lists) of :class:`ImageRecord`, decoded by ``workers`` processes in order."""
     return DataLoader(ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=_as_list, persistent_workers=False)
+                      collate_fn=_as_list, persistent_workers=False,
+                      worker_init_fn=ignore_interrupts if workers else None)

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.errors import ToolkitError
+
+
+class LaunchError(ToolkitError):
+    """torchrun's environment variables set only in part (a leftover WORLD_SIZE, a missing MASTER_ADDR)."""
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -26,16 +32,31 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def from_main(self, value):
+        """Rank 0's ``value`` on every rank (e.g. rank 0's verdict on the output folder)."""
+        if self.world <= 1:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
 
 def init(device_request: str | None) -> tuple[Dist, str | None]:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA).
 
     Returns the rank info and the device to use (``cuda:LOCAL_RANK`` under torchrun with GPUs).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _number("WORLD_SIZE", "1")
     if world <= 1:
         return Dist(), device_request
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise LaunchError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "not: start several processes with torchrun, or unset WORLD_SIZE (a leftover of another "
+                          "launcher) for one process")
+    rank, local_rank = _number("RANK", "0"), _number("LOCAL_RANK", "0")
+    if not 0 <= rank < world:
+        raise LaunchError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
     wants_cuda = (device_request or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if wants_cuda and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -43,6 +64,14 @@ def init(device_request: str | None) -> tuple[Dist, str | None]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if wants_cuda and torch.cuda.is_available() else "gloo")
     return Dist(rank, world, local_rank), device_request
+
+
+def _number(name: str, default: str) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise LaunchError(f"the environment variable {name}={text!r} is not a whole number") from None
 
 
 def finish(info: Dist) -> None:

@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from evaluation.data import ImageFiles
+from common.images import display_path
+from evaluation.data import ImageFiles, ignore_interrupts
 from evaluation.datasets import Sample
 from evaluation.distributed import Dist
-from evaluation.errors import EvaluationError
+from evaluation.errors import EvaluationError, StoreError
 from evaluation.reports import write_skipped
 from evaluation.store import ResultStore
 from methods.base import Explainer
@@ -82,39 +83,60 @@ def _as_list(records: list[dict]) -> list[dict]:
     return records
 
 
+def _shut_down(batches) -> None:
+    """Stop the loader's worker processes now (on an error or an interrupt too), not when the iterator is
+    garbage-collected."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, workers: int,
              on_batch: Callable[[int], None] | None = None) -> dict | None:
-    """Evaluate this rank's share of the items ``store`` does not hold yet; on rank 0 merge, summarise and
-    write the report. Returns the summary on rank 0 (None elsewhere)."""
-    done = store.done()
+    """Evaluate this rank's share of the items ``store`` does not hold yet (earlier skips are tried again);
+    on rank 0 merge the records of exactly these items, summarise and write the report. Returns the summary
+    on rank 0 (None elsewhere)."""
+    done, failed = store.status()
     dist.barrier()  # every rank reads the same done-set before any rank appends to it
-    pending = dist.shard([item for item in task.items if task.key(item) not in done])
+    # items never tried first, earlier skips retried last: a resumed run batches its new items as an
+    # uninterrupted one would (batch composition can change the last bits of a score)
+    fresh = [item for item in task.items if task.key(item) not in done and task.key(item) not in failed]
+    pending = dist.shard(fresh + [item for item in task.items if task.key(item) in failed])
     loader = DataLoader(_Items(pending, task.load), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_as_list)
+                        collate_fn=_as_list, worker_init_fn=ignore_interrupts if workers else None)
     records: list[dict] = []
     bar = tqdm(total=len(pending), unit="img", desc=task.desc, disable=not dist.is_main)
-    for number, batch in enumerate(loader):
-        skipped = [{"key": r["key"], "skipped": r["error"]} for r in batch if r.get("error")]
-        for record in skipped:
-            tqdm.write(f"skipped {record['key']}: {record['skipped']}")
-        good = [r for r in batch if not r.get("error")]
-        new = task.process(good) if good else []
-        store.append(skipped + new)
-        records.extend(new)
-        bar.update(len(batch))
-        bar.set_postfix_str(task.running(records), refresh=False)
-        if on_batch is not None:
-            on_batch(number)
-    bar.close()
+    batches = iter(loader)
+    try:
+        for number, batch in enumerate(batches):
+            skipped = [{"key": r["key"], "skipped": r["error"]} for r in batch if r.get("error")]
+            for record in skipped:
+                tqdm.write(f"skipped {display_path(record['key'])}: {display_path(record['skipped'])}")
+            good = [r for r in batch if not r.get("error")]
+            new = task.process(good) if good else []
+            store.append(skipped + new)
+            records.extend(new)
+            bar.update(len(batch))
+            bar.set_postfix_str(task.running(records), refresh=False)
+            if on_batch is not None:
+                on_batch(number)
+    finally:
+        _shut_down(batches)
+        bar.close()
     dist.barrier()
     if not dist.is_main:
         return None
-    results, skipped = store.merged()
-    if not results:
-        write_skipped(store.out / "skipped.txt", skipped)
-        raise EvaluationError(f"no image could be evaluated ({len(skipped)} skipped, see {store.out}/skipped.txt)")
-    summary = task.summarize(results)
-    task.write(store.out, results, skipped, summary)
+    results, skipped = store.merged({task.key(item) for item in task.items})
+    try:
+        if not results:
+            write_skipped(store.out / "skipped.txt", skipped)
+            raise EvaluationError(f"no image could be evaluated ({len(skipped)} skipped, "
+                                  f"see {display_path(str(store.out))}/skipped.txt)")
+        summary = task.summarize(results)
+        task.write(store.out, results, skipped, summary)
+    except OSError as exc:  # a report file the metric writes itself (curves.png): disk full, ...
+        raise StoreError(f"cannot write the report in {display_path(str(store.out))}: {exc.strerror or exc}; "
+                         "the records in parts/ are kept, rerun to write it") from None
     return summary
 
 
@@ -186,7 +208,7 @@ class ImageMetricTask:
         for row in self.rows:
             maps = row.explainer.finalize(row.explainer(x, targets).maps, size)
             scores[row.name] = self.metric(self.spec.model, x, maps, targets)
-        return [{"key": r["key"], "file": str(r["sample"].path), "target": int(targets[i]),
+        return [{"key": r["key"], "file": display_path(r["sample"].path), "target": int(targets[i]),
                  "rows": {name: {f: values[i].tolist() for f, values in fields.items()}
                           for name, fields in scores.items()}} for i, r in enumerate(batch)]
 

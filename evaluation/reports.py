@@ -1,14 +1,52 @@
 """Writing a finished run: per_image.csv / per_class.csv, summary.json, table.md (every table in the paper's
-layout lives here), curves.png, skipped.txt."""
+layout lives here), curves.png, skipped.txt.
+
+Every report file is written whole or not at all (a temporary file renamed over it) and as UTF-8 with
+``surrogateescape``: a file name that is not valid UTF-8 (Python's surrogate escapes, e.g. '\\udce9' for
+byte 0xE9) is written back as its original bytes. A write that fails (disk full) is a one-line error.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from common.errors import OutputError
+from common.files import write_atomic
+from common.images import display_path
+from evaluation.errors import StoreError
+
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """Write ``data`` whole or not at all (:func:`common.files.write_atomic`); a refused write says that the
+    run's records are safe."""
+    try:
+        write_atomic(path, lambda handle: handle.write(data))
+    except OutputError as exc:
+        raise StoreError(f"{exc}; the records in {display_path(str(path.parent / 'parts'))} are kept, rerun to "
+                         "write the report") from None
+
+
+@contextmanager
+def open_report(path: Path, newline: str | None = "") -> Iterator[io.TextIOBase]:
+    """A text handle whose content replaces ``path`` when the block ends without an error."""
+    buffer = io.BytesIO()
+    text = io.TextIOWrapper(buffer, newline=newline, write_through=True, **ENCODING)
+    yield text
+    text.flush()
+    _replace_with(Path(path), buffer.getvalue())
+
+
+def write_text(path: Path, content: str) -> None:
+    _replace_with(Path(path), content.encode(**ENCODING))
 
 PAPER = json.loads((Path(__file__).resolve().parent / "resources" / "paper_tables.json").read_text())
 PAPER_MODEL = {"resnet50": "resnet50", "densenet121": "densenet121", "inception_v3": "inception_v3"}
@@ -16,7 +54,7 @@ DENSITY_MODEL = {"resnet50": "resnet50", "densenet121": "densenet", "inception_v
 
 
 def write_per_image(path: Path, results: list[dict], row_names: Sequence[str], fields: Sequence[str]) -> None:
-    with open(path, "w", newline="") as handle:
+    with open_report(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "target"] + [f"{row}_{field}" for row in row_names for field in fields])
         for record in results:
@@ -25,14 +63,14 @@ def write_per_image(path: Path, results: list[dict], row_names: Sequence[str], f
 
 
 def write_skipped(path: Path, skipped: list[dict]) -> None:
-    path.write_text("".join(f"{record['key']}\t{record['skipped']}\n" for record in skipped))
+    write_text(path, "".join(f"{record['key']}\t{record['skipped']}\n" for record in skipped))
 
 
 def write_summary(path: Path, summary: dict) -> None:
     def clean(value):
         return None if isinstance(value, float) and math.isnan(value) else value
     rows = [{k: clean(v) for k, v in row.items()} for row in summary["rows"]]
-    path.write_text(json.dumps({**summary, "rows": rows}, indent=2) + "\n")
+    write_text(path, json.dumps({**summary, "rows": rows}, indent=2) + "\n")
 
 
 def _paper_insdel(model: str, row_name: str) -> str | None:
@@ -116,7 +154,7 @@ def _write_common(out: Path, results: list[dict], skipped: list[dict], summary: 
     write_per_image(out / "per_image.csv", results, _row_names(summary), fields)
     write_skipped(out / "skipped.txt", skipped)
     write_summary(out / "summary.json", summary)
-    (out / "table.md").write_text(table)
+    write_text(out / "table.md", table)
     print(table)
 
 

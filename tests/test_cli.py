@@ -205,7 +205,7 @@ def test_output_folder_that_is_a_file_is_refused(where, tmp_path, capsys):
     out = blocker if where == "file" else blocker / "sub"
     code, _, err = run(["gradcam", "--img-path", str(EXAMPLES / "coffee.jpg"), "--out", str(out)], capsys)
     assert code == 2 and "Traceback" not in err
-    assert ("is a file, not a folder" if where == "file" else "which is a file") in err
+    assert ("is a file; give a folder" if where == "file" else "which is a file") in err
 
 
 def test_images_sharing_a_stem_keep_their_extension(tmp_path, capsys):
