@@ -24,6 +24,7 @@ from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, hashed_file, run_evaluation
 from common.images import display_path
 from evaluation.driver import Row, Task
+from evaluation.errors import EvaluationError
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
 from evaluation.pointing import (
     AGGREGATIONS,
@@ -159,6 +160,9 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
                            f"(--unlisted {args.unlisted})")
 
         def summary_of(results: list[dict]) -> dict:
+            if not any(r["pairs"] for r in results):
+                raise EvaluationError(f"none of the {len(results)} evaluated image(s) has a class to point at "
+                                      "(every object 'difficult' or none annotated); the table would be empty")
             return {"dataset": args.dataset, "model": args.name, "method": setup.method, "n_images": len(results),
                     "n_pairs": sum(len(r["pairs"]) for r in results), "tolerance": args.tolerance,
                     "aggregation": args.aggregation,

@@ -192,3 +192,20 @@ def test_official_baseline_is_the_same_in_every_script(script, tmp_path, capsys,
             assert calls and recorded["baseline_alpha"] == 1.5 and recorded["official"] is True
         else:
             assert not calls and "baseline_alpha" not in recorded
+
+
+def test_pointing_subset_without_any_pair_is_one_line_error(tmp_path, capsys):
+    """--limit can pick only images whose objects are all 'difficult': no empty table, one line saying why."""
+    from xml.etree import ElementTree
+
+    root = voc_dataset(tmp_path / "data")
+    voc = next(root.rglob("Annotations"))
+    first = sorted(voc.glob("*.xml"))[0]
+    tree = ElementTree.parse(first)
+    for difficult in tree.iter("difficult"):
+        difficult.text = "1"
+    tree.write(first)
+    code, _, err = run(pointing_game, ["center", "--workers", "0", "--device", "cpu", "--dataset", "voc07",
+                                       "--data-root", str(root), "--weights", "random", "--limit", "1",
+                                       "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "has a class to point at" in err and "Traceback" not in err

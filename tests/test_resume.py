@@ -330,7 +330,6 @@ def test_disk_full_while_appending_keeps_the_records_written(tmp_path, capsys, m
 
 
 def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
-    import evaluation.reports as reports
 
     out = tmp_path / "out"
     argv = ["gradcam", *QUICK, *STEP, "--img-path", str(EXAMPLES), "--out", str(out)]
@@ -350,7 +349,8 @@ def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
             self.handle.write(data[:10])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(reports, "open", lambda path, mode="r", *a, **k: FullFile(real_open(path, mode, *a, **k)),
+    import common.files  # the reports' atomic writer
+    monkeypatch.setattr(common.files, "open", lambda path, mode="r", *a, **k: FullFile(real_open(path, mode, *a, **k)),
                         raising=False)
     code, _, err = run(insdel, argv, capsys)
     assert code == 2
