@@ -81,7 +81,8 @@ def peak_memory(device: torch.device, fn) -> str:
         fn()
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU"
     fn()
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS (process peak so far: earlier models and peers included)"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return f"{peak:.0f} MiB RSS (process peak so far, earlier models and peers included)"
 
 
 def bench_model(name: str, weights: str, args, device: torch.device) -> None:
