@@ -24,8 +24,9 @@ FIELDS = ("deletion", "insertion")
 def build_parser() -> Parser:
     parser = image_metric_parser(PROG, __doc__.split("\n")[0])
     parser.add_argument("--step", type=int, default=224 * 8, help="pixels changed per step (default 224*8)")
-    parser.add_argument("--score-batch", type=int, default=128,
-                        help="perturbed images per no-grad forward (default 128)")
+    parser.add_argument("--score-batch", type=int, default=None,
+                        help="perturbed images per no-grad forward (default: from free memory, at most 64 on a "
+                             "CPU and 1024 on a GPU)")
     return parser
 
 
@@ -40,7 +41,7 @@ def games(step: int, score_batch: int):
 
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.step < 1 or args.score_batch < 1:
+    if args.step < 1 or (args.score_batch is not None and args.score_batch < 1):
         raise UsageError("--step and --score-batch must be at least 1")
     return run_image_metric(args, "insdel", games(args.step, args.score_batch), FIELDS, {"step": args.step},
                             write_insdel_report, running_means(FIELDS, 1), on_batch)

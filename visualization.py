@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tqdm.write(f"skipped {display_path(record.path)}: {record.error}")
         records = [record for record in batch if record.image is not None]
         if records:
-            maps, targets, probs = explain_batch(setup, records, target)
+            with setup.precision.autocast():
+                maps, targets, probs = explain_batch(setup, records, target)
             for i, record in enumerate(records):
                 rows.append(save_outputs(setup, args, record, stems[record.path],
                                          [(row, raw[i:i + 1]) for row, raw in maps],

@@ -7,8 +7,6 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from app.cli import Parser, Setup, UsageError, add_common_flags, add_eval_flags, build_setup
 from common.images import display_path
 from evaluation import distributed
@@ -65,16 +63,6 @@ def labels_identity(labels: str | None) -> dict:
     return identity
 
 
-def precision(setup: Setup) -> str:
-    """The number format the model computes in (with TF32 use on CUDA, which changes results)."""
-    parameter = next(setup.spec.model.parameters(), None)
-    text = str(parameter.dtype).removeprefix("torch.") if parameter is not None else "float32"
-    if setup.device.type == "cuda":
-        text += (f", tf32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
-                 f"tf32 cudnn {torch.backends.cudnn.allow_tf32}")
-    return text
-
-
 def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric: str) -> dict:
     """Everything that can change a recorded number: model and method settings, the weights file's hash
     (path in 'about'), the script's settings, the metric's code version, device type and precision.
@@ -91,7 +79,7 @@ def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric:
         identity["weights"] = file_sha256(weights)
         about["weights"] = str(Path(weights).resolve())
     identity.update(metric=metric, metric_version=METRIC_VERSIONS[metric], record_format=RECORD_FORMAT,
-                    device=setup.device.type, precision=precision(setup))
+                    device=setup.device.type, precision=setup.precision.describe())
     return {**identity, ABOUT: about}
 
 
@@ -127,7 +115,7 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
         if info.is_main:
             print(f"{len(task.items)} items, {info.world} process(es), device {setup.device}; "
                   f"results in {display_path(str(out))}/")
-        run_task(task, store, info, args.batch_size, args.workers, on_batch)
+        run_task(task, store, info, args.batch_size, args.workers, on_batch, setup.precision.autocast)
     finally:
         if store is not None:
             store.release()

@@ -13,6 +13,7 @@ for the pointing game, the center baseline. Each row's final map is its explaine
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,12 @@ def _shut_down(batches) -> None:
 
 
 def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, workers: int,
-             on_batch: Callable[[int], None] | None = None) -> dict | None:
+             on_batch: Callable[[int], None] | None = None,
+             compute: Callable[[], AbstractContextManager] = nullcontext) -> dict | None:
     """Evaluate this rank's share of the items ``store`` does not hold yet (earlier skips are tried again);
     on rank 0 merge the records of exactly these items, summarise and write the report. Returns the summary
-    on rank 0 (None elsewhere)."""
+    on rank 0 (None elsewhere). ``compute``: the region every batch is processed in (the precision's
+    autocast, :mod:`common.precision`)."""
     done, failed = store.status()
     dist.barrier()  # every rank reads the same done-set before any rank appends to it
     # items never tried first, earlier skips retried last: a resumed run batches its new items as an
@@ -113,7 +116,8 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
             for record in skipped:
                 tqdm.write(f"skipped {display_path(record['key'])}: {display_path(record['skipped'])}")
             good = [r for r in batch if not r.get("error")]
-            new = task.process(good) if good else []
+            with compute():
+                new = task.process(good) if good else []
             store.append(skipped + new)
             records.extend(new)
             bar.update(len(batch))

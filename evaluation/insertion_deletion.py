@@ -5,8 +5,8 @@ channels together) the image moves from ``start`` to ``finish``: deletion replac
 normalised space, insertion starts from a Gaussian blur (kernel 51, sigma 50) and copies the real pixels
 in. The curve holds the softmax probability of the explained class after 0, step, 2*step, ... pixels,
 ceil(HW/step) + 1 points; its AUC is the trapezoid on [0, 1] (reported x100 by the scripts).
-All perturbed images are built on the device by comparing each pixel's rank with the step's pixel count,
-and scored in large no-grad forward batches.
+All perturbed images are built on the device, each from the one before it (a copy plus the ``step`` pixels
+that change), and scored in large no-grad forward batches.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
+
+from methods.batching import batch_for_memory, even_chunks
+from models.preprocessing import memory_format_of
 
 BLUR_KERNEL, BLUR_SIGMA = 51, 50.0
 
@@ -26,21 +29,34 @@ def auc(curves: torch.Tensor) -> torch.Tensor:
 
 
 def insertion_substrate(images: torch.Tensor) -> torch.Tensor:
-    """The blurred start of the insertion game (kernel 51, sigma 50, reflect border), normalised space."""
+    """The blurred start of the insertion game (kernel 51, sigma 50, reflect border), normalised space:
+    torchvision's ``gaussian_blur`` (the same 1-D kernel and padding), applied as the separable pair of 1-D
+    convolutions it is, 25 x fewer operations than its 51 x 51 kernel (equal up to float rounding)."""
     kernel = min(BLUR_KERNEL, 2 * (min(images.shape[-2:]) // 2) - 1)  # reflect padding needs pad < side
-    return gaussian_blur(images, kernel_size=[kernel, kernel], sigma=[BLUR_SIGMA, BLUR_SIGMA])
+    half = (kernel - 1) * 0.5
+    taps = torch.linspace(-half, half, kernel, device=images.device, dtype=torch.float32)
+    taps = torch.exp(-0.5 * (taps / BLUR_SIGMA).pow(2))
+    taps = (taps / taps.sum()).to(images.dtype)
+    channels = images.shape[1]
+    padded = F.pad(images, [kernel // 2] * 4, mode="reflect")
+    rows = F.conv2d(padded, taps.view(1, 1, 1, -1).expand(channels, 1, 1, kernel), groups=channels)
+    return F.conv2d(rows, taps.view(1, 1, -1, 1).expand(channels, 1, kernel, 1), groups=channels)
 
 
 def deletion_substrate(images: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(images)
 
 
+def saliency_order(saliency: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) maps -> (B, H*W) pixel indices in descending saliency, ties in raster order."""
+    return torch.argsort(saliency.flatten(1), dim=1, descending=True, stable=True)
+
+
 def saliency_ranks(saliency: torch.Tensor) -> torch.Tensor:
     """(B, H, W) maps -> (B, H*W) rank of each pixel in descending order, ties in raster order."""
-    flat = saliency.flatten(1)
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    order = saliency_order(saliency)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return ranks
 
 
@@ -51,11 +67,14 @@ def num_points(pixels: int, step: int) -> int:
 
 @torch.no_grad()
 def game_curves(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
-                mode: str, step: int, forward_batch: int = 128,
+                mode: str, step: int, forward_batch: int | None = None,
                 substrate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(B, ceil(HW/step)+1) probability curves of the insertion or deletion game.
 
     images: (B, 3, H, W) normalised; saliency: (B, H, W) or (B, 1, H, W) at the same size.
+    forward_batch: perturbed images per forward (None: as many as half the free memory holds).
+    Each chunk's perturbed images are written into one reused buffer, in the model's memory format, by
+    comparing one image's pixel ranks with the chunk's pixel counts (broadcast, no per-pair copies).
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
@@ -65,15 +84,40 @@ def game_curves(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, 
         start, finish = images, (substrate or deletion_substrate)(images)
     else:
         start, finish = (substrate or insertion_substrate)(images), images
-    ranks = saliency_ranks(saliency)
+    order = saliency_order(saliency)
     points = num_points(height * width, step)
-    counts = (torch.arange(points, device=images.device) * step).clamp(max=height * width)
-    curves = torch.empty(batch * points, device=images.device)
-    for first in range(0, batch * points, forward_batch):
-        pairs = torch.arange(first, min(first + forward_batch, batch * points), device=images.device)
-        image_index, point_index = pairs // points, pairs % points
-        changed = (ranks[image_index] < counts[point_index, None]).view(-1, 1, height, width)
-        perturbed = torch.where(changed, finish[image_index], start[image_index])
-        probabilities = torch.softmax(model(perturbed).float(), dim=1)
-        curves[pairs] = probabilities.gather(1, targets[image_index, None])[:, 0]
+    total = batch * points
+    counts = [min(point * step, height * width) for point in range(points)]  # pixels changed at each point
+    pair_targets = targets.repeat_interleave(points)[:, None]
+    forward_batch = forward_batch or even_chunks(total, batch_for_memory(model, (height, width), images.device,
+                                                                         gradients=False))
+    buffer = torch.empty(min(forward_batch, total), channels, height, width, device=images.device,
+                         dtype=images.dtype, memory_format=memory_format_of(model))
+    curves = torch.empty(total, device=images.device)
+    for first in range(0, total, forward_batch):
+        last = min(first + forward_batch, total)
+        for image in range(first // points, (last - 1) // points + 1):  # the few images this chunk spans
+            low, high = max(first, image * points), min(last, (image + 1) * points)
+            _walk(start[image], finish[image], order[image], counts[low - image * points:high - image * points],
+                  buffer[low - first:high - first])
+        probabilities = torch.softmax(model(buffer[:last - first]).float(), dim=1)
+        curves[first:last] = probabilities.gather(1, pair_targets[first:last])[:, 0]
     return curves.view(batch, points)
+
+
+def _pixels(image: torch.Tensor) -> torch.Tensor:
+    """A (H*W, C) view of a (C, H, W) tensor stored contiguous or channels-last (both merge H and W)."""
+    return image.view(image.shape[0], -1).t()
+
+
+def _walk(start: torch.Tensor, finish: torch.Tensor, order: torch.Tensor, counts: list[int],
+          out: torch.Tensor) -> None:
+    """out[j] = ``start`` with its first ``counts[j]`` pixels in ``order`` taken from ``finish`` (counts
+    increasing): the first image in full, every next one as a copy of the one before plus its new pixels."""
+    source, done = _pixels(finish), 0
+    for j, count in enumerate(counts):
+        out[j].copy_(start if j == 0 else out[j - 1])
+        changed = order[(0 if j == 0 else done):count]
+        if len(changed):
+            _pixels(out[j])[changed] = source[changed]
+        done = count

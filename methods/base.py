@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from common.precision import full_precision
 from methods.postprocess import finalize_maps, finalize_signed
 
 Targets = torch.Tensor | Sequence[int] | int | None
@@ -54,6 +55,7 @@ class Explainer(ABC):
 
     name = "explainer"
     signed = False  # True for relevance maps whose sign carries meaning (thresholded at 0 by segmentation)
+    mixed_precision = True  # False: always computes in float32, also inside a bf16 autocast region
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -72,9 +74,17 @@ class Explainer(ABC):
         return finalize_signed(maps, size)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
+        """Check the batch, explain it; maps and logits come back as float32 whatever the autocast region
+        (``common.precision``) computed them in."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
-        return self.explain(x, as_targets(targets, x.shape[0], x.device))
+        targets = as_targets(targets, x.shape[0], x.device)
+        if self.mixed_precision:
+            maps, logits = self.explain(x, targets)
+        else:
+            with full_precision(x.device.type):
+                maps, logits = self.explain(x.float(), targets)
+        return Explanation(maps.float(), logits.float())
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"

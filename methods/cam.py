@@ -29,8 +29,8 @@ class CAM(Explainer):
             logits = capture.forward(self.model, x)
             targets = resolve_targets(targets, logits)
             (grads,) = target_gradients(logits, targets, capture.activation)
-        activations = capture.activation.detach()
-        return Explanation(self.combine(activations, grads), logits.detach())
+        activations = capture.activation.detach().float()  # combined in float32 (bf16 autocast: A and g bf16)
+        return Explanation(self.combine(activations, grads.float()), logits.detach())
 
     @abstractmethod
     def combine(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
+from methods.batching import batch_for_memory
 from methods.hooks import LayerCapture, Post, restored_state
 from methods.options import in_interval, integer, positive_int
 from methods.targets import target_probabilities
@@ -36,10 +37,10 @@ class ScoreCAM(Explainer):
     name = "scorecam"
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None,
-                 mask_batch: int = 64, multilabel: bool = False):
+                 mask_batch: int | None = None, multilabel: bool = False):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
-        self.mask_batch = positive_int("mask_batch", mask_batch)
+        self.mask_batch = positive_int("mask_batch", mask_batch, optional=True)  # None: from free memory
         self.multilabel = multilabel
 
     @torch.no_grad()
@@ -56,8 +57,9 @@ class ScoreCAM(Explainer):
             varying = flat.amax(dim=(1, 2, 3)) > flat.amin(dim=(1, 2, 3))
             pairs = varying.nonzero().squeeze(1)                   # (image, channel) pairs to score
             scores = torch.zeros(batch * channels, device=x.device)
-            for start in _chunks(len(pairs), self.mask_batch, "Score-CAM masks"):
-                index = pairs[start:start + self.mask_batch]
+            mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
+            for start in _chunks(len(pairs), mask_batch, "Score-CAM masks"):
+                index = pairs[start:start + mask_batch]
                 image = torch.div(index, channels, rounding_mode="floor")
                 masks = F.interpolate(flat[index], size=(height, width), mode="bilinear", align_corners=False)
                 low = masks.amin(dim=(2, 3), keepdim=True)
@@ -107,13 +109,13 @@ class RISE(Explainer):
     name = "rise"
 
     def __init__(self, model: nn.Module, n_masks: int = 4000, cell: int = 7, p: float = 0.5, seed: int = 0,
-                 mask_batch: int = 64, multilabel: bool = False):
+                 mask_batch: int | None = None, multilabel: bool = False):
         super().__init__(model)
         self.n_masks = positive_int("n_masks", n_masks)
         self.cell = positive_int("cell", cell)
         self.p = in_interval("p", p, 0.0, 1.0, open_low=True)  # the keep probability
         self.seed = integer("seed", seed)
-        self.mask_batch = positive_int("mask_batch", mask_batch)
+        self.mask_batch = positive_int("mask_batch", mask_batch, optional=True)  # None: from free memory
         self.multilabel = multilabel
         self._cache: dict = {}
 
@@ -151,8 +153,9 @@ class RISE(Explainer):
             logits = self.model(x)
             targets = resolve_targets(targets, logits)
             pairs = torch.arange(batch * n, device=x.device)      # image-major (image, mask) pairs
-            for start in _chunks(batch * n, self.mask_batch, "RISE masks"):
-                index = pairs[start:start + self.mask_batch]
+            mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
+            for start in _chunks(batch * n, mask_batch, "RISE masks"):
+                index = pairs[start:start + mask_batch]
                 image = torch.div(index, n, rounding_mode="floor")
                 masks = self.masks(height, width, x.device, index - image * n)
                 probs = target_probabilities(self.model(x[image] * masks[:, None].to(x.dtype)), targets[image],

@@ -55,6 +55,7 @@ from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
+from methods.batching import batch_for_memory
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
 from methods.options import choice, positive_int
@@ -254,11 +255,11 @@ class SISE(Explainer):
     progress_desc = "SISE masks"
 
     def __init__(self, model: nn.Module, layers: Sequence[str], posts: dict[str, Post] | None = None,
-                 mask_batch: int = 64, fusion: str | None = None, multilabel: bool = False):
+                 mask_batch: int | None = None, fusion: str | None = None, multilabel: bool = False):
         super().__init__(model)
         self.layers = _layer_names(model, layers)
         self.posts = dict(posts or {})
-        self.mask_batch = positive_int("mask_batch", mask_batch)
+        self.mask_batch = positive_int("mask_batch", mask_batch, optional=True)  # None: from free memory
         self.fusion = choice("fusion", self.default_fusion if fusion is None else str(fusion).lower(), FUSIONS)
         self.multilabel = multilabel
         self.last_selection: dict[str, torch.Tensor] = {}
@@ -304,18 +305,20 @@ class SISE(Explainer):
                 usable = keep & _varies(flat.amin(dim=2), flat.amax(dim=2))  # constant channels: no mask
                 pairs.append(usable.nonzero())                                 # (N, 2) image, channel
             self.last_selection = selection
-            chunks = sum(math.ceil(len(p) / self.mask_batch) for p in pairs)
+            mask_batch = self.mask_batch or batch_for_memory(self.model, tuple(x.shape[-2:]), x.device,
+                                                             gradients=False)
+            chunks = sum(math.ceil(len(p) / mask_batch) for p in pairs)
             with torch.no_grad(), tqdm(total=chunks, desc=self.progress_desc, leave=False, disable=None) as bar:
-                layer_maps = [self._layer_map(x, act, index, targets, bar)
+                layer_maps = [self._layer_map(x, act, index, targets, bar, mask_batch)
                               for act, index in zip(acts, pairs, strict=True)]
         return Explanation(self._fuse(layer_maps)[:, None], logits)
 
-    def _layer_map(self, x, act, index, targets, bar) -> torch.Tensor:
+    def _layer_map(self, x, act, index, targets, bar, mask_batch: int) -> torch.Tensor:
         """(B, H, W) visualization map V = sum_m s_m M_m (/ |M_m|) of one layer, not yet normalised."""
         batch, _, height, width = x.shape
         total = torch.zeros(batch, height, width, device=x.device, dtype=torch.float32)
-        for start in range(0, len(index), self.mask_batch):
-            image, channel = index[start:start + self.mask_batch].unbind(1)
+        for start in range(0, len(index), mask_batch):
+            image, channel = index[start:start + mask_batch].unbind(1)
             masks = F.interpolate(act[image, channel][:, None].float(), size=(height, width), mode="bilinear",
                                   align_corners=False)
             low = masks.amin(dim=(2, 3), keepdim=True)
@@ -421,7 +424,8 @@ def _builder(cls):
     def build(spec: ModelSpec, layers: None | str | Sequence[str] = None, **options) -> SISE:
         names = block_end_layers(spec.model, spec.input_size) if layers is None else _layer_names(spec.model, layers)
         return cls(spec.model, names, layer_posts(spec, names), multilabel=spec.multilabel, **options)
-    build.__doc__ = (f"{cls.__name__} for ``spec``; options: mask_batch (64), layers (block ends), "
+    build.__doc__ = (f"{cls.__name__} for ``spec``; options: mask_batch (default: from free memory), "
+                     f"layers (block ends), "
                      f"fusion ('{cls.default_fusion}').")
     build.__name__ = build.__qualname__ = f"build_{cls.name}"
     return build

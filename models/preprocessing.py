@@ -10,6 +10,18 @@ import torch.nn.functional as F
 from models.spec import ModelSpec
 
 
+def memory_format_of(model: torch.nn.Module) -> torch.memory_format:
+    """torch.channels_last when the model's convolution weights are stored so (``model.to(memory_format=
+    torch.channels_last)``), else torch.contiguous_format; 1x1 kernels, which fit both, are not looked at."""
+    for parameter in model.parameters():
+        if parameter.dim() == 4 and parameter.shape[-2:].numel() > 1 and parameter.shape[1] > 1:
+            if parameter.is_contiguous():
+                return torch.contiguous_format
+            if parameter.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+    return torch.contiguous_format
+
+
 def to_tensor(image: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """(H, W, 3) uint8 array -> (3, H, W) float tensor in [0, 1] on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)

@@ -56,9 +56,48 @@ def test_toy_model_perfect_map_gives_the_known_curves():
                                                  substrate=torch.zeros_like))
 
 
-def test_insertion_substrate_is_the_papers_blur():
-    x = torch.randn(2, 3, 64, 64)
-    assert torch.allclose(insertion_substrate(x), gaussian_blur(x, [51, 51], [50.0, 50.0]))
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 224, 224), (1, 3, 30, 100)])
+def test_insertion_substrate_is_the_papers_blur(shape):
+    x = torch.randn(*shape)
+    kernel = min(51, 2 * (min(shape[-2:]) // 2) - 1)
+    expected = gaussian_blur(x, [kernel, kernel], [50.0, 50.0])
+    assert torch.allclose(insertion_substrate(x), expected, rtol=0, atol=1e-6)
+
+
+class RecordingModel(torch.nn.Module):
+    """Keeps a copy of every input; a 3 x 3 convolution whose weight layout sets the model's memory format."""
+
+    def __init__(self, memory_format):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=memory_format)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.conv(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_perturbed_images_are_exact_in_either_memory_format(mode, memory_format):
+    """Every scored image equals start with exactly the first count pixels (by rank) taken from finish,
+    across chunk boundaries inside an image, in the model's memory format."""
+    torch.manual_seed(0)
+    images, saliency = torch.randn(3, 3, 9, 7), torch.rand(3, 9, 7)
+    saliency[0, :2] = 0.5  # ties
+    model = RecordingModel(memory_format)
+    step, points = 5, num_points(63, 5)
+    game_curves(model, images, saliency, torch.zeros(3, dtype=torch.long), mode, step, forward_batch=4)
+    scored = torch.cat(model.seen)
+    assert scored.shape[0] == 3 * points
+    assert scored.is_contiguous(memory_format=memory_format)
+    start = images if mode == "deletion" else insertion_substrate(images)
+    finish = torch.zeros_like(images) if mode == "deletion" else images
+    ranks = saliency_ranks(saliency).view(3, 1, 9, 7)
+    for index in range(3 * points):
+        image, point = divmod(index, points)
+        expected = torch.where(ranks[image] < min(point * step, 63), finish[image], start[image])
+        assert torch.equal(scored[index], expected), (image, point)
 
 
 def reference_curve(model, image, saliency, target, mode, step):

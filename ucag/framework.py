@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
+from methods.batching import batch_for_memory, even_chunks
 from methods.hooks import restored_state
 from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from methods.targets import target_probabilities
@@ -67,7 +68,8 @@ class UCAG(Explainer):
     """Wraps ``explainer`` (any registered method) into Unfold and Conquer Attribution Guidance.
 
     crop: c, crop side in the 224 frame (rho = c/224). n: crops per side. alpha: upscaling factor.
-    patch_batch: crops explained per call (the memory bound). confidence: weight partial maps by Y.
+    patch_batch: crops explained per call (the memory bound; None: as many as half the device's free memory
+    holds, :func:`methods.batching.batch_for_memory`). confidence: weight partial maps by Y.
     official: reproduce the official code (divide by Gamma + 1, blur the final map, and no confidence
     weighting unless ``confidence`` is passed explicitly). multilabel: sigmoid instead of softmax in Y.
     """
@@ -75,12 +77,12 @@ class UCAG(Explainer):
     name = "ucag"
 
     def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
-                 patch_batch: int = 64, confidence: bool | None = None, official: bool = False,
+                 patch_batch: int | None = None, confidence: bool | None = None, official: bool = False,
                  progress: bool = False, multilabel: bool = False):
         super().__init__(explainer.model)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
-        if patch_batch < 1:
+        if patch_batch is not None and patch_batch < 1:
             raise ValueError(f"patch_batch must be at least 1, got {patch_batch}")
         self.explainer, self.crop, self.n, self.alpha = explainer, crop, n, alpha
         self.patch_batch, self.official, self.progress = patch_batch, official, progress
@@ -108,9 +110,11 @@ class UCAG(Explainer):
         crop_targets = targets.repeat_interleave(grid.num_patches)
         scaled = self.scaled_size(grid)
         partial = torch.empty(crops.shape[0], *grid.crop_size, device=x.device, dtype=torch.float32)
-        starts = range(0, crops.shape[0], self.patch_batch)
+        patch_batch = self.patch_batch or even_chunks(crops.shape[0], batch_for_memory(self.model, scaled, x.device,
+                                                                                      gradients=True))
+        starts = range(0, crops.shape[0], patch_batch)
         for start in tqdm(starts, desc="UCAG patches", leave=False, disable=not self.progress):
-            stop = start + self.patch_batch
+            stop = start + patch_batch
             chunk = F.interpolate(crops[start:stop], size=scaled, mode="bicubic", align_corners=False)
             maps, chunk_logits = self.explainer(chunk, crop_targets[start:stop])
             maps = maps.float()

@@ -46,6 +46,7 @@ class LRP(Explainer):
 
     name = "lrp"
     signed = True
+    mixed_precision = False  # the rules divide by sums of products that bfloat16 cannot resolve
 
     def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], rule: str = "zplus",
                  epsilon: float = 0.25):
@@ -114,6 +115,7 @@ class SeededPropagation(Explainer):
     min/max (no fixed input box, unlike LRP's)."""
 
     signed = True
+    mixed_precision = False  # as LRP: propagation rules in float32
     composite: Composite
 
     def __init__(self, model: nn.Module):

@@ -1,0 +1,123 @@
+"""--precision: TF32 switches, bf16 autocast on CPU against float32 (maps and insertion/deletion AUCs), the
+methods that stay float32, and the run identity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import insdel
+import visualization
+from common.precision import Precision, PrecisionError, full_precision
+from evaluation.insertion_deletion import auc, game_curves
+from methods import build_explainer
+from models import load_model
+from ucag import UCAG
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+# Largest differences measured on the bundled photos (efficientnet_lite0, CPU bf16, finalised [0, 1] maps):
+# 0.017 (Grad-CAM) and 0.034 (UCAG(Grad-CAM)); the bounds leave room for other CPUs' bf16 kernels.
+MAP_TOLERANCE = 0.08
+AUC_TOLERANCE = 1.5  # AUC x 100
+
+
+@pytest.fixture
+def tf32_flags():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_precision_switches_tf32_and_describes_itself(tf32_flags):
+    Precision("tf32").apply()
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    Precision("fp32").apply()  # PyTorch's own default keeps cuDNN's TF32 on: fp32 switches it off
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert Precision("fp32").describe() == "float32"
+    assert Precision("bf16").describe() == "float32, bf16 autocast"
+    with pytest.raises(PrecisionError, match="unknown precision 'fp16'"):
+        Precision("fp16")
+
+
+def test_autocast_region_and_full_precision_opt_out():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with Precision("bf16").autocast():
+        assert layer(x).dtype == torch.bfloat16
+        with full_precision("cpu"):
+            assert layer(x).dtype == torch.float32
+    with Precision("fp32").autocast():
+        assert layer(x).dtype == torch.float32
+
+
+def _final(explainer, x, precision):
+    with Precision(precision).autocast():
+        maps, logits = explainer(x)
+    assert maps.dtype == torch.float32 and logits.dtype == torch.float32  # the contract, whatever the region
+    return explainer.finalize(maps, tuple(x.shape[-2:]))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "xgradcam", "ucag"])
+def test_bf16_maps_stay_close_to_float32(method, lite, photo_batch):
+    x = photo_batch[:1] if method == "ucag" else photo_batch[:2]
+    explainer = (UCAG(build_explainer("gradcam", lite), n=3, alpha=1.5) if method == "ucag"
+                 else build_explainer(method, lite))
+    full, half = _final(explainer, x, "fp32"), _final(explainer, x, "bf16")
+    difference = (full - half).abs().max()
+    assert 0 < difference < MAP_TOLERANCE, difference  # not 0: the autocast region did compute in bf16
+    assert torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided", "deconv", "fullgrad"])
+def test_pixel_gradient_methods_stay_float32(method, lite, photo_batch):
+    explainer = build_explainer(method, lite)
+    assert torch.equal(_final(explainer, photo_batch[:1], "fp32"), _final(explainer, photo_batch[:1], "bf16"))
+
+
+@pytest.mark.parametrize("method", ["lrp", "rap", "agf"])
+def test_relevance_methods_stay_float32(method):
+    torch.manual_seed(0)
+    spec = load_model("resnet18", "random")
+    explainer = build_explainer(method, spec)
+    x = torch.randn(1, 3, 96, 96)
+    with Precision("bf16").autocast():
+        half = explainer(x).maps
+    assert torch.equal(explainer(x).maps, half)
+
+
+def test_bf16_insertion_deletion_aucs_stay_close(lite, photo_batch):
+    x = photo_batch[:2]
+    explainer = build_explainer("gradcam", lite)
+    maps, logits = explainer(x)
+    saliency = explainer.finalize(maps, (224, 224))[:, 0]
+    targets = logits.argmax(1)
+    for mode in ("deletion", "insertion"):
+        full = auc(game_curves(lite.model, x, saliency, targets, mode, 224 * 28)) * 100
+        with Precision("bf16").autocast():
+            half = auc(game_curves(lite.model, x, saliency, targets, mode, 224 * 28)) * 100
+        assert (full - half).abs().max() < AUC_TOLERANCE, (mode, full, half)
+        assert not torch.equal(full, half)
+
+
+def test_cli_precision_is_recorded_and_a_change_refused(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    source = sorted(EXAMPLES.iterdir())[0]
+    (folder / source.name).write_bytes(source.read_bytes())
+    out = tmp_path / "out"
+    argv = ["gradcam", "--img-path", str(folder), "--out", str(out), "--workers", "0", "--step", str(224 * 56),
+            "--target", "pred"]
+    assert insdel.main(argv + ["--precision", "bf16"]) == 0
+    assert json.loads((out / "run.json").read_text())["precision"] == "float32, bf16 autocast"
+    with pytest.raises(Exception, match="precision: 'float32, bf16 autocast' -> 'float32'|precision"):
+        insdel.main(argv + ["--precision", "fp32"])
+
+
+def test_visualization_runs_in_bf16(tmp_path):
+    source = sorted(EXAMPLES.iterdir())[0]
+    assert visualization.main(["gradcam", "--ucag", "-n", "2", "-a", "1.2", "--img-path", str(source),
+                               "--out", str(tmp_path), "--precision", "bf16", "--workers", "0"]) == 0
+    assert (tmp_path / f"{source.stem}_gradcam.png").is_file()
