@@ -11,6 +11,7 @@ import torch
 import insdel
 import visualization
 from common.precision import Precision, PrecisionError, full_precision
+from evaluation.errors import StoreError
 from evaluation.insertion_deletion import auc, game_curves
 from methods import build_explainer
 from models import load_model
@@ -112,7 +113,7 @@ def test_cli_precision_is_recorded_and_a_change_refused(tmp_path, capsys):
             "--target", "pred"]
     assert insdel.main(argv + ["--precision", "bf16"]) == 0
     assert json.loads((out / "run.json").read_text())["precision"] == "float32, bf16 autocast"
-    with pytest.raises(Exception, match="precision: 'float32, bf16 autocast' -> 'float32'|precision"):
+    with pytest.raises(StoreError, match="precision"):
         insdel.main(argv + ["--precision", "fp32"])
 
 
