@@ -50,6 +50,11 @@ def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch
     return targets
 
 
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16 / float16 -> float32; float32 and float64 stay as they are."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
+
+
 class Explainer(ABC):
     """Base class: subclasses implement :meth:`explain` under the contract above."""
 
@@ -74,8 +79,8 @@ class Explainer(ABC):
         return finalize_signed(maps, size)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
-        """Check the batch, explain it; maps and logits come back as float32 whatever the autocast region
-        (``common.precision``) computed them in."""
+        """Check the batch, explain it; maps and logits computed in a half-precision autocast region
+        (``common.precision``) come back as float32."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
         targets = as_targets(targets, x.shape[0], x.device)
@@ -83,8 +88,8 @@ class Explainer(ABC):
             maps, logits = self.explain(x, targets)
         else:
             with full_precision(x.device.type):
-                maps, logits = self.explain(x.float(), targets)
-        return Explanation(maps.float(), logits.float())
+                maps, logits = self.explain(x, targets)
+        return Explanation(_widened(maps), _widened(logits))
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
