@@ -73,7 +73,7 @@ def output_stems(files: Sequence[Path], root: Path, out: Path, method: str) -> d
 def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None):
     """Raw maps of every row (the method; with --ucag the method with UCAG) for a batch of decoded images,
     with the explained classes and their probabilities."""
-    x = preprocess([record.image for record in records], setup.spec, setup.device)
+    x = preprocess([record.input for record in records], setup.spec, setup.device)
     targets = None if target is None else torch.full((len(records),), target, device=setup.device)
     baseline, *others = setup.rows()
     first = baseline.explainer(x, targets)
@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     smallest_crop = int(args.crop_size * min(setup.spec.input_size) / 224)
     rows, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc=label)
-    for batch in image_batches(files, args.batch_size, args.workers if len(files) > 1 else 0):
+    for batch in image_batches(files, args.batch_size, args.workers if len(files) > 1 else 0,
+                               pin_memory=setup.device.type == "cuda"):
         for record in batch:
             if record.error:
                 skipped.append(record)

@@ -115,7 +115,8 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
         if info.is_main:
             print(f"{len(task.items)} items, {info.world} process(es), device {setup.device}; "
                   f"results in {display_path(str(out))}/")
-        run_task(task, store, info, args.batch_size, args.workers, on_batch, setup.precision.autocast)
+        run_task(task, store, info, args.batch_size, args.workers, on_batch, setup.precision.autocast,
+                 pin_memory=setup.device.type == "cuda")
     finally:
         if store is not None:
             store.release()

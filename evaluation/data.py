@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import ImageError
@@ -21,13 +22,23 @@ class ImageRecord:
     path: Path
     image: np.ndarray | None = None
     error: str | None = None
+    pixels: torch.Tensor | None = None  # the same pixels as a tensor, for a pinning DataLoader (GPU runs)
+
+    @property
+    def input(self) -> np.ndarray | torch.Tensor:
+        """What goes to the model's preprocessing: the (pinned) tensor when there is one."""
+        return self.pixels if self.pixels is not None else self.image
+
+    def pin_memory(self) -> ImageRecord:
+        """Called by a DataLoader with ``pin_memory=True`` (in its pinning thread)."""
+        return replace(self, pixels=self.pixels.pin_memory()) if self.pixels is not None else self
 
 
 class ImageFiles(Dataset):
     """Decodes image files to uint8 RGB; never raises for a bad file."""
 
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[Path], tensors: bool = False):
+        self.paths, self.tensors = list(paths), tensors
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -35,7 +46,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> ImageRecord:
         path = self.paths[index]
         try:
-            return ImageRecord(index, path, image=load_rgb(path))
+            image = load_rgb(path)
+            return ImageRecord(index, path, image=image, pixels=torch.from_numpy(image) if self.tensors else None)
         except ImageError as exc:
             return ImageRecord(index, path, error=str(exc))
 
@@ -50,8 +62,9 @@ def ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def image_batches(paths: Sequence[Path], batch_size: int, workers: int = 0) -> DataLoader:
-    """Batches (lists) of :class:`ImageRecord`, decoded by ``workers`` processes in order."""
-    return DataLoader(ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=_as_list, persistent_workers=False,
+def image_batches(paths: Sequence[Path], batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches (lists) of :class:`ImageRecord`, decoded by ``workers`` processes in order; with ``pin_memory``
+    (GPU runs) each record's pixels also come as a tensor in page-locked memory."""
+    return DataLoader(ImageFiles(paths, tensors=pin_memory), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=pin_memory, collate_fn=_as_list, persistent_workers=False,
                       worker_init_fn=ignore_interrupts if workers else None)

@@ -94,11 +94,12 @@ def _shut_down(batches) -> None:
 
 def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, workers: int,
              on_batch: Callable[[int], None] | None = None,
-             compute: Callable[[], AbstractContextManager] = nullcontext) -> dict | None:
+             compute: Callable[[], AbstractContextManager] = nullcontext, pin_memory: bool = False) -> dict | None:
     """Evaluate this rank's share of the items ``store`` does not hold yet (earlier skips are tried again);
     on rank 0 merge the records of exactly these items, summarise and write the report. Returns the summary
     on rank 0 (None elsewhere). ``compute``: the region every batch is processed in (the precision's
-    autocast, :mod:`common.precision`)."""
+    autocast, :mod:`common.precision`). ``pin_memory``: the loader puts the items' tensors in page-locked
+    memory (GPU runs; ``load_sample`` gives the pixels as a tensor)."""
     done, failed = store.status()
     dist.barrier()  # every rank reads the same done-set before any rank appends to it
     # items never tried first, earlier skips retried last: a resumed run batches its new items as an
@@ -106,7 +107,8 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
     fresh = [item for item in task.items if task.key(item) not in done and task.key(item) not in failed]
     pending = dist.shard(fresh + [item for item in task.items if task.key(item) in failed])
     loader = DataLoader(_Items(pending, task.load), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_as_list, worker_init_fn=ignore_interrupts if workers else None)
+                        collate_fn=_as_list, worker_init_fn=ignore_interrupts if workers else None,
+                        pin_memory=pin_memory)
     records: list[dict] = []
     bar = tqdm(total=len(pending), unit="img", desc=task.desc, disable=not dist.is_main)
     batches = iter(loader)
@@ -152,8 +154,8 @@ ImageMetric = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tenso
 
 def load_sample(sample: Sample) -> dict:
     """Decode one ImageNet-style sample (in a DataLoader worker); an unreadable file becomes an error."""
-    record = ImageFiles([sample.path])[0]
-    return {"key": sample.key, "sample": sample, "image": record.image, "error": record.error}
+    record = ImageFiles([sample.path], tensors=True)[0]
+    return {"key": sample.key, "sample": sample, "image": record.image, "pixels": record.pixels, "error": record.error}
 
 
 def image_targets(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[int | None], mode: str) -> torch.Tensor:
@@ -205,7 +207,7 @@ class ImageMetricTask:
     header: dict = field(default_factory=dict)
 
     def process(self, batch: list[dict]) -> list[dict]:
-        x = preprocess([r["image"] for r in batch], self.spec, self.device)
+        x = preprocess([r["pixels"] for r in batch], self.spec, self.device)
         targets = image_targets(self.spec.model, x, [r["sample"].label for r in batch], self.target_mode)
         size = tuple(x.shape[-2:])
         scores = {}

@@ -22,9 +22,17 @@ def memory_format_of(model: torch.nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def to_tensor(image: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (3, H, W) float tensor in [0, 1] on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+def to_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """(H, W, 3) uint8 array or tensor -> (3, H, W) float tensor in [0, 1] on ``device``. To a GPU the uint8
+    pixels go from page-locked memory (pinned here unless a pinning DataLoader already did) without
+    blocking the host; the conversion to float happens on the device."""
+    pixels = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+    device = torch.device(device)
+    if device.type == "cuda":
+        pixels = (pixels if pixels.is_pinned() else pixels.pin_memory()).to(device, non_blocking=True)
+    else:
+        pixels = pixels.to(device)
+    return pixels.permute(2, 0, 1).float().div_(255.0)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
@@ -66,7 +74,8 @@ def preprocess_one(image: np.ndarray, spec: ModelSpec, device: torch.device | st
     return normalize(resize_image(to_tensor(image, device), size, antialias)[None], spec)
 
 
-def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, device: torch.device | str) -> torch.Tensor:
+def preprocess(images: Sequence[np.ndarray | torch.Tensor], spec: ModelSpec,
+               device: torch.device | str) -> torch.Tensor:
     """uint8 RGB images of any sizes -> one normalised (B, 3, H, W) batch at ``spec.input_size``."""
     resized = [resize_image(to_tensor(image, device), spec.input_size) for image in images]
     return normalize(torch.stack(resized), spec)
