@@ -34,7 +34,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     true_positives = true_positives[last_of_tie]
     ranks = torch.nonzero(last_of_tie).flatten().double() + 1
     precision, recall = true_positives / ranks, true_positives / positives
-    previous = torch.cat([torch.zeros(1, dtype=recall.dtype), recall[:-1]])
+    previous = torch.cat([torch.zeros(1, dtype=recall.dtype, device=recall.device), recall[:-1]])
     return float(((recall - previous) * precision).sum())
 
 

@@ -93,9 +93,10 @@ class IntegratedGradCAM(Explainer):
         return (pixel - mean) / std
 
     def path_alphas(self, x: torch.Tensor) -> torch.Tensor:
-        """k/m per path step: k = m..1 (integrated: x itself first), k = 0..m-1 (notebook)."""
+        """k/m per path step: k = m..1 (integrated: x itself first), k = 0..m-1 (notebook); computed in
+        float64 on the CPU (not every device has float64), then moved to x's device and dtype."""
         m = self.steps
-        k = torch.arange(m, 0, -1) if self.formula == "integrated" else torch.arange(0, m)
+        k = torch.arange(m, 0, -1, device="cpu") if self.formula == "integrated" else torch.arange(0, m, device="cpu")
         return (k.to(torch.float64) / m).to(device=x.device, dtype=x.dtype)
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
