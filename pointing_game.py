@@ -83,7 +83,8 @@ def process_image(rows: list[Row], spec, device, record: dict, flags: dict | Non
     x = preprocess_one(image, spec, device).expand(len(targets), -1, -1, -1)
     labels = torch.tensor([t.label for t in targets], device=device)
     for row in rows:
-        maps = row.explainer.finalize(row.explainer(x, labels).maps, (height, width), antialias=False)[:, 0]
+        # to the host once per row: the per-class points, hits and energies below each read values back
+        maps = row.explainer.finalize(row.explainer(x, labels).maps, (height, width), antialias=False)[:, 0].cpu()
         hits = [pointing_hit(t.mask, explainer_point(row.explainer, maps[i]), tolerance)
                 for i, t in enumerate(targets)]
         energies = [energy_score(maps[i], t.boxes) for i, t in enumerate(targets)]

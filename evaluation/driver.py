@@ -214,9 +214,12 @@ class ImageMetricTask:
         for row in self.rows:
             maps = row.explainer.finalize(row.explainer(x, targets).maps, size)
             scores[row.name] = self.metric(self.spec.model, x, maps, targets)
-        return [{"key": r["key"], "file": display_path(r["sample"].path), "target": int(targets[i]),
-                 "rows": {name: {f: values[i].tolist() for f, values in fields.items()}
-                          for name, fields in scores.items()}} for i, r in enumerate(batch)]
+        # every tensor comes to the host once (one copy per field), not once per image
+        host = {name: {f: values.tolist() for f, values in fields.items()} for name, fields in scores.items()}
+        classes = targets.tolist()
+        return [{"key": r["key"], "file": display_path(r["sample"].path), "target": classes[i],
+                 "rows": {name: {f: values[i] for f, values in fields.items()} for name, fields in host.items()}}
+                for i, r in enumerate(batch)]
 
     def summarize(self, records: list[dict]) -> dict:
         return {**self.header, "n_images": len(records), "rows": row_means(records, self.rows, self.fields)}

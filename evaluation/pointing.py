@@ -53,15 +53,16 @@ def pointing_hit(mask: np.ndarray | torch.Tensor, point: tuple[float, float], to
     Pixel (i, j) sits at (i, j); squared distances are computed in float32 like TorchRay's
     ``PointingGame.evaluate``, so that results agree bit for bit at the boundary as well.
     """
-    mask = torch.as_tensor(mask, dtype=torch.bool)
-    row, col = (torch.tensor(float(v), dtype=torch.float32) for v in point)
+    device = mask.device if isinstance(mask, torch.Tensor) else torch.device("cpu")
+    mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
+    row, col = (torch.tensor(float(v), dtype=torch.float32, device="cpu") for v in point)
     top = max(0, int(np.floor(float(row) - tolerance)) - 1)
     left = max(0, int(np.floor(float(col) - tolerance)) - 1)
     window = mask[top:int(np.ceil(float(row) + tolerance)) + 2, left:int(np.ceil(float(col) + tolerance)) + 2]
     if not bool(window.any()):
         return False
-    rows = (torch.arange(top, top + window.shape[0], dtype=torch.float32) - row).to(mask.device) ** 2
-    cols = (torch.arange(left, left + window.shape[1], dtype=torch.float32) - col).to(mask.device) ** 2
+    rows = (torch.arange(top, top + window.shape[0], dtype=torch.float32, device="cpu") - row).to(device) ** 2
+    cols = (torch.arange(left, left + window.shape[1], dtype=torch.float32, device="cpu") - col).to(device) ** 2
     return bool((window & (rows[:, None] + cols[None, :] < tolerance ** 2)).any())
 
 

@@ -34,12 +34,12 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     true_positives = true_positives[last_of_tie]
     ranks = torch.nonzero(last_of_tie).flatten().double() + 1
     precision, recall = true_positives / ranks, true_positives / positives
-    previous = torch.cat([torch.zeros(1, dtype=recall.dtype), recall[:-1]])
+    previous = torch.cat([torch.zeros(1, dtype=recall.dtype, device=recall.device), recall[:-1]])
     return float(((recall - previous) * precision).sum())
 
 
 def image_scores(maps: torch.Tensor, truth: torch.Tensor, signed: bool, protocol: str = "map"):
-    """Per-image (correct, labelled, AP) of (B, H, W) maps against (B, H, W) masks.
+    """Per-image (correct, labelled, AP) of (B, H, W) maps against (B, H, W) masks; counts as CPU tensors.
 
     protocol 'map': AP of the map's values against the mask (the definition in the issue and README).
     protocol 'agf': AP of the thresholded two-channel output [background, foreground] against the one-hot
@@ -47,6 +47,9 @@ def image_scores(maps: torch.Tensor, truth: torch.Tensor, signed: bool, protocol
     """
     foreground = threshold_maps(maps, signed)
     correct, labelled = pixel_counts(foreground, truth)
+    # one host copy per batch: each image's AP reads data-dependent sizes (masked pixels, positives, ties),
+    # which on an accelerator would wait for the device once per read; counts come back on the CPU too
+    maps, truth, foreground, correct, labelled = (t.cpu() for t in (maps, truth, foreground, correct, labelled))
     aps = []
     for i in range(maps.shape[0]):
         valid = truth[i] >= 0

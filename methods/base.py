@@ -9,7 +9,9 @@ red/blue pictures of signed methods), which wrappers such as UCAG override.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -40,13 +42,34 @@ def as_targets(targets: Targets, batch: int, device: torch.device) -> torch.Tens
     return tensor
 
 
-def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
-    """Targets given, or the predicted classes; checks the range against the number of classes."""
-    if targets is None:
-        return logits.argmax(dim=1)
-    num_classes = logits.shape[1]
+# True while a wrapper runs an explainer on targets it has already range-checked (see Explainer.explain_checked)
+_TARGETS_CHECKED: ContextVar[bool] = ContextVar("targets_checked", default=False)
+
+
+@contextmanager
+def checked_targets() -> Iterator[None]:
+    """Within the block :func:`resolve_targets` trusts given targets: the caller checked their range once
+    for the whole user-facing call (the check reads the targets back from the device: one host sync)."""
+    token = _TARGETS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _TARGETS_CHECKED.reset(token)
+
+
+def check_target_range(targets: torch.Tensor, num_classes: int) -> None:
+    """ValueError when a target is outside 0..num_classes-1 (a host sync: call it once per user-facing call)."""
     if bool(((targets < 0) | (targets >= num_classes)).any()):
         raise ValueError(f"target class out of range 0..{num_classes - 1}: {targets.tolist()}")
+
+
+def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """Targets given, or the predicted classes; checks the range against the number of classes (unless a
+    wrapper already did, see :func:`checked_targets`)."""
+    if targets is None:
+        return logits.argmax(dim=1)
+    if not _TARGETS_CHECKED.get():
+        check_target_range(targets, logits.shape[1])
     return targets
 
 
@@ -77,6 +100,13 @@ class Explainer(ABC):
     def finalize_signed(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw maps -> [-1, 1] maps at ``size`` with their sign kept (divided by the largest magnitude)."""
         return finalize_signed(maps, size)
+
+    def explain_checked(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        """Internal entry point for wrappers (UCAG) that call the explainer many times per user-facing call:
+        :meth:`explain` on a (B, 3, H, W) batch with (B,) int64 ``targets`` on x's device whose range the
+        wrapper has checked once, so no call re-checks them (that check is a host sync per call)."""
+        with checked_targets():
+            return self.explain(x, targets)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
         """Check the batch, explain it; maps and logits computed in a half-precision autocast region

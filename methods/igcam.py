@@ -82,6 +82,7 @@ class IntegratedGradCAM(Explainer):
         # README: black, zeros or a pixel value in [0, 1]
         self.baseline = (choice("baseline", baseline, BASELINES) if isinstance(baseline, str)
                          else in_interval("baseline", baseline, 0.0, 1.0))
+        self._path_cache: dict = {}
 
     def baseline_image(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised baseline x' as a (1, 3, 1, 1) per-channel constant on x's device."""
@@ -93,16 +94,24 @@ class IntegratedGradCAM(Explainer):
         return (pixel - mean) / std
 
     def path_alphas(self, x: torch.Tensor) -> torch.Tensor:
-        """k/m per path step: k = m..1 (integrated: x itself first), k = 0..m-1 (notebook)."""
+        """k/m per path step: k = m..1 (integrated: x itself first), k = 0..m-1 (notebook); computed in
+        float64 on the CPU (not every device has float64), then moved to x's device and dtype."""
         m = self.steps
-        k = torch.arange(m, 0, -1) if self.formula == "integrated" else torch.arange(0, m)
+        k = torch.arange(m, 0, -1, device="cpu") if self.formula == "integrated" else torch.arange(0, m, device="cpu")
         return (k.to(torch.float64) / m).to(device=x.device, dtype=x.dtype)
+
+    def path_constants(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`baseline_image`, :meth:`path_alphas`), made once per device and dtype: each is a copy from
+        the host, which waits for the device, and UCAG calls the explainer once per chunk of crops."""
+        key = (x.device, x.dtype, self.baseline, self.steps, self.formula, self.mean, self.std)
+        if key not in self._path_cache:
+            self._path_cache[key] = self.baseline_image(x), self.path_alphas(x)
+        return self._path_cache[key]
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         batch, size = x.shape[0], x.shape[-2:]
         integrated = self.formula == "integrated"
-        base = self.baseline_image(x)
-        alphas = self.path_alphas(x)
+        base, alphas = self.path_constants(x)
         rows = batch * self.steps                  # row r: step r // B (alpha = alphas[r // B]), image r % B
         chunk = rows if self.path_batch is None else self.path_batch
         logits_x, x_logits, map_sum, base_act = None, [], None, None

@@ -76,8 +76,9 @@ class ScoreCAM(Explainer):
 
 def mirror_interpolation(in_size: int, out_size: int) -> torch.Tensor:
     """(out_size, in_size) matrix of 1-D linear interpolation with pixel-centre alignment and mirror
-    boundary (skimage ``resize(order=1, mode='reflect')``, the official RISE upsampling)."""
-    coords = (torch.arange(out_size, dtype=torch.float64) + 0.5) * in_size / out_size - 0.5
+    boundary (skimage ``resize(order=1, mode='reflect')``, the official RISE upsampling). Built on the CPU in
+    float64 (not every device has it); the caller moves the float32 result."""
+    coords = (torch.arange(out_size, dtype=torch.float64, device="cpu") + 0.5) * in_size / out_size - 0.5
     low = coords.floor()
     frac = coords - low
     low = low.long()
@@ -89,8 +90,8 @@ def mirror_interpolation(in_size: int, out_size: int) -> torch.Tensor:
         index = index.abs() % period
         return torch.where(index >= in_size, period - index, index)
 
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device="cpu")
+    rows = torch.arange(out_size, device="cpu")
     matrix.index_put_((rows, mirror(low)), 1 - frac, accumulate=True)
     matrix.index_put_((rows, mirror(low + 1)), frac, accumulate=True)
     return matrix.float()
@@ -125,10 +126,11 @@ class RISE(Explainer):
         if key not in self._cache:
             s, n = self.cell, self.n_masks
             cell_h, cell_w = math.ceil(height / s), math.ceil(width / s)
-            generator = torch.Generator().manual_seed(self.seed)
-            grids = (torch.rand(n, s, s, generator=generator) < self.p).float()
-            shift_h = torch.randint(0, cell_h, (n,), generator=generator)
-            shift_w = torch.randint(0, cell_w, (n,), generator=generator)
+            # drawn on the CPU from a CPU generator, so a seed gives the same masks on every device; moved once
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            grids = (torch.rand(n, s, s, generator=generator, device="cpu") < self.p).float()
+            shift_h = torch.randint(0, cell_h, (n,), generator=generator, device="cpu")
+            shift_w = torch.randint(0, cell_w, (n,), generator=generator, device="cpu")
             rows = mirror_interpolation(s, (s + 1) * cell_h)
             cols = mirror_interpolation(s, (s + 1) * cell_w)
             self._cache[key] = tuple(t.to(device) for t in (grids, shift_h, shift_w, rows, cols))

@@ -73,8 +73,12 @@ register("center")(lambda spec, **options: Center(spec.model))
 
 
 def input_bounds(spec: ModelSpec) -> tuple:
-    """Normalised values of black and white pixels: the z^B rule's box."""
-    return normalize(torch.zeros(1, 3, 1, 1), spec), normalize(torch.ones(1, 3, 1, 1), spec)
+    """Normalised values of black and white pixels: the z^B rule's box, on the model's device (the rule
+    moves them to each input's device, a copy only when the model has moved since)."""
+    param = next(spec.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    return (normalize(torch.zeros(1, 3, 1, 1, device=device), spec),
+            normalize(torch.ones(1, 3, 1, 1, device=device), spec))
 
 
 def _relevance_builder(cls):

@@ -218,7 +218,7 @@ def otsu_thresholds(values: torch.Tensor, valid: torch.Tensor | None = None) -> 
     values = values.detach().float()
     if valid is not None:
         values = torch.where(valid, values, torch.full_like(values, float("nan")))
-    host = values.cpu().numpy()
+    host = values.cpu().numpy()  # kept on the host, see SISE._gate
     thresholds = np.zeros(host.shape[0], dtype=np.float64)
     for row, data in enumerate(host):
         data = data[~np.isnan(data)]
@@ -351,7 +351,9 @@ class SISE(Explainer):
     def _gate(self, maps: torch.Tensor) -> torch.Tensor:
         """G(V) for (B, H, W) maps in [0, 1]: Otsu-thresholded (hard) or Otsu-centred sigmoid (soft)."""
         levels = to_uint8(maps)
-        host = levels.flatten(1).cpu().numpy()          # one host copy per layer
+        # one host copy per layer, kept: OpenCV's Otsu is a sequential float64 recurrence; a device version
+        # (bincount + cumsum) rounds differently, so near-tied thresholds are not guaranteed bitwise identical
+        host = levels.flatten(1).cpu().numpy()
         thresholds = np.zeros(host.shape[0], dtype=np.float64)
         for row, data in enumerate(host):
             t = otsu_level(data)

@@ -141,3 +141,32 @@ def test_bad_parameters_raise():
         UCAG(stub, alpha=0)
     with pytest.raises(ValueError):
         UCAG(stub, patch_batch=0)
+
+
+def test_targets_are_range_checked_once_per_call_not_once_per_chunk(lite, monkeypatch):
+    """The check reads the targets back from the device (a host sync): UCAG does it once, and its chunks
+    (5 here) run the inner explainer without it; out-of-range targets still raise before any chunk runs."""
+    import methods.base as base
+
+    checked = []
+    check = base.check_target_range
+    monkeypatch.setattr(base, "check_target_range", lambda t, k: checked.append(len(t)) or check(t, k))
+    gradcam = build_explainer("gradcam", lite)
+    ucag = UCAG(gradcam, crop=150, n=3, alpha=1.0, patch_batch=2)
+    x = torch.randn(2, 3, 64, 64)
+    ucag(x, [3, 7])
+    assert checked == [2]
+    ucag(x)  # the predictions need no check
+    assert checked == [2]
+    with pytest.raises(ValueError, match="out of range"):
+        ucag(x, [3, 1000])
+    assert checked == [2, 2]
+
+    class Boom(Explainer):
+        def explain(self, x, targets):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        Boom(lite.model).explain_checked(x, torch.tensor([3, 7]))
+    with pytest.raises(ValueError, match="out of range"):  # the trust ends with each internal call
+        gradcam(x, [3, 1000])

@@ -58,7 +58,7 @@ class UpscaledInput(Explainer):
         targets = resolve_targets(targets, logits)
         scaled = F.interpolate(x, size=(int(height * self.alpha), int(width * self.alpha)), mode="bicubic",
                                align_corners=False)
-        return Explanation(self.explainer(scaled, targets).maps, logits)
+        return Explanation(self.explainer.explain_checked(scaled, targets).maps, logits)
 
     def __repr__(self) -> str:
         return f"UpscaledInput({self.explainer!r}, alpha={self.alpha})"
@@ -105,7 +105,7 @@ class UCAG(Explainer):
         batch, _, height, width = x.shape
         grid = self.grid(height, width)
         logits = image_logits(self.model, x)
-        targets = resolve_targets(targets, logits)
+        targets = resolve_targets(targets, logits)               # range-checked once here, not per chunk
         crops = grid.unfold(x)                                   # (B*n*n, 3, ch, cw)
         crop_targets = targets.repeat_interleave(grid.num_patches)
         scaled = self.scaled_size(grid)
@@ -116,7 +116,7 @@ class UCAG(Explainer):
         for start in tqdm(starts, desc="UCAG patches", leave=False, disable=not self.progress):
             stop = start + patch_batch
             chunk = F.interpolate(crops[start:stop], size=scaled, mode="bicubic", align_corners=False)
-            maps, chunk_logits = self.explainer(chunk, crop_targets[start:stop])
+            maps, chunk_logits = self.explainer.explain_checked(chunk, crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
                 weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)

@@ -68,7 +68,9 @@ def _cluster_weights(hard: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     regions = torch.stack([phi < 0, phi > 0], dim=-1).to(hard.dtype).reshape(batch, -1, 2)  # (B, HW, 2)
     reps = divide(flat @ regions, regions.sum(dim=1, keepdim=True))        # (B, C, 2): negative, positive
     gram = reps.transpose(1, 2) @ reps + torch.eye(2, dtype=hard.dtype, device=hard.device)
-    weights = torch.linalg.solve(gram, reps.transpose(1, 2) @ flat)
+    # solve_ex: the same solution as linalg.solve without its singularity check, a host sync per call on an
+    # accelerator; gram = R^T R + I is positive definite, never singular
+    weights = torch.linalg.solve_ex(gram, reps.transpose(1, 2) @ flat).result
     weights = F.relu(weights.reshape(batch, 2, *hard.shape[2:]))
     return weights[:, 1:2] - weights[:, 0:1]
 
