@@ -106,14 +106,18 @@ class Explainer(ABC):
         :meth:`explain` on a (B, 3, H, W) batch with (B,) int64 ``targets`` on x's device whose range the
         wrapper has checked once, so no call re-checks them (that check is a host sync per call)."""
         with checked_targets():
-            return self.explain(x, targets)
+            return self._explain_in_precision(x, targets)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
-        """Check the batch, explain it; maps and logits computed in a half-precision autocast region
-        (``common.precision``) come back as float32."""
+        """Check the batch and explain it."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
-        targets = as_targets(targets, x.shape[0], x.device)
+        return self._explain_in_precision(x, as_targets(targets, x.shape[0], x.device))
+
+    def _explain_in_precision(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+        """:meth:`explain` in float32 for explainers that opt out of autocast (``mixed_precision = False``);
+        maps and logits computed in a half-precision autocast region (``common.precision``) come back as
+        float32."""
         if self.mixed_precision:
             maps, logits = self.explain(x, targets)
         else:

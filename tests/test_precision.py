@@ -89,6 +89,18 @@ def test_relevance_methods_stay_float32(method):
     assert torch.equal(explainer(x).maps, half)
 
 
+def test_ucag_keeps_its_inner_explainers_opt_out():
+    """UCAG calls the inner explainer through its internal entry point: a float32-only method stays float32."""
+    torch.manual_seed(0)
+    spec = load_model("resnet18", "random")
+    ucag = UCAG(build_explainer("lrp", spec), n=2, alpha=1.0)
+    x = torch.randn(1, 3, 96, 96)
+    with Precision("bf16").autocast():
+        half = ucag(x).maps
+    assert half.dtype == torch.float32
+    assert torch.allclose(ucag(x).maps, half, atol=1e-6, rtol=1e-5)  # only UCAG's own logits in bf16
+
+
 def test_bf16_insertion_deletion_aucs_stay_close(lite, photo_batch):
     x = photo_batch[:2]
     explainer = build_explainer("gradcam", lite)
