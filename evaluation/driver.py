@@ -207,7 +207,8 @@ class ImageMetricTask:
     header: dict = field(default_factory=dict)
 
     def process(self, batch: list[dict]) -> list[dict]:
-        x = preprocess([r["pixels"] for r in batch], self.spec, self.device)
+        x = preprocess([r["image"] if r.get("pixels") is None else r["pixels"] for r in batch], self.spec,
+                       self.device)
         targets = image_targets(self.spec.model, x, [r["sample"].label for r in batch], self.target_mode)
         size = tuple(x.shape[-2:])
         scores = {}
