@@ -89,6 +89,7 @@ def bench_model(name: str, args, run: Run) -> None:
     ucag_s = timed(in_precision(lambda: ucag(x)), device, args.repeats)
     floor_s = timed(in_precision(floor), device, args.repeats)
     memory = peak_memory(device, in_precision(lambda: ucag(x)))
+    ours = clock.split()
     with torch.no_grad():
         crop_targets = spec.model(x).argmax(dim=1).repeat_interleave(grid.num_patches)
     peer_s = (peer_seconds(spec, crops, crop_targets, explainer.name, chunk, args.repeats, device)
@@ -98,7 +99,8 @@ def bench_model(name: str, args, run: Run) -> None:
             if peer_s else "")
     print(f"{name:<20} {args.method} base {per(base_s)} | UCAG {per(ucag_s)} | floor {per(floor_s)} "
           f"| UCAG/floor {ucag_s / floor_s:5.2f} x | UCAG/base {ucag_s / base_s:6.1f} x | images/s "
-          f"{args.images / ucag_s:6.2f} | chunk {chunk} | peak {memory}{peer} | {clock.split()}", flush=True)
+          f"{args.images / ucag_s:6.2f} | chunk {chunk} | peak {memory}{peer} | ours: {ours}"
+          + (f"; peer: {clock.split()}" if peer_s else ""), flush=True)
 
 
 def main() -> None:
