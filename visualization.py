@@ -7,6 +7,11 @@
 For every image, writes under --out (mirroring sub-folders): <stem>_<method>.png (input, map overlay and,
 with --ucag, the UCAG overlay), <stem>_<method>.npy and <stem>_<method>_ucag.npy (float32, original
 H x W, values in [0, 1]); plus predictions.csv and skipped.txt for the whole run.
+
+Without --blend the UCAG .npy is the paper's map (constant blend, as every evaluation script computes it)
+and the picture shows the seamless gaussian blend of the same crops (measured not to lower the
+insertion/deletion AUCs; README, "Seamless UCAG pictures"); the panel's title names the blend shown.
+With --blend both use the blend given.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ from evaluation.driver import Row
 from evaluation.store import check_output_folder
 from methods.targets import target_probabilities
 from models import preprocess
+from ucag.blending import SIGMA_FRACTION
+
+# The blend of the UCAG picture when --blend is not given (the .npy keeps the paper's constant fold).
+PICTURE_BLEND = "gaussian"
 
 PROG = "visualization.py"
 
@@ -44,6 +53,12 @@ PROG = "visualization.py"
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
     add_common_flags(parser)
+    for action in parser._actions:
+        if action.dest == "blend":
+            action.help = (f"UCAG fold of the .npy and the picture: 'constant' (the paper's sum / Gamma) or 'gaussian' "
+                           f"(Gaussian window over each crop, sigma = {SIGMA_FRACTION:g} of its side: no crop grid). "
+                           f"Default: the .npy constant (the paper's map, as the evaluation scripts), the picture "
+                           f"{PICTURE_BLEND} (constant with --official); the picture's title names it")
     parser.add_argument("--img-path", default="examples",
                         help="image file or folder, read recursively (default examples/)")
     parser.add_argument("--target", default="pred", help="'pred' (predicted class, default) or a class index")
@@ -70,16 +85,37 @@ def output_stems(files: Sequence[Path], root: Path, out: Path, method: str) -> d
     return stems
 
 
-def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None):
-    """Raw maps of every row (the method; with --ucag the method with UCAG) for a batch of decoded images,
-    with the explained classes and their probabilities."""
+def picture_blend(args, setup: Setup) -> str | None:
+    """The UCAG fold the picture shows: --blend when given, else PICTURE_BLEND (constant under --official,
+    whose fold is the constant one); None without --ucag."""
+    if setup.ucag is None:
+        return None
+    return args.blend or ("constant" if args.official else PICTURE_BLEND)
+
+
+def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None, blend: str | None = None):
+    """Raw maps of every row (the method; with --ucag the method with UCAG) for a batch of decoded images as
+    (row, maps for the .npy, maps for the picture), with the explained classes and their probabilities.
+    ``blend``: the UCAG picture's fold; when it is not the .npy's, the crops are explained once and folded
+    both ways."""
     x = preprocess([record.input for record in records], setup.spec, setup.device)
     targets = None if target is None else torch.full((len(records),), target, device=setup.device)
     baseline, *others = setup.rows()
     first = baseline.explainer(x, targets)
     targets = first.logits.argmax(dim=1) if targets is None else targets
-    maps = [(baseline, first.maps)] + [(row, row.explainer(x, targets).maps) for row in others]
+    maps = [(baseline, first.maps, first.maps)]
+    for row in others:
+        if row.ucag and blend not in (None, row.explainer.blend):
+            both = row.explainer.explain_blends(x, targets, (row.explainer.blend, blend))
+            maps.append((row, both[row.explainer.blend].maps, both[blend].maps))
+        else:
+            raw = row.explainer(x, targets).maps
+            maps.append((row, raw, raw))
     return maps, targets, target_probabilities(first.logits, targets, setup.spec.multilabel)
+
+
+def ucag_title(setup: Setup, args, blend: str) -> str:
+    return f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, n={args.num_patches}, blend: {blend})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{label} on {setup.spec.name} ({setup.spec.weights} weights, layer {setup.spec.target_layer}) "
           f"over {len(files)} image(s), device {setup.device}")
     smallest_crop = int(args.crop_size * min(setup.spec.input_size) / 224)
+    blend = picture_blend(args, setup)
     rows, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc=label)
     for batch in image_batches(files, args.batch_size, args.workers if len(files) > 1 else 0,
@@ -110,11 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = [record for record in batch if record.image is not None]
         if records:
             with setup.precision.autocast():
-                maps, targets, probs = explain_batch(setup, records, target)
+                maps, targets, probs = explain_batch(setup, records, target, blend)
             for i, record in enumerate(records):
                 rows.append(save_outputs(setup, args, record, stems[record.path],
-                                         [(row, raw[i:i + 1]) for row, raw in maps],
-                                         int(targets[i]), float(probs[i]), smallest_crop))
+                                         [(row, raw[i:i + 1], None if shown is raw else shown[i:i + 1])
+                                          for row, raw, shown in maps],
+                                         int(targets[i]), float(probs[i]), smallest_crop, blend))
         bar.update(len(batch))
     bar.close()
     write_run_files(out, rows, skipped)
@@ -125,9 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path, maps: list[tuple[Row, torch.Tensor]],
-                 target: int, prob: float, smallest_crop: int) -> dict:
-    """Write the .npy maps and the .png panel of one image; returns its predictions.csv row."""
+def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path,
+                 maps: list[tuple[Row, torch.Tensor, torch.Tensor | None]], target: int, prob: float,
+                 smallest_crop: int, blend: str | None = None) -> dict:
+    """Write the .npy maps and the .png panel of one image; returns its predictions.csv row. Each row: raw maps
+    for the .npy and, when the picture shows other maps (UCAG's picture blend), those (else None)."""
     height, width = record.image.shape[:2]
     if min(height, width) < smallest_crop:
         tqdm.write(f"note: {display_path(record.path)} ({width}x{height}) is smaller than a crop; upsampled to "
@@ -135,14 +175,15 @@ def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path, maps: list
     stem.parent.mkdir(parents=True, exist_ok=True)
     class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
     panels = [(record.image, "input")]
-    for row, raw in maps:
+    for row, raw, shown in maps:
         explainer = row.explainer
         signed = explainer.signed
-        final = (explainer.finalize_signed if signed else explainer.finalize)(raw, (height, width))
-        final = final[0, 0].cpu().numpy().astype(np.float32)
+        finalize = explainer.finalize_signed if signed else explainer.finalize
+        final = finalize(raw, (height, width))[0, 0].cpu().numpy().astype(np.float32)
         save_npy(Path(f"{stem}_ucag.npy" if row.ucag else f"{stem}.npy"), final)
-        title = (f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, n={args.num_patches})"
-                 if row.ucag else setup.method)
+        if shown is not None:
+            final = finalize(shown, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+        title = ucag_title(setup, args, blend or explainer.blend) if row.ucag else setup.method
         panels.append(((signed_overlay if signed else overlay)(record.image, final), title))
     header = f"{display_path(record.path.name)}: {class_name} (class {target}), p={prob:.3f}"
     save_panels(Path(f"{stem}.png"), panels, header=header)

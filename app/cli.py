@@ -20,6 +20,7 @@ from evaluation.driver import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
 from models import DEFAULT_MODEL, ModelSpec, load_model
 from ucag import UCAG, UpscaledInput
+from ucag.blending import BLENDS, SIGMA_FRACTION
 from ucag.geometry import REFERENCE_SIDE, PatchGrid
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -63,6 +64,11 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
                       help="official code's quirks: divide by Gamma+1, blur the final map, no confidence "
                            "weighting unless --score")
     ucag.add_argument("--score", action="store_true", help="with --official: weight crops by confidence")
+    ucag.add_argument("--blend", choices=BLENDS, default=None,
+                      help="[V(., Gamma)] how overlapping crop maps are joined: 'constant' (the paper's sum / "
+                           "Gamma, default; the map shows the crop grid) or 'gaussian' (each crop map weighted by a "
+                           f"Gaussian window, sigma = {SIGMA_FRACTION:g} of the crop side, sum / summed windows: no "
+                           "grid; not with --official)")
     options = parser.add_argument_group("method options (each used by the methods named; defaults are the "
                                         "methods' own)")
     options.add_argument("--mask-batch", type=int, default=None,
@@ -235,6 +241,9 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     """
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    blend = getattr(args, "blend", None) or "constant"
+    if args.official and blend != "constant":
+        raise UsageError(f"--blend {blend} is not the official code's fold: drop --official or --blend")
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {args.workers})")
     method = canonical_name(args.method)
@@ -258,11 +267,13 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
         confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)
         wrapped = UCAG(explainer, crop=args.crop_size, n=args.num_patches, alpha=args.alpha,
                        patch_batch=args.patch_batch, confidence=confidence, official=args.official,
-                       multilabel=spec.multilabel)
+                       multilabel=spec.multilabel, blend=blend)
         settings.update({"ucag": True, "alpha": args.alpha, "crop": args.crop_size, "n": args.num_patches,
-                         "confidence": wrapped.confidence})
+                         "confidence": wrapped.confidence, "blend": blend})
     else:
         settings["ucag"] = False
+        if getattr(args, "blend", None):
+            warnings.warn("--blend has no effect without --ucag", stacklevel=2)
     return Setup(device, spec, method, baseline, wrapped, settings, precision)
 
 

@@ -34,6 +34,9 @@ METRIC_VERSIONS = {"insdel": 1, "density": 1, "pointing_game": 1, "segmentation"
 RECORD_FORMAT = 2
 # run.json keys that describe a run without being part of its identity (paths of hashed files).
 ABOUT = "about"
+# Identity settings added after runs were first recorded, with the value every run.json written before them
+# implies: such a run resumes under that value and is refused under any other.
+IMPLIED_SETTINGS = {"blend": "constant"}  # UCAG's fold; only the paper's V(., Gamma) existed before
 
 
 def file_sha256(path: str | Path) -> str:
@@ -186,7 +189,8 @@ class ResultStore:
         compared."""
         recorded = self._read_config()
         if recorded is not None:
-            changed = _differences(recorded, config)
+            implied = {key: value for key, value in IMPLIED_SETTINGS.items() if key in config and key not in recorded}
+            changed = _differences({**recorded, **implied}, config)
             if changed:
                 raise StoreError(f"{display_path(str(self.out))} holds results of other settings "
                                  f"({', '.join(changed)}); "

@@ -73,7 +73,7 @@ def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch
     return targets
 
 
-def _widened(tensor: torch.Tensor) -> torch.Tensor:
+def widen_half(tensor: torch.Tensor) -> torch.Tensor:
     """bfloat16 / float16 -> float32; float32 and float64 stay as they are."""
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
 
@@ -123,7 +123,7 @@ class Explainer(ABC):
         else:
             with full_precision(x.device.type):
                 maps, logits = self.explain(x, targets)
-        return Explanation(_widened(maps), _widened(logits))
+        return Explanation(widen_half(maps), widen_half(logits))
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"

@@ -6,20 +6,24 @@ For an input I and target k:
   Y_s = exp(softmax(f(I_s))_k)                   patch confidence                       (Eq. 4)
   M_s = Psi(E_s * Y_s, beta)                     weighted and resized back to the crop  (Eq. 5)
   M   = V(M_s, Gamma)                            folded, divided by the duplication     (Eq. 6)
+(``blend="gaussian"``: M = sum w M_s / sum w with a Gaussian window w per crop instead, see ucag.blending.)
 The result is raw and signed like any explainer's; :meth:`UCAG.finalize` applies the final ReLU, resize
 and min-max (plus the official blur in ``official`` mode).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, resolve_targets
+from methods.base import Explainer, Explanation, Targets, as_targets, resolve_targets, widen_half
 from methods.batching import batch_for_memory, even_chunks
 from methods.hooks import restored_state
 from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from methods.targets import target_probabilities
+from ucag.blending import blend_fold, check_blend
 from ucag.geometry import PatchGrid
 
 
@@ -72,13 +76,15 @@ class UCAG(Explainer):
     holds, :func:`methods.batching.batch_for_memory`). confidence: weight partial maps by Y.
     official: reproduce the official code (divide by Gamma + 1, blur the final map, and no confidence
     weighting unless ``confidence`` is passed explicitly). multilabel: sigmoid instead of softmax in Y.
+    blend: "constant" (the paper's V(., Gamma)) or "gaussian" (Gaussian-windowed overlap-add, no crop grid
+    in the map; not with ``official``), see :mod:`ucag.blending`.
     """
 
     name = "ucag"
 
     def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
                  patch_batch: int | None = None, confidence: bool | None = None, official: bool = False,
-                 progress: bool = False, multilabel: bool = False):
+                 progress: bool = False, multilabel: bool = False, blend: str = "constant"):
         super().__init__(explainer.model)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
@@ -88,6 +94,9 @@ class UCAG(Explainer):
         self.patch_batch, self.official, self.progress = patch_batch, official, progress
         self.confidence = (not official) if confidence is None else confidence
         self.multilabel = multilabel
+        self.blend = check_blend(blend)
+        if official and blend != "constant":
+            raise ValueError(f"blend={blend!r} is not the official code's fold: official needs blend='constant'")
 
     @property
     def signed(self) -> bool:
@@ -102,6 +111,21 @@ class UCAG(Explainer):
         return int(ch * self.alpha), int(cw * self.alpha)
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+        return self._explain(x, targets, (self.blend,))[self.blend]
+
+    def explain_blends(self, x: torch.Tensor, targets: Targets, blends: Sequence[str]) -> dict[str, Explanation]:
+        """{blend: Explanation} for each of ``blends``: the crops are explained once and folded once per blend
+        (e.g. the paper's map for the data and the seamless one for a picture, at the cost of one)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+        for blend in blends:
+            check_blend(blend)
+            if self.official and blend != "constant":
+                raise ValueError(f"blend={blend!r} is not the official code's fold")
+        return self._explain(x, as_targets(targets, x.shape[0], x.device), tuple(blends))
+
+    def _explain(self, x: torch.Tensor, targets: torch.Tensor | None,
+                 blends: tuple[str, ...]) -> dict[str, Explanation]:
         batch, _, height, width = x.shape
         grid = self.grid(height, width)
         logits = image_logits(self.model, x)
@@ -124,9 +148,8 @@ class UCAG(Explainer):
             shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
-        gamma = grid.duplication(x.device)
-        folded = grid.fold(partial) / (gamma + 1 if self.official else gamma)
-        return Explanation(folded, logits)
+        logits = widen_half(logits)  # bf16 autocast: float32, as Explainer.__call__ gives
+        return {blend: Explanation(blend_fold(grid, partial, blend, self.official), logits) for blend in blends}
 
     def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None, antialias: bool = True) -> torch.Tensor:
         """Final [0, 1] UCAG maps: ReLU, resize, min-max (official mode: blur as the official code)."""
@@ -140,4 +163,4 @@ class UCAG(Explainer):
 
     def __repr__(self) -> str:
         return (f"UCAG({self.explainer!r}, c={self.crop}, n={self.n}, alpha={self.alpha}, "
-                f"confidence={self.confidence}, official={self.official})")
+                f"confidence={self.confidence}, official={self.official}, blend={self.blend!r})")
