@@ -25,7 +25,7 @@ def build_parser() -> Parser:
     parser = image_metric_parser(PROG, __doc__.split("\n")[0])
     parser.add_argument("--step", type=int, default=224 * 8, help="pixels changed per step (default 224*8)")
     parser.add_argument("--score-batch", type=int, default=None,
-                        help="perturbed images per no-grad forward (default: from free memory, at most 64 on a "
+                        help="perturbed images per no-grad forward (default: from free memory, at most 8 on a "
                              "CPU and 1024 on a GPU)")
     return parser
 

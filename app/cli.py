@@ -57,7 +57,7 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     ucag.add_argument("-n", "--num-patches", type=int, default=6, help="[n] crops per side, n*n in all (default 6)")
     ucag.add_argument("--patch-batch", type=int, default=None,
                       help="crops explained per forward/backward (default: as many as half the device's free "
-                           "memory holds, at most 64 on a CPU and 1024 on a GPU)")
+                           "memory holds, at most 8 on a CPU and 1024 on a GPU)")
     ucag.add_argument("--no-confidence", action="store_true",
                       help="uniform crop weights instead of Y = exp(softmax) (Eq. 4)")
     ucag.add_argument("--official", action="store_true",

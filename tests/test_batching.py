@@ -27,11 +27,11 @@ def test_batch_for_memory_arithmetic(monkeypatch):
     monkeypatch.setattr(batching, "free_memory", lambda device: 100_000)
     network, cpu = tiny_network(), torch.device("cpu")
     # with gradients: all outputs (2120) + twice the largest (2048) per input; half of 100 kB free
-    assert batch_for_memory(network, (8, 8), cpu, gradients=True) == 50_000 // 4168
-    assert batch_for_memory(network, (8, 8), cpu, gradients=False) == 50_000 // 3072
+    assert batch_for_memory(network, (8, 8), cpu, gradients=True, ceiling=1000) == 50_000 // 4168
+    assert batch_for_memory(network, (8, 8), cpu, gradients=False, ceiling=1000) == 50_000 // 3072
     assert batch_for_memory(network, (8, 8), cpu, gradients=False, ceiling=5) == 5
     monkeypatch.setattr(batching, "free_memory", lambda device: 10)
-    assert batch_for_memory(network, (8, 8), cpu, gradients=True) == 1  # never 0
+    assert batch_for_memory(network, (8, 8), cpu, gradients=True, ceiling=1000) == 1  # never 0
     monkeypatch.setattr(batching, "free_memory", lambda device: 10 ** 15)
     assert batch_for_memory(network, (8, 8), cpu, gradients=True) == batching.CEILING["cpu"]
 
