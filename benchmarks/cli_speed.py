@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--weights", default="default")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8, help="visualization.py's --batch-size (default 8)")
-    parser.add_argument("--workers", type=int, default=2, help="visualization.py's --workers (default 2)")
+    parser.add_argument("--workers", type=int, default=None, help="visualization.py's --workers (default: its own)")
     add_run_flags(parser, repeats=2)
     args = parser.parse_args()
     run = start(args, f"visualization.py {args.method} --ucag on {args.images} photos")
@@ -72,7 +72,8 @@ def main() -> None:
         two, many = photo_folder(root, 2), photo_folder(root, 2 + args.images)
         common = [args.method, "--ucag", "--name", args.name, "--weights", args.weights, "--device",
                   str(run.device), "--precision", args.precision, "--memory-format", args.memory_format,
-                  "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+                  "--batch-size", str(args.batch_size)]
+        common += [] if args.workers is None else ["--workers", str(args.workers)]
         startup = best_run(common + ["--img-path", str(two), "--out", str(root / "out_two")], args.repeats)
         whole = best_run(common + ["--img-path", str(many), "--out", str(root / "out_many")], args.repeats)
         per_image = (whole - startup) / args.images

@@ -254,3 +254,13 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monk
     assert code == 2 and "Traceback" not in err
     assert "cannot write" in err and "No space left on device" in err
     assert not list(out.glob("*.npy")) and not list(out.glob(".*tmp"))
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 0), (3, 3), (0, 0)])
+def test_decoding_workers_default_to_none_on_a_cpu(given, expected):
+    """On a CPU the decoders would take the model's cores (and copy the pages it writes after the fork)."""
+    from app.cli import build_setup
+    argv = ["gradcam", "--device", "cpu"] + ([] if given is None else ["--workers", str(given)])
+    args = visualization.build_parser().parse_args(argv)
+    build_setup(args)
+    assert args.workers == expected
