@@ -7,7 +7,8 @@ keeps) plus twice the largest (its gradient in flight); without, about three tim
 layer's input, output and a residual). :func:`batch_for_memory` divides a share of the free memory by
 that and keeps the result between 1 and a ceiling: 8 on a CPU, where larger chunks measured no faster
 (efficientnet_lite0 at 322 px: 12.3 ms per crop in chunks of 8, 14.1 in 16 to 48, 19.5 in 72; resnet50
-45.5-49.0 ms for every chunk from 8 to 72), 1024 on a GPU, which stops gaining in the hundreds. :func:`even_chunks` then spreads a known number of inputs over equal chunks.
+45.5-49.0 ms for every chunk from 8 to 72), 1024 on a GPU, which stops gaining in the hundreds.
+:func:`even_chunks` then spreads a known number of inputs over equal chunks.
 """
 from __future__ import annotations
 
