@@ -67,10 +67,10 @@ def test_bad_values_raise_a_method_error_naming_the_option(check, value, message
     ("igcam", {"steps": 0}, "igcam: steps must be a positive integer, got 0"),
     ("igcam", {"path_batch": 0}, "igcam: path_batch must be a positive integer or None, got 0"),
     ("cameras", {"resolutions": [64, -1]}, "cameras: resolutions must be a non-empty sequence of positive integers"),
-    ("scorecam", {"mask_batch": 0}, "scorecam: mask_batch must be a positive integer, got 0"),
+    ("scorecam", {"mask_batch": 0}, "scorecam: mask_batch must be a positive integer or None, got 0"),
     ("rise", {"p": 0.0}, "rise: p must be in (0, 1], got 0.0"),
     ("rise", {"seed": 0.5}, "rise: seed must be an integer, got 0.5"),
-    ("sise", {"mask_batch": -1}, "sise: mask_batch must be a positive integer, got -1"),
+    ("sise", {"mask_batch": -1}, "sise: mask_batch must be a positive integer or None, got -1"),
     ("adasise", {"fusion": "mean"}, "adasise: fusion must be one of soft, hard, got 'mean'"),
 ])
 def test_registry_refuses_bad_options_with_one_message_style(method, options, message, lite):
@@ -99,7 +99,7 @@ def test_igcam_baseline_7_is_refused_on_the_command_line(tmp_path, capsys):
 def test_registry_builds_with_the_defaults_unchanged(lite):
     explainer = build_explainer("rise", lite)
     assert (explainer.n_masks, explainer.cell, explainer.p, explainer.seed, explainer.mask_batch) == (
-        4000, 7, 0.5, 0, 64)
+        4000, 7, 0.5, 0, None)  # None: chunks from free memory (methods.batching)
     igcam = build_explainer("igcam", lite)
     assert (igcam.steps, igcam.baseline, igcam.path_batch, igcam.formula) == (50, "black", 256, "integrated")
     assert torch.allclose(igcam.baseline_image(torch.zeros(1, 3, 4, 4)),
