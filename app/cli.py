@@ -97,7 +97,7 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
                           "float32 products) or bf16 (bfloat16 autocast; relevance methods stay float32)")
     run.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last",
                      help="layout of the model's 4-D weights and activations: channels_last (default, "
-                          "1.3-1.4 x faster convolutions on CPU and on tensor cores) or contiguous")
+                          "1.3-1.4 x faster convolutions measured on a CPU; the layout tensor cores prefer) or contiguous")
     run.add_argument("--batch-size", type=int, default=default_batch,
                      help=f"images per batch (default {default_batch})")
     run.add_argument("--workers", type=int, default=None,
