@@ -95,9 +95,10 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",
                      help="fp32 (default, the paper's numbers; TF32 off on CUDA), tf32 (CUDA tensor cores for "
                           "float32 products) or bf16 (bfloat16 autocast; relevance methods stay float32)")
-    run.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last",
-                     help="layout of the model's 4-D weights and activations: channels_last (default, "
-                          "1.3-1.4 x faster convolutions measured on a CPU; the layout tensor cores prefer) or contiguous")
+    run.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
+                     help="layout of the model's 4-D weights and activations (default: the method's own choice, "
+                          "channels_last, 1.3-1.4 x faster convolutions measured on a CPU, except contiguous "
+                          "for the relevance methods, whose own convolutions run faster so)")
     run.add_argument("--batch-size", type=int, default=default_batch,
                      help=f"images per batch (default {default_batch})")
     run.add_argument("--workers", type=int, default=None,
@@ -259,10 +260,10 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     precision = Precision(getattr(args, "precision", "fp32"), device)
     precision.apply()
     spec = load_spec(device) if load_spec else load_model(args.name, args.weights, device, args.target_layer)
-    spec.model.to(memory_format=MEMORY_FORMATS[getattr(args, "memory_format", "channels_last")])
     check_geometry(args, spec)
     options = explainer_options(args, method)
     explainer = build_explainer(method, spec, **options)
+    spec.model.to(memory_format=MEMORY_FORMATS[getattr(args, "memory_format", None) or explainer.memory_format])
     settings = {"model": spec.name, "weights": spec.weights, "layer": spec.target_layer, "method": method,
                 "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())},
                 "official": args.official}

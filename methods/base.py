@@ -84,6 +84,7 @@ class Explainer(ABC):
     name = "explainer"
     signed = False  # True for relevance maps whose sign carries meaning (thresholded at 0 by segmentation)
     mixed_precision = True  # False: always computes in float32, also inside a bf16 autocast region
+    memory_format = "channels_last"  # the model layout the scripts choose for it unless told (--memory-format)
 
     def __init__(self, model: nn.Module):
         self.model = model

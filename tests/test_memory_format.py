@@ -62,3 +62,12 @@ def test_scripts_set_the_memory_format(layout, tmp_path, monkeypatch):
     assert visualization.main(["gradcam", "--img-path", str(image), "--out", str(tmp_path), "--workers", "0",
                                "--memory-format", layout]) == 0
     assert seen == [MEMORY_FORMATS[layout]]
+
+
+@pytest.mark.parametrize(("method", "expected"), [("gradcam", torch.channels_last), ("lrp", torch.contiguous_format)])
+def test_the_default_layout_is_the_methods_own(method, expected):
+    from app.cli import build_setup
+    args = visualization.build_parser().parse_args([method, "--name", "resnet18", "--weights", "random",
+                                                    "--device", "cpu"])
+    setup = build_setup(args)
+    assert memory_format_of(setup.spec.model) == expected

@@ -47,6 +47,7 @@ class LRP(Explainer):
     name = "lrp"
     signed = True
     mixed_precision = False  # the rules divide by sums of products that bfloat16 cannot resolve
+    memory_format = "contiguous"  # measured faster for the rules' own convolutions (resnet50 AGF: 306 vs 330 ms)
 
     def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], rule: str = "zplus",
                  epsilon: float = 0.25):
@@ -116,6 +117,7 @@ class SeededPropagation(Explainer):
 
     signed = True
     mixed_precision = False  # as LRP: propagation rules in float32
+    memory_format = "contiguous"  # as LRP
     composite: Composite
 
     def __init__(self, model: nn.Module):
