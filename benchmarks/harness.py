@@ -27,8 +27,8 @@ from models import ModelSpec, load_model  # noqa: E402
 def add_run_flags(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last",
-                        help="the scripts' default, channels_last: the tuned floor")
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
+                        help="default: the scripts' (channels_last; contiguous for the relevance methods)")
     parser.add_argument("--repeats", type=int, default=repeats, help=f"best of N timed runs (default {repeats})")
 
 
@@ -49,8 +49,10 @@ class Run:
         return spec
 
 
-def start(args: argparse.Namespace, what: str) -> Run:
-    """Allocator, device and precision as the scripts set them; prints the run's header."""
+def start(args: argparse.Namespace, what: str, memory_format: str = "channels_last") -> Run:
+    """Allocator, device and precision as the scripts set them; prints the run's header. ``memory_format``:
+    the layout when --memory-format is not given (the one the scripts choose for the benchmarked methods)."""
+    args.memory_format = args.memory_format or memory_format
     allocator = keep_freed_memory()
     device = resolve_device(args.device)
     precision = Precision(args.precision, device)

@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--no-ucag", action="store_true")
     add_run_flags(parser, repeats=2)
     args = parser.parse_args()
-    run = start(args, f"{args.images} images of 224 px; per-image times; UCAG n={args.n}, alpha={args.alpha}")
+    run = start(args, f"{args.images} images of 224 px; per-image times; UCAG n={args.n}, alpha={args.alpha}",
+                memory_format="contiguous")
     device = run.device
     for name in args.models:
         clock = CpuTime()
