@@ -82,9 +82,12 @@ def process_image(rows: list[Row], spec, device, record: dict, flags: dict | Non
         return result
     x = preprocess_one(image, spec, device).expand(len(targets), -1, -1, -1)
     labels = torch.tensor([t.label for t in targets], device=device)
+    logits = None
     for row in rows:
+        explanation = row.explain(x, labels, logits)
+        logits = explanation.logits
         # to the host once per row: the per-class points, hits and energies below each read values back
-        maps = row.explainer.finalize(row.explainer(x, labels).maps, (height, width), antialias=False)[:, 0].cpu()
+        maps = row.explainer.finalize(explanation.maps, (height, width), antialias=False)[:, 0].cpu()
         hits = [pointing_hit(t.mask, explainer_point(row.explainer, maps[i]), tolerance)
                 for i, t in enumerate(targets)]
         energies = [energy_score(maps[i], t.boxes) for i, t in enumerate(targets)]

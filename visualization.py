@@ -105,9 +105,10 @@ def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None, 
     targets = first.logits.argmax(dim=1) if targets is None else targets
     maps = [(baseline, first.maps, first.maps)]
     for row in others:
-        if row.ucag and blend not in (None, row.explainer.blend):
-            both = row.explainer.explain_blends(x, targets, (row.explainer.blend, blend))
-            maps.append((row, both[row.explainer.blend].maps, both[blend].maps))
+        if row.ucag:  # the base row's logits are x's: UCAG skips its own forward of the images
+            blends = (row.explainer.blend,) if blend in (None, row.explainer.blend) else (row.explainer.blend, blend)
+            folded = row.explainer.explain_blends(x, targets, blends, logits=first.logits)
+            maps.append((row, folded[blends[0]].maps, folded[blends[-1]].maps))
         else:
             raw = row.explainer(x, targets).maps
             maps.append((row, raw, raw))

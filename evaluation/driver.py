@@ -30,8 +30,9 @@ from evaluation.distributed import Dist
 from evaluation.errors import EvaluationError, StoreError
 from evaluation.reports import write_skipped
 from evaluation.store import ResultStore
-from methods.base import Explainer
+from methods.base import Explainer, Explanation
 from models import ModelSpec, preprocess
+from ucag import UCAG
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ class Row:
     name: str
     explainer: Explainer
     ucag: bool = False
+
+    def explain(self, x: torch.Tensor, targets: torch.Tensor | None, logits: torch.Tensor | None = None) -> Explanation:
+        """The row's explanation of ``x``. ``logits``: the model's logits for ``x`` from an earlier row of the
+        same batch; a UCAG row then skips its forward of the whole images (its crops are unchanged)."""
+        if logits is not None and isinstance(self.explainer, UCAG):
+            blend = self.explainer.blend
+            return self.explainer.explain_blends(x, targets, (blend,), logits=logits)[blend]
+        return self.explainer(x, targets)
 
 
 def _no_running_text(records: list[dict]) -> str:
@@ -211,10 +220,11 @@ class ImageMetricTask:
                        self.device)
         targets = image_targets(self.spec.model, x, [r["sample"].label for r in batch], self.target_mode)
         size = tuple(x.shape[-2:])
-        scores = {}
+        scores, logits = {}, None
         for row in self.rows:
-            maps = row.explainer.finalize(row.explainer(x, targets).maps, size)
-            scores[row.name] = self.metric(self.spec.model, x, maps, targets)
+            explanation = row.explain(x, targets, logits)
+            logits = explanation.logits
+            scores[row.name] = self.metric(self.spec.model, x, row.explainer.finalize(explanation.maps, size), targets)
         # every tensor comes to the host once (one copy per field), not once per image
         host = {name: {f: values.tolist() for f, values in fields.items()} for name, fields in scores.items()}
         classes = targets.tolist()

@@ -170,3 +170,49 @@ def test_targets_are_range_checked_once_per_call_not_once_per_chunk(lite, monkey
         Boom(lite.model).explain_checked(x, torch.tensor([3, 7]))
     with pytest.raises(ValueError, match="out of range"):  # the trust ends with each internal call
         gradcam(x, [3, 1000])
+
+
+class CountingLogits(torch.nn.Module):
+    """ImageLogits that records the batch shapes it is called on."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return torch.tensor([[0.0, 5.0]]).expand(x.shape[0], 2)
+
+
+def test_known_logits_skip_the_image_forward_and_change_nothing():
+    stub = PatchStub(lambda crops: torch.tensor([[0.0, 2.0]]).expand(crops.shape[0], 2))
+    ucag = UCAG(stub, crop=124, n=3, alpha=1.0, patch_batch=4)
+    ucag.model = CountingLogits()
+    x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([1, 0])
+    plain = ucag(x, targets)
+    assert ucag.model.shapes == [(2, 3, 32, 40)]
+    known = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    reused = ucag.explain_blends(x, targets, ("constant", "gaussian"), logits=known)
+    assert ucag.model.shapes == [(2, 3, 32, 40)]  # no second forward of the images
+    assert torch.equal(reused["constant"].maps, plain.maps) and reused["constant"].logits is known
+    with pytest.raises(ValueError, match="do not belong to a batch of 2"):
+        ucag.explain_blends(x, targets, ("constant",), logits=known[:1])
+
+
+def test_evaluation_rows_pass_the_first_rows_logits_to_ucag(lite, photo_batch):
+    from evaluation.driver import Row
+
+    x = photo_batch[:2]
+    base = Row("gradcam", build_explainer("gradcam", lite))
+    ucag_row = Row("gradcam*", UCAG(build_explainer("gradcam", lite), n=2, alpha=1.0), ucag=True)
+    first = base.explain(x, None)
+    targets = first.logits.argmax(dim=1)
+    calls = []
+    handle = lite.model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[-1]))
+    try:
+        reused = ucag_row.explain(x, targets, first.logits)
+    finally:
+        handle.remove()
+    assert x.shape[-1] not in calls and reused.logits is first.logits
+    torch.testing.assert_close(reused.maps, ucag_row.explainer(x, targets).maps, rtol=0, atol=0)

@@ -25,6 +25,7 @@ from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from methods.targets import target_probabilities
 from ucag.blending import blend_fold, check_blend
 from ucag.geometry import PatchGrid
+from ucag.upscaling import UpscaledCrops
 
 
 @torch.no_grad()
@@ -113,33 +114,39 @@ class UCAG(Explainer):
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         return self._explain(x, targets, (self.blend,))[self.blend]
 
-    def explain_blends(self, x: torch.Tensor, targets: Targets, blends: Sequence[str]) -> dict[str, Explanation]:
+    def explain_blends(self, x: torch.Tensor, targets: Targets, blends: Sequence[str],
+                       logits: torch.Tensor | None = None) -> dict[str, Explanation]:
         """{blend: Explanation} for each of ``blends``: the crops are explained once and folded once per blend
-        (e.g. the paper's map for the data and the seamless one for a picture, at the cost of one)."""
+        (e.g. the paper's map for the data and the seamless one for a picture, at the cost of one).
+        ``logits``: the model's (B, K) logits for ``x`` when the caller already has them (a base row explained
+        the same batch); they are returned as given and the image's own forward is skipped."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
         for blend in blends:
             check_blend(blend)
             if self.official and blend != "constant":
                 raise ValueError(f"blend={blend!r} is not the official code's fold")
-        return self._explain(x, as_targets(targets, x.shape[0], x.device), tuple(blends))
+        if logits is not None and (logits.dim() != 2 or logits.shape[0] != x.shape[0]):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} do not belong to a batch of {x.shape[0]} images")
+        return self._explain(x, as_targets(targets, x.shape[0], x.device), tuple(blends), logits)
 
-    def _explain(self, x: torch.Tensor, targets: torch.Tensor | None,
-                 blends: tuple[str, ...]) -> dict[str, Explanation]:
+    def _explain(self, x: torch.Tensor, targets: torch.Tensor | None, blends: tuple[str, ...],
+                 logits: torch.Tensor | None = None) -> dict[str, Explanation]:
         batch, _, height, width = x.shape
         grid = self.grid(height, width)
-        logits = image_logits(self.model, x)
+        if logits is None:
+            logits = image_logits(self.model, x)
         targets = resolve_targets(targets, logits)               # range-checked once here, not per chunk
-        crops = grid.unfold(x)                                   # (B*n*n, 3, ch, cw)
-        crop_targets = targets.repeat_interleave(grid.num_patches)
         scaled = self.scaled_size(grid)
-        partial = torch.empty(crops.shape[0], *grid.crop_size, device=x.device, dtype=torch.float32)
-        patch_batch = self.patch_batch or even_chunks(crops.shape[0], batch_for_memory(self.model, scaled, x.device,
-                                                                                      gradients=True))
-        starts = range(0, crops.shape[0], patch_batch)
+        crops = UpscaledCrops(x, grid, scaled)                   # B*n*n crops at alpha * (ch, cw), by chunk
+        crop_targets = targets.repeat_interleave(grid.num_patches)
+        partial = torch.empty(len(crops), *grid.crop_size, device=x.device, dtype=torch.float32)
+        patch_batch = self.patch_batch or even_chunks(len(crops), batch_for_memory(self.model, scaled, x.device,
+                                                                                  gradients=True))
+        starts = range(0, len(crops), patch_batch)
         for start in tqdm(starts, desc="UCAG patches", leave=False, disable=not self.progress):
             stop = start + patch_batch
-            chunk = F.interpolate(crops[start:stop], size=scaled, mode="bicubic", align_corners=False)
+            chunk = crops[start:stop]
             maps, chunk_logits = self.explainer.explain_checked(chunk, crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
