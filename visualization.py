@@ -116,7 +116,9 @@ def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None, 
 
 
 def ucag_title(setup: Setup, args, blend: str) -> str:
-    return f"{setup.method} + UCAG (a={args.alpha:g}, c={args.crop_size:g}, n={args.num_patches}, blend: {blend})"
+    crop_input = setup.ucag.crop_input if setup.ucag is not None else None
+    scale = f"a={args.alpha:g}" if crop_input is None else f"crops at {crop_input[1]}x{crop_input[0]}"
+    return f"{setup.method} + UCAG ({scale}, c={args.crop_size:g}, n={args.num_patches}, blend: {blend})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,9 +161,23 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
     if largest > MAX_SCALED_SIDE:
         raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha:g} would "
                          f"be {largest} px, above the {MAX_SCALED_SIDE} px limit; lower -a or -c")
-    if side < spec.min_side:
+    if side < spec.min_side and not spec.extra.get("fixed_input"):
         raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha} are "
                         f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
+
+
+def fixed_crop_input(args: argparse.Namespace, spec: ModelSpec) -> tuple[int, int] | None:
+    """The model's own input size when it takes no other (``spec.extra["fixed_input"]``: a ViT without
+    position-embedding interpolation): UCAG's crops are then resized to it instead of by alpha, with a warning
+    that says so; None for every model that takes alpha * c crops."""
+    if not spec.extra.get("fixed_input"):
+        return None
+    grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
+    height, width = spec.input_size
+    warnings.warn(f"{spec.name} takes {height}x{width} inputs only: UCAG's crops are resized to {height}x{width} "
+                  f"instead of alpha * crop = {int(grid.crop_size[0] * args.alpha)}x"
+                  f"{int(grid.crop_size[1] * args.alpha)} (-a/--alpha has no effect)", stacklevel=2)
+    return height, width
 
 
 def parse_target(text: str, spec: ModelSpec) -> int | None:
@@ -274,11 +288,14 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     wrapped = None
     if args.ucag if need_ucag is None else need_ucag:
         confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)
+        crop_input = fixed_crop_input(args, spec)
         wrapped = UCAG(explainer, crop=args.crop_size, n=args.num_patches, alpha=args.alpha,
                        patch_batch=args.patch_batch, confidence=confidence, official=args.official,
-                       multilabel=spec.multilabel, blend=blend)
+                       multilabel=spec.multilabel, blend=blend, crop_input=crop_input)
         settings.update({"ucag": True, "alpha": args.alpha, "crop": args.crop_size, "n": args.num_patches,
                          "confidence": wrapped.confidence, "blend": blend})
+        if crop_input is not None:
+            settings["crop_input"] = list(crop_input)
     else:
         settings["ucag"] = False
         if getattr(args, "blend", None):

@@ -216,3 +216,28 @@ def test_evaluation_rows_pass_the_first_rows_logits_to_ucag(lite, photo_batch):
         handle.remove()
     assert x.shape[-1] not in calls and reused.logits is first.logits
     torch.testing.assert_close(reused.maps, ucag_row.explainer(x, targets).maps, rtol=0, atol=0)
+
+
+def test_crop_input_resizes_every_crop_to_the_models_fixed_size():
+    stub = PatchStub(lambda crops: torch.tensor([[0.0, 2.0]]).expand(crops.shape[0], 2))
+    ucag = make_ucag(stub, crop=124, n=3, alpha=2.6, patch_batch=4, crop_input=(16, 16))
+    x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    maps = ucag(x, 1).maps
+    assert {shape[-2:] for shape, _ in stub.seen} == {(16, 16)} and maps.shape == (1, 1, 32, 40)
+    assert ucag.scaled_size(ucag.grid(32, 40)) == (16, 16) and "crop_input=(16, 16)" in repr(ucag)
+    assert make_ucag(stub, crop=124, n=3, alpha=2.6).scaled_size(ucag.grid(32, 40)) == (44, 57)  # int(17 * 2.6)
+    with pytest.raises(ValueError, match="crop_input"):
+        UCAG(stub, crop_input=(0, 16))
+
+
+def test_fixed_input_models_get_crop_input_and_a_warning():
+    from argparse import Namespace
+
+    from app.cli import fixed_crop_input
+    from models import ModelSpec
+
+    args = Namespace(crop_size=124, num_patches=6, alpha=2.6)
+    spec = ModelSpec("vit_b_16", torch.nn.Identity(), "", ["a"], extra={"fixed_input": True})
+    with pytest.warns(UserWarning, match="takes 224x224 inputs only.*instead of alpha \\* crop = 322x322"):
+        assert fixed_crop_input(args, spec) == (224, 224)
+    assert fixed_crop_input(args, ModelSpec("resnet50", torch.nn.Identity(), "", ["a"])) is None

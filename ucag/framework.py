@@ -79,13 +79,16 @@ class UCAG(Explainer):
     weighting unless ``confidence`` is passed explicitly). multilabel: sigmoid instead of softmax in Y.
     blend: "constant" (the paper's V(., Gamma)) or "gaussian" (Gaussian-windowed overlap-add, no crop grid
     in the map; not with ``official``), see :mod:`ucag.blending`.
+    crop_input: (h, w) each crop is resized to instead of alpha * (ch, cw), for models that take one input size
+    only (a ViT without position-embedding interpolation); None: Psi(., alpha) as the paper.
     """
 
     name = "ucag"
 
     def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
                  patch_batch: int | None = None, confidence: bool | None = None, official: bool = False,
-                 progress: bool = False, multilabel: bool = False, blend: str = "constant"):
+                 progress: bool = False, multilabel: bool = False, blend: str = "constant",
+                 crop_input: tuple[int, int] | None = None):
         super().__init__(explainer.model)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
@@ -96,6 +99,9 @@ class UCAG(Explainer):
         self.confidence = (not official) if confidence is None else confidence
         self.multilabel = multilabel
         self.blend = check_blend(blend)
+        if crop_input is not None and not (len(crop_input) == 2 and min(crop_input) >= 1):
+            raise ValueError(f"crop_input must be a (height, width) pair of positive sides, got {crop_input}")
+        self.crop_input = None if crop_input is None else (int(crop_input[0]), int(crop_input[1]))
         if official and blend != "constant":
             raise ValueError(f"blend={blend!r} is not the official code's fold: official needs blend='constant'")
 
@@ -107,7 +113,10 @@ class UCAG(Explainer):
         return PatchGrid(height, width, self.crop, self.n)
 
     def scaled_size(self, grid: PatchGrid) -> tuple[int, int]:
-        """(int(ch * alpha), int(cw * alpha)): the side of each crop given to the explainer."""
+        """(int(ch * alpha), int(cw * alpha)): the side of each crop given to the explainer (``crop_input``
+        when the model takes one input size only)."""
+        if self.crop_input is not None:
+            return self.crop_input
         ch, cw = grid.crop_size
         return int(ch * self.alpha), int(cw * self.alpha)
 
@@ -169,5 +178,6 @@ class UCAG(Explainer):
         return finalize_signed(maps, size)
 
     def __repr__(self) -> str:
+        crop_input = "" if self.crop_input is None else f", crop_input={self.crop_input}"
         return (f"UCAG({self.explainer!r}, c={self.crop}, n={self.n}, alpha={self.alpha}, "
-                f"confidence={self.confidence}, official={self.official}, blend={self.blend!r})")
+                f"confidence={self.confidence}, official={self.official}, blend={self.blend!r}{crop_input})")
