@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-Post = Callable[[torch.Tensor], torch.Tensor]
+from models.tokens import TokenLayout
+
+Post = Callable[[torch.Tensor], torch.Tensor] | TokenLayout
 
 
 @contextmanager
@@ -34,6 +36,10 @@ class LayerCapture:
     layers: one module, or a mapping name -> module (the names order nothing; they word the errors and key
     :attr:`activations`). post: an op applied to each output before it is recorded (DenseNet's final ReLU),
     or a mapping name -> op for some of the layers; it must be idempotent with what the model does next.
+    A post may instead be a :class:`models.tokens.TokenLayout` (transformer layers): the recorded A is then
+    its (B, C, h, w) map of the output, and the network continues from ``to_output(A)``, so dS/dA is the
+    gradient of the patch tokens, rearranged; the layout's :meth:`~models.tokens.TokenLayout.watch` hooks
+    are active while the capture is.
     Every recorded layer hands the rest of the network a copy, so an in-place op after it
     (``ReLU(inplace=True)``) leaves the recorded tensor, and its gradient, those of the layer's output.
 
@@ -56,6 +62,7 @@ class LayerCapture:
         self.cut_graph, self.each_call = cut_graph, each_call
         self.records: list[tuple[str, torch.Tensor]] = []
         self._handles: list = []
+        self._watches = ExitStack()
 
     @property
     def activation(self) -> torch.Tensor | None:
@@ -79,12 +86,16 @@ class LayerCapture:
                 raise RuntimeError(f"{self._label(name)} ran twice in one forward pass (a shared module?); {hint}")
             if not isinstance(output, torch.Tensor):
                 raise RuntimeError(f"{self._label(name)} returns {type(output).__name__}, not a tensor")
-            act = post(output) if post is not None else output
+            layout = post if isinstance(post, TokenLayout) else None
+            if layout is not None:
+                act = layout.to_spatial(output)
+            else:
+                act = post(output) if post is not None else output
             if self.cut_graph and not act.requires_grad:
                 torch.set_grad_enabled(True)  # the no_grad() of forward() restores the caller's mode on exit
                 act = act.detach().requires_grad_(True)
             self.records.append((name, act))
-            return act.clone()
+            return layout.to_output(act, output) if layout is not None else act.clone()
         return hook
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +117,9 @@ class LayerCapture:
 
     def __enter__(self) -> LayerCapture:
         try:
+            layouts = {id(post): post for post in self.posts.values() if isinstance(post, TokenLayout)}
+            for layout in layouts.values():
+                self._watches.enter_context(layout.watch())
             for name, layer in self.layers.items():
                 self._handles.append(layer.register_forward_hook(self._hook(name)))
         except BaseException:
@@ -117,3 +131,4 @@ class LayerCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._watches.close()

@@ -64,6 +64,7 @@ from models.efficientnet_lite import EfficientNetLite0
 from models.errors import ModelError
 from models.spec import ModelSpec
 from models.target_layer import find_target_layer
+from models.tokens import TokenLayout
 
 FUSIONS = ("soft", "hard")
 
@@ -78,8 +79,10 @@ def block_end_layers(model: nn.Module, input_size: tuple[int, int] = (224, 224))
     VGG: the inputs of the max-pool layers (the ReLUs before them). ResNet: the stem's ReLU (the input
     of its max pool) and ``layer1``..``layer4``. DenseNet: the stem's ReLU, every dense block followed
     by a transition, and ``features.norm5`` (the explainers apply the ReLU of DenseNet's ``forward``).
-    EfficientNet-Lite0: the block before each stride-2 block, then the CAM layer ``head``. Other models:
-    :func:`traced_block_ends` on an ``input_size`` probe.
+    EfficientNet-Lite0: the block before each stride-2 block, then the CAM layer ``head``. timm ViT/DeiT
+    and Swin: :func:`models.timm_models.token_block_ends` (Swin's stage outputs; a ViT's blocks at each
+    quarter of its depth, then its CAM layer). Other models: :func:`traced_block_ends` on an
+    ``input_size`` probe.
     """
     if isinstance(model, VGG):
         return [f"features.{i - 1}" for i, module in enumerate(model.features)
@@ -98,6 +101,11 @@ def block_end_layers(model: nn.Module, input_size: tuple[int, int] = (224, 224))
             if max(stride if isinstance(stride, (tuple, list)) else (stride,)) > 1:
                 ends.append("stem" if i == 0 else f"blocks.{i - 1}")
         return ends + ["head"]
+    if type(model).__module__.startswith("timm."):
+        from models.timm_models import token_block_ends  # imports timm, loaded only for timm models
+        ends = token_block_ends(model)
+        if ends is not None:
+            return ends
     return traced_block_ends(model, input_size)
 
 
@@ -411,7 +419,10 @@ def _layer_names(model: nn.Module, layers) -> list[str]:
 
 def layer_posts(spec: ModelSpec, layers: Sequence[str]) -> dict[str, Post]:
     """Ops to apply to layer outputs: the spec's activation_post at its CAM layer, and DenseNet's ReLU
-    (applied in ``forward``, after ``features``) at ``features.norm5`` / ``features``."""
+    (applied in ``forward``, after ``features``) at ``features.norm5`` / ``features``. A transformer's token
+    layout (``spec.activation_post`` a :class:`~models.tokens.TokenLayout`) applies to every layer."""
+    if isinstance(spec.activation_post, TokenLayout):
+        return {name: spec.activation_post for name in layers}
     posts: dict[str, Post] = {}
     if spec.activation_post is not None and spec.target_layer in layers:
         posts[spec.target_layer] = spec.activation_post

@@ -35,13 +35,23 @@ def to_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str) -> t
     return pixels.permute(2, 0, 1).float().div_(255.0)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
-    """Bilinear (``align_corners=False``), by default anti-aliased, resize of a (3, H, W) or (B, 3, H, W)
-    float image to ``size``."""
+def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True,
+                 mode: str = "bilinear") -> torch.Tensor:
+    """Bilinear (or ``mode='bicubic'``; ``align_corners=False``), by default anti-aliased, resize of a
+    (3, H, W) or (B, 3, H, W) float image in [0, 1] to ``size``; bicubic overshoot is clipped to [0, 1] as
+    PIL's uint8 result is."""
     batch = image if image.dim() == 4 else image[None]
     if tuple(batch.shape[-2:]) != tuple(size):
-        batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+        batch = F.interpolate(batch, size=size, mode=mode, align_corners=False, antialias=antialias)
+        if mode == "bicubic":
+            batch = batch.clamp_(0.0, 1.0)
     return batch if image.dim() == 4 else batch[0]
+
+
+def resize_mode(spec: ModelSpec) -> str:
+    """'bicubic' when the model's preprocessing says so (``spec.extra["resize_interpolation"]``, timm's
+    pretrained configs), else 'bilinear'."""
+    return "bicubic" if spec.extra.get("resize_interpolation") == "bicubic" else "bilinear"
 
 
 def normalize(batch: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -67,15 +77,18 @@ def preprocess_one(image: np.ndarray, spec: ModelSpec, device: torch.device | st
     """One uint8 RGB image -> a normalised (1, 3, h, w) batch at :func:`model_input_size`.
 
     The resize is anti-aliased unless ``spec.extra["resize_antialias"]`` is False (TorchRay's Caffe
-    checkpoints, whose benchmark transform is plain bilinear interpolation of the [0, 1] image).
+    checkpoints, whose benchmark transform is plain bilinear interpolation of the [0, 1] image), and bicubic
+    when :func:`resize_mode` says so.
     """
     size = model_input_size(*image.shape[:2], spec)
     antialias = spec.extra.get("resize_antialias", True)
-    return normalize(resize_image(to_tensor(image, device), size, antialias)[None], spec)
+    return normalize(resize_image(to_tensor(image, device), size, antialias, resize_mode(spec))[None], spec)
 
 
 def preprocess(images: Sequence[np.ndarray | torch.Tensor], spec: ModelSpec,
                device: torch.device | str) -> torch.Tensor:
-    """uint8 RGB images of any sizes -> one normalised (B, 3, H, W) batch at ``spec.input_size``."""
-    resized = [resize_image(to_tensor(image, device), spec.input_size) for image in images]
+    """uint8 RGB images of any sizes -> one normalised (B, 3, H, W) batch at ``spec.input_size`` (resized as
+    :func:`resize_mode` says)."""
+    mode = resize_mode(spec)
+    resized = [resize_image(to_tensor(image, device), spec.input_size, mode=mode) for image in images]
     return normalize(torch.stack(resized), spec)

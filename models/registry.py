@@ -1,4 +1,4 @@
-"""Model registry: the embedded EfficientNet-Lite0 and torchvision classifiers by name."""
+"""Model registry: the embedded EfficientNet-Lite0, torchvision classifiers and timm models by name."""
 from __future__ import annotations
 
 import warnings
@@ -13,8 +13,10 @@ from models.efficientnet_lite import build_package_network, efficientnet_lite0, 
 from models.errors import ModelError
 from models.spec import ModelSpec
 from models.target_layer import check_spatial_layer, find_target_layer, get_layer
+from models.tokens import TokenLayout
 
 DEFAULT_MODEL = "efficientnet_lite0"
+TIMM_PREFIX = "timm:"
 
 # The paper's models with their CAM layers (the official code's choices).
 PAPER_MODELS = {
@@ -38,7 +40,8 @@ def torchvision_classifiers() -> list[str]:
 
 
 def available_models() -> list[str]:
-    return [DEFAULT_MODEL] + torchvision_classifiers()
+    """Model names; the last entry, ``timm:<name>``, stands for any timm model (timm.list_models())."""
+    return [DEFAULT_MODEL] + torchvision_classifiers() + [f"{TIMM_PREFIX}<name>"]
 
 
 def imagenet_categories() -> list[str]:
@@ -131,11 +134,15 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
     """Build a classifier by name, ready for explanation.
 
     weights: 'default' (embedded ImageNet weights for efficientnet_lite0; torchvision's IMAGENET1K_V1,
-    from the torch hub cache or downloaded, for the others), 'random', or a path to a state_dict.
+    from the torch hub cache or downloaded; for ``timm:<name>`` timm's pretrained file from the local
+    caches, see :mod:`models.timm_models`), 'random', or a path to a state_dict (timm: also .safetensors).
     target_layer: overrides the CAM layer (dotted module name).
     """
     categories = imagenet_categories()
-    if name == DEFAULT_MODEL:
+    if name.startswith(TIMM_PREFIX):
+        from models.timm_models import load_timm  # timm is imported only when a timm model is asked for
+        spec = load_timm(name[len(TIMM_PREFIX):], weights)
+    elif name == DEFAULT_MODEL:
         if weights == "random":
             _warn_random(name)
             state_dict = None
@@ -155,12 +162,13 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         raise ModelError(f"unknown model '{name}'; valid names: {', '.join(available_models())}")
     spec.weights = weights
     spec.model.eval().to(device)
+    layout = spec.activation_post if isinstance(spec.activation_post, TokenLayout) else None
     if target_layer:
         spec.target_layer = target_layer
-        spec.activation_post = None
+        spec.activation_post = layout  # a token layout holds for every block of the model
     if not spec.target_layer:
         spec.target_layer = find_target_layer(spec.model, spec.input_size)
     elif target_layer:
-        check_spatial_layer(spec.model, target_layer, spec.input_size)
+        check_spatial_layer(spec.model, target_layer, spec.input_size, layout)
     get_layer(spec.model, spec.target_layer)
     return spec

@@ -1,10 +1,13 @@
 """Finding the CAM target layer: the last module with a spatial 4-D output before global pooling."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from models.errors import ModelError
+from models.tokens import TokenLayout
 
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -30,18 +33,27 @@ def _blank_forward(model: nn.Module, input_size: tuple[int, int]) -> None:
 
 
 @torch.no_grad()
-def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int]) -> None:
-    """A CAM layer must give a (B, C, h, w) output: one forward of a blank image checks ``name``'s output."""
+def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int],
+                        layout: TokenLayout | None = None) -> None:
+    """A CAM layer must give a (B, C, h, w) output, directly or through the model's token ``layout``: one
+    forward of a blank image checks ``name``'s output."""
     layer = get_layer(model, name)
     outputs = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
-    try:
-        _blank_forward(model, input_size)
-    finally:
-        handle.remove()
-    if not outputs:
-        raise ModelError(f"target layer '{name}' does not run in the model's forward pass")
-    output = outputs[-1]
+    with layout.watch() if layout is not None else nullcontext():
+        handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+        try:
+            _blank_forward(model, input_size)
+        finally:
+            handle.remove()
+        if not outputs:
+            raise ModelError(f"target layer '{name}' does not run in the model's forward pass")
+        output = outputs[-1]
+        if layout is not None:
+            try:
+                output = layout.to_spatial(output) if isinstance(output, torch.Tensor) else output
+            except RuntimeError as exc:
+                raise ModelError(f"target layer '{name}' does not hold the model's {layout.layout} layout: "
+                                 f"{exc}") from None
     if not (isinstance(output, torch.Tensor) and output.dim() == 4):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ModelError(f"target layer '{name}' gives output {shape}, not a spatial (B, C, h, w) map; "
