@@ -49,9 +49,12 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     model = parser.add_argument_group("model")
     model.add_argument("--name", default=DEFAULT_MODEL,
                        help=f"model name (default {DEFAULT_MODEL}, embedded, offline); resnet50, vgg16, vgg19, "
-                            "densenet121, inception_v3 or any torchvision classifier")
+                            "densenet121, inception_v3 or any torchvision classifier; or timm:<name>, e.g. "
+                            "timm:vit_base_patch16_224.augreg_in21k_ft_in1k, timm:swin_tiny_patch4_window7_224")
     model.add_argument("--weights", default="default",
-                       help="'default' (torchvision IMAGENET1K_V1 / embedded), 'random', or PATH to a state_dict")
+                       help="'default' (embedded; torchvision IMAGENET1K_V1 from the torch hub cache or downloaded; "
+                            "timm: the pretrained file from the local Hugging Face / torch hub cache, never "
+                            "downloaded), 'random', or PATH to a state_dict (.pth, .bin, or .safetensors for timm)")
     model.add_argument("--target-layer", default=None, help="CAM layer (dotted module name) instead of the default")
     ucag = parser.add_argument_group("UCAG (paper symbols in brackets)")
     ucag.add_argument("--ucag", action="store_true", help="also compute the UCAG version of the method")

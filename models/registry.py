@@ -13,7 +13,7 @@ from models.efficientnet_lite import build_package_network, efficientnet_lite0, 
 from models.errors import ModelError
 from models.spec import ModelSpec
 from models.target_layer import check_spatial_layer, find_target_layer, get_layer
-from models.tokens import TokenLayout
+from models.tokens import PatchTokens, TokenLayout
 
 DEFAULT_MODEL = "efficientnet_lite0"
 TIMM_PREFIX = "timm:"
@@ -129,6 +129,21 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, int]:
     return model, side
 
 
+def torchvision_transformer(name: str, model: nn.Module) -> dict:
+    """ModelSpec fields of torchvision's transformers, which take their own input size only (ViT's position
+    embeddings, MaxViT's fixed partitions: ``extra["fixed_input"]``, so UCAG resizes its crops to it). ViT's
+    CAM layer is the last encoder block's first LayerNorm, as for timm ViTs (:mod:`models.timm_models`: after
+    the last block only the class token reaches the head), read through a token layout (one class token,
+    the patch grid of ``conv_proj``). Swin needs nothing: its ``permute`` output is already (B, C, h, w)."""
+    if name.startswith("vit_"):
+        last = len(model.encoder.layers) - 1
+        return dict(target_layer=f"encoder.layers.encoder_layer_{last}.ln_1",
+                    activation_post=PatchTokens(model.conv_proj, 1), extra={"fixed_input": True})
+    if name.startswith("maxvit_"):
+        return dict(extra={"fixed_input": True})
+    return {}
+
+
 def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str | torch.device = "cpu",
                target_layer: str | None = None) -> ModelSpec:
     """Build a classifier by name, ready for explanation.
@@ -157,6 +172,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         model, side = _torchvision_model(name, weights)
         known = dict(PAPER_MODELS.get(name, {}))
         known.setdefault("min_side", MIN_SIDE.get(name, 32))
+        known.update(torchvision_transformer(name, model))
         spec = ModelSpec(name, model, known.pop("target_layer", ""), categories, input_size=(side, side), **known)
     else:
         raise ModelError(f"unknown model '{name}'; valid names: {', '.join(available_models())}")

@@ -41,10 +41,11 @@ class TokenLayout(ABC):
 
 def feature_grid(patch_embed: nn.Module, input_size: tuple[int, int]) -> tuple[int, int]:
     """Patch grid (h, w) a patch embedding gives for an (H, W) input: its own ``dynamic_feat_size`` (timm,
-    with or without padding) or the floor of H / patch, W / patch."""
+    with or without padding) or the floor of H / patch, W / patch (patch: ``patch_size``, or the kernel of a
+    convolution such as torchvision ViT's ``conv_proj``)."""
     if hasattr(patch_embed, "dynamic_feat_size"):
         return tuple(int(v) for v in patch_embed.dynamic_feat_size(tuple(input_size)))
-    patch = patch_embed.patch_size
+    patch = getattr(patch_embed, "patch_size", None) or patch_embed.kernel_size  # torchvision: a Conv2d
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
     return input_size[0] // ph, input_size[1] // pw
 

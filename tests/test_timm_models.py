@@ -215,10 +215,13 @@ def swin_to_map(output):
 
 
 @pytest.mark.parametrize("name, reshape", [("timm:vit_tiny_patch16_224", vit_tokens_to_map),
-                                           ("timm:swin_tiny_patch4_window7_224", swin_to_map)])
+                                           ("timm:swin_tiny_patch4_window7_224", swin_to_map),
+                                           ("vit_b_16", vit_tokens_to_map)])
 def test_gradcam_on_transformers_equals_pytorch_grad_cam(name, reshape, specs):
     spec = specs(name)
     torch.manual_seed(1)
+    if name == "vit_b_16":  # torchvision initialises ViT's head to zeros: every gradient would be 0
+        torch.nn.init.normal_(spec.model.heads.head.weight, std=0.02)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         targets = spec.model(x).argmax(dim=1).tolist()
@@ -238,3 +241,11 @@ def test_gradcam_on_transformers_equals_pytorch_grad_cam(name, reshape, specs):
     assert float((final > 0).mean()) > 0.2             # the maps are not trivially zero
     np.testing.assert_allclose(final, peer_final, atol=1e-4)
     np.testing.assert_allclose(maps[:, 0].numpy(), peer_raw, rtol=1e-4, atol=1e-4 * np.abs(peer_raw).max())
+
+
+def test_torchvision_vit_reads_its_last_block_as_tokens_and_takes_its_own_size_only(specs):
+    spec = specs("vit_b_16")
+    assert spec.target_layer == "encoder.layers.encoder_layer_11.ln_1" and spec.token_layout == "tokens"
+    assert spec.extra["fixed_input"] is True
+    maps, logits = build_explainer("gradcam", spec)(torch.randn(1, 3, 224, 224), 3)
+    assert maps.shape == (1, 1, 14, 14) and logits.shape == (1, 1000) and bool(maps.isfinite().all())
