@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = setup.method if setup.ucag is None else f"{setup.method}+UCAG"
     print(f"{label} on {setup.spec.name} ({setup.spec.weights} weights, layer {setup.spec.target_layer}) "
           f"over {len(files)} image(s), device {setup.device}")
+    if setup.ucag is not None and setup.spec.token_layout and setup.ucag.crop_input is None:
+        print("UCAG's crops go to the transformer at alpha * crop: its position embeddings and attention windows "
+              "follow the input size (timm's dynamic image size)")
     smallest_crop = int(args.crop_size * min(setup.spec.input_size) / 224)
     blend = picture_blend(args, setup)
     rows, skipped = [], []
