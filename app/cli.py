@@ -93,6 +93,11 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     options.add_argument("--keep-prob", type=float, default=None, help="rise: probability p a cell is kept (0.5)")
     options.add_argument("--seed", type=int, default=None, help="rise: mask seed (default 0)")
     options.add_argument("--rule", default=None, help="lrp: zplus (default), alpha2beta1 or epsilon")
+    options.add_argument("--head-fusion", default=None,
+                         help="rollout: how a block's attention heads are fused: mean (default), max or min")
+    options.add_argument("--discard-ratio", type=float, default=None,
+                         help="rollout: share of the lowest fused attention weights set to 0 per block, in [0, 1) "
+                              "(default 0)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -199,7 +204,8 @@ def parse_target(text: str, spec: ModelSpec) -> int | None:
 # command-line flag (argparse dest) -> the builder option it sets
 OPTION_FLAGS = {"mask_batch": "mask_batch", "steps": "steps", "baseline": "baseline", "path_batch": "path_batch",
                 "resolutions": "resolutions",
-                "masks": "n_masks", "cell": "cell", "keep_prob": "p", "seed": "seed", "rule": "rule"}
+                "masks": "n_masks", "cell": "cell", "keep_prob": "p", "seed": "seed", "rule": "rule",
+                "head_fusion": "head_fusion", "discard_ratio": "discard_ratio"}
 
 
 def explainer_options(args: argparse.Namespace, method: str) -> dict:

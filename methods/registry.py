@@ -11,6 +11,7 @@ from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
 from methods.errors import MethodError
 from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
+from methods.transformer import CPLRP, GradRollout, Rollout, TransformerAttribution
 from models.preprocessing import normalize
 from models.spec import ModelSpec
 
@@ -122,3 +123,16 @@ register("cameras", options=("resolutions",))(cameras.build_cameras)
 
 register("sise", options=("mask_batch",))(sise.build_sise)
 register("adasise", "ada-sise", options=("mask_batch",))(sise.build_adasise)
+
+
+def _transformer_builder(cls):
+    """The transformer methods on ``spec.model`` (a timm ViT-style model); any other model: MethodError."""
+    def build(spec: ModelSpec, **options) -> Explainer:
+        return cls(spec.model, spec.name, **options)
+    return build
+
+
+register("rollout", "attention-rollout", options=("head_fusion", "discard_ratio"))(_transformer_builder(Rollout))
+register("gradrollout", "grad-rollout", "generic-attention")(_transformer_builder(GradRollout))
+register("transformer_attribution", "chefer", "transformer-attribution")(_transformer_builder(TransformerAttribution))
+register("cplrp", "cp-lrp")(_transformer_builder(CPLRP))

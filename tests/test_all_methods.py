@@ -1,6 +1,6 @@
-"""Every registered explainer under the same contract, on one small random ResNet: raw (B, 1, h, w) maps,
-the model's own logits, per-sample targets, no hooks or gradients left behind, grad mode kept, and a run
-through UCAG."""
+"""Every registered explainer under the same contract, on one small random ResNet (the transformer methods on
+a tiny random ViT instead): raw (B, 1, h, w) maps, the model's own logits, per-sample targets, no hooks or
+gradients left behind, grad mode kept, and a run through UCAG."""
 import copy
 import dataclasses
 
@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from methods import available_methods, build_explainer
+from methods.errors import MethodError
+from methods.transformer import METHODS as TRANSFORMER_METHODS
 from models import load_model
+from tests.vit_fixtures import tiny_vit_spec
 from ucag import UCAG
 
 # cheap settings for the methods that score many masked or rescaled copies
@@ -36,25 +39,37 @@ def resnet18():
     return load_model("resnet18", "random")
 
 
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """The transformer-only methods' model: a 2-block ViT taking any input size."""
+    return tiny_vit_spec()
+
+
+def spec_for(method, request):
+    """resnet18, or the tiny ViT for the methods that need a ViT-style transformer."""
+    return request.getfixturevalue("tiny_vit" if method in TRANSFORMER_METHODS else "resnet18")
+
+
 @pytest.mark.parametrize("method", available_methods())
-def test_contract(method, resnet18):
+def test_contract(method, request):
+    spec = spec_for(method, request)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 64, 64)
-    explainer = build_explainer(method, resnet18, **FAST.get(method, {}))
-    resnet18.model.zero_grad(set_to_none=True)
-    before = hook_count(resnet18.model)
+    explainer = build_explainer(method, spec, **FAST.get(method, {}))
+    spec.model.zero_grad(set_to_none=True)
+    before = hook_count(spec.model)
     with torch.no_grad():
         maps, logits = explainer(x, [3, 7])
         assert not torch.is_grad_enabled()
-        expected_logits = resnet18.model(x)
+        expected_logits = spec.model(x)
     assert maps.dim() == 4 and maps.shape[:2] == (2, 1) and torch.isfinite(maps).all()
     assert torch.allclose(logits, expected_logits, rtol=1e-4, atol=1e-5)
-    assert hook_count(resnet18.model) == before
-    assert all(p.grad is None for p in resnet18.model.parameters())
-    assert not any(m.training for m in resnet18.model.modules())
+    assert hook_count(spec.model) == before
+    assert all(p.grad is None for p in spec.model.parameters())
+    assert not any(m.training for m in spec.model.modules())
     if method in FLOAT32_SENSITIVE:  # checked in float64 instead (see the comment above)
-        model64 = copy.deepcopy(resnet18.model).double()
-        explainer = build_explainer(method, dataclasses.replace(resnet18, model=model64))
+        model64 = copy.deepcopy(spec.model).double()
+        explainer = build_explainer(method, dataclasses.replace(spec, model=model64))
         x = x.double()
         maps, _ = explainer(x, [3, 7])
     if method in OTSU_GATED:
@@ -64,7 +79,15 @@ def test_contract(method, resnet18):
 
 
 @pytest.mark.parametrize("method", available_methods())
-def test_runs_through_ucag(method, resnet18):
-    explainer = build_explainer(method, resnet18, **FAST.get(method, {}))
+def test_runs_through_ucag(method, request):
+    spec = spec_for(method, request)
+    explainer = build_explainer(method, spec, **FAST.get(method, {}))
     maps, logits = UCAG(explainer, crop=150, n=2, alpha=1.2)(torch.randn(2, 3, 64, 64), [1, 2])
-    assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and logits.shape == (2, 1000)
+    assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and logits.shape == (2, spec.num_classes)
+
+
+def test_transformer_methods_refuse_the_resnet(resnet18):
+    """Each transformer-only method is checked on the ViT above; on a CNN its builder refuses in one line."""
+    for method in TRANSFORMER_METHODS:
+        with pytest.raises(MethodError, match=f"^{method}: needs a ViT-style transformer.*; resnet18 has none$"):
+            build_explainer(method, resnet18)

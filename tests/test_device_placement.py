@@ -31,9 +31,11 @@ from evaluation.segmentation_metrics import average_precision, image_scores, pix
 from methods import available_methods, build_explainer, finalize_maps, finalize_signed
 from methods.base import Explainer, Explanation
 from methods.baselines import Center
+from methods.transformer import METHODS as TRANSFORMER_METHODS
 from models import load_model, preprocess
 from models.preprocessing import preprocess_one
 from models.spec import ModelSpec
+from tests.vit_fixtures import tiny_vit_spec
 from ucag import UCAG, UpscaledInput
 
 RELEVANCE = ("agf", "clrp", "lrp", "rap", "rsp", "sglrp")
@@ -47,9 +49,11 @@ RESNET_LAYERS = {"sise": {"layers": ("relu", "layer1")}, "adasise": {"layers": (
 RESNET_TARGET_LAYER = {"scorecam": "layer1"}  # 64 masks instead of layer4's 512
 
 EXTRA = [("lrp", {"rule": "epsilon"}), ("lrp", {"rule": "alpha2beta1"}), ("igcam", {"baseline": "zeros"})]
-RESNET_CASES = [(m, {}) for m in available_methods()] + EXTRA
+CNN_METHODS = [m for m in available_methods() if m not in TRANSFORMER_METHODS]  # the others need a ViT
+RESNET_CASES = [(m, {}) for m in CNN_METHODS] + EXTRA
 VGG_CASES = [(m, {}) for m in RELEVANCE]
-LITE_CASES = [(m, {}) for m in available_methods() if m not in RELEVANCE + MASK_SCORING]
+LITE_CASES = [(m, {}) for m in CNN_METHODS if m not in RELEVANCE + MASK_SCORING]
+VIT_CASES = [(m, {}) for m in TRANSFORMER_METHODS] + [("rollout", {"head_fusion": "max", "discard_ratio": 0.5})]
 
 
 def case_id(case) -> str:
@@ -123,6 +127,12 @@ def tiny_vgg() -> ModelSpec:
     return ModelSpec("tiny_vgg", model.eval(), "features.14", [str(i) for i in range(10)])
 
 
+@pytest.fixture(scope="module")
+def tiny_vit() -> ModelSpec:
+    """A 2-block ViT taking any input size: the transformer methods' model."""
+    return tiny_vit_spec()
+
+
 def image(size: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(1, 3, size, size, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
 
@@ -160,10 +170,18 @@ def test_method_on_efficientnet_lite0_explaining_the_prediction(case, lite0):
     same_under_meta_default(explain(lite0, method, options, image(64), None))
 
 
+@pytest.mark.parametrize("case", VIT_CASES, ids=case_id)
+@pytest.mark.parametrize("targets", [[3], None], ids=["target", "prediction"])
+def test_transformer_method_on_a_tiny_vit(case, targets, tiny_vit):
+    method, options = case
+    maps, logits = same_under_meta_default(explain(tiny_vit, method, options, image(64), targets))
+    assert maps.shape[:2] == (1, 1) and logits.shape == (1, tiny_vit.num_classes)
+
+
 @pytest.mark.parametrize("method", available_methods())
-def test_method_through_ucag(method, resnet18):
+def test_method_through_ucag(method, resnet18, request):
     """n=2 at alpha 1.2: 4 crops, explained 2 per chunk; UCAG resolves the targets (the prediction)."""
-    spec = resnet18
+    spec = request.getfixturevalue("tiny_vit") if method in TRANSFORMER_METHODS else resnet18
     if method in RESNET_TARGET_LAYER:
         spec = dataclasses.replace(spec, target_layer=RESNET_TARGET_LAYER[method], activation_post=None)
     options = {**FAST.get(method, {}), **RESNET_LAYERS.get(method, {})}

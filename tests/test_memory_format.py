@@ -11,8 +11,10 @@ import torch
 import visualization
 from app.cli import MEMORY_FORMATS
 from methods import available_methods, build_explainer
+from methods.transformer import METHODS as TRANSFORMER
 from models import load_model
 from models.preprocessing import memory_format_of
+from tests.vit_fixtures import tiny_vit_spec
 
 RELEVANCE = {"lrp", "clrp", "sglrp", "rap", "rsp", "agf"}
 MASKED = {"scorecam", "sise", "adasise"}
@@ -35,15 +37,25 @@ def model_pairs():
         assert memory_format_of(plain.model) == torch.contiguous_format
         assert memory_format_of(last.model) == torch.channels_last
         pairs[name] = plain, last
+    plain = tiny_vit_spec()  # the transformer methods' model: only its patch embedding is 4-D
+    plain.model.double()
+    last = copy.deepcopy(plain)
+    last.model.to(memory_format=torch.channels_last)
+    assert memory_format_of(last.model) == torch.channels_last
+    pairs["tiny_vit"] = plain, last
     return pairs
+
+
+def pair_for(method):
+    return "resnet18" if method in RELEVANCE else "tiny_vit" if method in TRANSFORMER else "efficientnet_lite0"
 
 
 @pytest.mark.parametrize("method", available_methods())
 def test_channels_last_gives_the_same_maps(method, model_pairs, photo_batch):
-    plain, last = model_pairs["resnet18" if method in RELEVANCE else "efficientnet_lite0"]
+    plain, last = model_pairs[pair_for(method)]
     side = 64 if method in MASKED else 128  # one forward per channel: smaller inputs
     x = torch.nn.functional.interpolate(photo_batch[:1], size=(side, side), mode="bilinear", antialias=True)
-    x = x.double() if method in RELEVANCE else x
+    x = x.double() if pair_for(method) != "efficientnet_lite0" else x
     options = OPTIONS.get(method, {})
     expected, logits = build_explainer(method, plain, **options)(x)
     maps, last_logits = build_explainer(method, last, **options)(x)
