@@ -185,3 +185,20 @@ def test_official_baseline_runs_the_explainer_on_the_upscaled_image(lite, photo_
     plain = build_setup(official_args(False))
     assert plain.rows()[0].explainer is plain.ucag.explainer
     assert "baseline_alpha" not in plain.settings()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "rollout"])
+def test_insdel_and_density_run_on_a_timm_transformer_with_ucag(method, tmp_path, capsys):
+    """The evaluation scripts take timm:<name> models; UCAG's crops go to the ViT at alpha * crop."""
+    data = imagenet_folder(tmp_path / "val", broken=False)
+    model = ["--name", "timm:vit_tiny_patch16_224", "--weights", "random", "-a", "1.5", "--limit", "1"]
+    fast = FAST[:3] + FAST[5:]  # FAST without its -a 1.0: the crops go to the ViT upscaled
+    for script, extra in ((insdel, ["--step", str(224 * 56)]), (density, [])):
+        out = tmp_path / f"out_{script.PROG}"
+        code, _, err = run(script, [method, *fast, *model, *extra, "--img-path", str(data), "--out", str(out)],
+                           capsys)
+        assert code == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["n_images"] == 1 and [r["name"] for r in summary["rows"]] == [method, f"{method}*"]
+        assert json.loads((out / "run.json").read_text())["model"] == "timm:vit_tiny_patch16_224"
+        assert "crop_input" not in json.loads((out / "run.json").read_text())

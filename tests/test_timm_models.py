@@ -249,3 +249,37 @@ def test_torchvision_vit_reads_its_last_block_as_tokens_and_takes_its_own_size_o
     assert spec.extra["fixed_input"] is True
     maps, logits = build_explainer("gradcam", spec)(torch.randn(1, 3, 224, 224), 3)
     assert maps.shape == (1, 1, 14, 14) and logits.shape == (1, 1000) and bool(maps.isfinite().all())
+
+
+@pytest.mark.parametrize("name", ["timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224",
+                                  "timm:swin_tiny_patch4_window7_224"])
+def test_ucag_on_transformers_keeps_the_paper_fold(name, specs):
+    """UCAG's crops reach the transformer at alpha * crop (322 px), and the map is the paper's fold of the
+    per-crop maps: computed here crop by crop, from F.interpolate and PatchGrid, independently of UCAG's
+    batching and its CPU upscaling."""
+    from ucag import UCAG, PatchGrid, patch_confidence
+
+    spec = specs(name)
+    explainer = build_explainer("gradcam", spec)
+    ucag = UCAG(explainer, crop=124, n=2, alpha=2.6)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        target = int(spec.model(x).argmax())
+    seen = []
+    handle = spec.model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    try:
+        maps, _ = ucag(x, target)
+    finally:
+        handle.remove()
+    assert (322, 322) in seen and maps.shape == (1, 1, 224, 224)
+    grid = PatchGrid(224, 224, 124, 2)
+    folded = torch.zeros(1, 1, 224, 224)
+    for top, left, bottom, right in grid.boxes():
+        crop = F.interpolate(x[..., top:bottom, left:right], size=(322, 322), mode="bicubic", align_corners=False)
+        crop_map, logits = explainer(crop, target)
+        weight = patch_confidence(logits, torch.tensor([target]))
+        folded[..., top:bottom, left:right] += F.interpolate(crop_map * weight, size=(124, 124), mode="bilinear",
+                                                             align_corners=False, antialias=True)
+    expected = folded / grid.duplication()
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(maps, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
