@@ -34,3 +34,13 @@ def photos() -> list:
 def photo_batch(lite, photos) -> torch.Tensor:
     """The bundled photos as one normalised 224 x 224 batch."""
     return preprocess(photos, lite, "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    they gain nothing from a second thread, which mostly waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

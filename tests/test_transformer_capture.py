@@ -10,13 +10,7 @@ from methods.transformer import rules
 from methods.transformer.capture import AttentionMode, attention_capture, attention_probabilities, explicit_attention
 from tests.vit_fixtures import tiny_vit
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mode_depth() -> int:

@@ -25,13 +25,7 @@ from tests.vit_fixtures import tiny_vit
 ALL = (Rollout, GradRollout, TransformerAttribution, CPLRP)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, which mostly waits on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def manual_forward(model, x, rules=False):
