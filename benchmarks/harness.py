@@ -79,6 +79,24 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
+def timed_together(fns: dict, device: torch.device, repeats: int) -> dict:
+    """{name: best wall time (seconds)} of ``repeats`` rounds that run every function once, in turn, after
+    one warm-up round: a ratio of two of them then compares runs made minutes apart at most, not at two
+    ends of a benchmark, on a machine whose speed drifts."""
+    best = {name: float("inf") for name in fns}
+    for round_index in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            begin = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_index:
+                best[name] = min(best[name], time.perf_counter() - begin)
+    return best
+
+
 def forward_backward_once(model: torch.nn.Module, x: torch.Tensor) -> None:
     """One forward and backward of the top logit: the unit the methods are compared with."""
     leaf = x.clone().requires_grad_(True)

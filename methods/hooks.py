@@ -16,17 +16,23 @@ Post = Callable[[torch.Tensor], torch.Tensor] | TokenLayout
 def restored_state(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Switch ``model`` to eval mode; restore every module's train/eval flag and every parameter's
     ``requires_grad`` on exit, also when an exception is raised."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(param, param.requires_grad) for param in model.parameters()]
+    modules = list(model.modules())
+    modes = [module.training for module in modules]
+    params = list(model.parameters())
+    flags = [param.requires_grad for param in params]
     try:
         if eval_mode:
-            model.eval()
+            for module in modules:  # model.eval(), writing only the flags that change (a model in eval: none)
+                if module.training:
+                    module.training = False
         yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-        for param, requires_grad in flags:
-            param.requires_grad_(requires_grad)
+    finally:  # only changed flags are written back: nn.Module's __setattr__ and requires_grad_ cost a call each
+        for module, training in zip(modules, modes, strict=True):
+            if module.training != training:
+                module.training = training
+        for param, requires_grad in zip(params, flags, strict=True):
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
 
 
 class LayerCapture:
