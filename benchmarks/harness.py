@@ -66,17 +66,7 @@ def start(args: argparse.Namespace, what: str, memory_format: str = "channels_la
 
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Best wall time of ``repeats`` runs after one warm-up (seconds)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - begin)
-    return best
+    return timed_together({"fn": fn}, device, repeats)["fn"]
 
 
 def timed_together(fns: dict, device: torch.device, repeats: int) -> dict:
