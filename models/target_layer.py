@@ -21,7 +21,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         raise ModelError(f"target layer '{name}' not found in the model (top-level modules: {tops})") from None
 
 
-def _blank_forward(model: nn.Module, input_size: tuple[int, int]) -> None:
+def blank_forward(model: nn.Module, input_size: tuple[int, int]) -> None:
     """One eval-mode forward of a black image (the model's train/eval mode is restored)."""
     was_training = model.training
     try:
@@ -42,7 +42,7 @@ def check_spatial_layer(model: nn.Module, name: str, input_size: tuple[int, int]
     with layout.watch() if layout is not None else nullcontext():
         handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         try:
-            _blank_forward(model, input_size)
+            blank_forward(model, input_size)
         finally:
             handle.remove()
         if not outputs:
@@ -73,7 +73,7 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
         for name, module in model.named_modules() if name
     ]
     try:
-        _blank_forward(model, input_size)
+        blank_forward(model, input_size)
     finally:
         for handle in handles:
             handle.remove()

@@ -12,7 +12,11 @@ CAM layers and token layouts (:mod:`models.tokens`):
   Prefix tokens (class, distillation, registers: ``num_prefix_tokens``) are dropped from the map.
 - Swin: the last stage (``layers.<last>``), (B, h, w, C), the map the head pools after a per-position
   LayerNorm: the counterpart of ResNet's ``layer4``.
-- Other (convolutional) models: :func:`models.target_layer.find_target_layer`.
+- EVA, BEiT, CaiT, MLP-Mixer: the last block's ``norm1`` as patch tokens too; Swin V2 and other
+  channels-last models (``output_fmt == 'NHWC'``): the last stage, read channels-last.
+- Other (convolutional) models: :func:`models.target_layer.find_target_layer`, checked against timm's
+  own last feature map; transformers whose tokens this module cannot place (Hiera, CrossViT, LeViT, XCiT)
+  get a one-line error asking for ``--target-layer`` (see :func:`cnn_target_layer`).
 
 ViT, DeiT and Swin are built with ``dynamic_img_size=True`` (position embeddings resampled, attention masks
 built per input), and their patch embedding ignores the last rows/columns of an input whose side is not a
@@ -39,8 +43,8 @@ from torch import nn
 from models.errors import ModelError
 from models.registry import _read_state_dict, _warn_random, check_fits, imagenet_categories
 from models.spec import ModelSpec
-from models.target_layer import find_target_layer, get_layer
-from models.tokens import ChannelsLastMap, PatchTokens, TokenLayout
+from models.target_layer import blank_forward, find_target_layer, get_layer
+from models.tokens import ChannelsLastMap, PatchTokens, TokenLayout, feature_grid
 
 PREFIX = "timm:"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -226,29 +230,108 @@ def token_target(model: nn.Module) -> tuple[str, TokenLayout] | None:
 
 
 def token_block_ends(model: nn.Module) -> list[str] | None:
-    """SISE's layers for a ViT/DeiT or Swin (None for other models).
+    """SISE's layers for a timm transformer whose layout this module reads (None for other models).
 
-    Swin: every stage's output (the map before the next stage's patch merging halves it). ViT: it has no
-    resolution drops, so its depth is cut into four equal parts like a ResNet's four stages: the outputs of
-    blocks ``depth*k//4 - 1`` for k = 1..3, then the CAM layer.
+    Swin and other channels-last models (``output_fmt == 'NHWC'``): every stage's output (the map before
+    the next stage's patch merging halves it). ViT and the row-major token models: they have no resolution
+    drops, so their depth is cut into four equal parts like a ResNet's four stages: the outputs of blocks
+    ``depth*k//4 - 1`` for k = 1..3, then the CAM layer (the last block's ``norm1``).
     """
+    if isinstance(model, SwinTransformer) or getattr(model, "output_fmt", None) == "NHWC":
+        info = getattr(model, "feature_info", None)
+        return [entry["module"] for entry in info] if info else None
     target = token_target(model)
+    blocks = getattr(model, "blocks", None)
+    if target is None and type(model).__name__ in ROW_MAJOR_TOKEN_MODELS and isinstance(blocks, nn.Module):
+        target = (f"blocks.{len(blocks) - 1}.norm1", None)
     if target is None:
         return None
-    if isinstance(model, SwinTransformer):
-        return [f"layers.{i}" for i in range(len(model.layers))]
     depth = len(model.blocks)
     ends = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3)} - {depth - 1})
     return [f"blocks.{i}" for i in ends] + [target[0]]
 
 
-def cnn_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
-    """find_target_layer, or timm's last feature module when that finds a pass-through Identity (ConvNeXt's
-    ``norm_pre``)."""
+# Other timm token models whose blocks hold [prefix tokens] + patch tokens in row-major order after a timm
+# PatchEmbed (the prefix is absent where the class token joins later, as in CaiT's class-attention blocks).
+ROW_MAJOR_TOKEN_MODELS = ("Eva", "Beit", "Cait", "MlpMixer")
+
+
+@torch.no_grad()
+def layer_output(model: nn.Module, name: str, input_size: tuple[int, int]):
+    """The output of layer ``name`` in one eval-mode forward of a black (1, 3, *input_size) image."""
+    outputs = []
+    handle = get_layer(model, name).register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    try:
+        blank_forward(model, input_size)
+    finally:
+        handle.remove()
+    return outputs[-1] if outputs else None
+
+
+def patch_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's timm PatchEmbed (``patch_embed``, or the first one, e.g. MLP-Mixer's ``stem``)."""
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, PatchEmbed):
+        return embed
+    return next((module for module in model.modules() if isinstance(module, PatchEmbed)), None)
+
+
+def sequence_target(model: nn.Module, input_size: tuple[int, int]) -> tuple[str, TokenLayout] | None:
+    """``blocks.<last>.norm1`` read as patch tokens for the architectures of ROW_MAJOR_TOKEN_MODELS; the
+    number of prefix tokens there is measured (0 where the class token joins after these blocks)."""
+    blocks, embed = getattr(model, "blocks", None), patch_embedding(model)
+    if (type(model).__name__ not in ROW_MAJOR_TOKEN_MODELS or embed is None
+            or not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks)
+            or not hasattr(blocks[-1], "norm1")):
+        return None
+    name = f"blocks.{len(blocks) - 1}.norm1"
+    output = layer_output(model, name, input_size)
+    height, width = feature_grid(embed, input_size)
+    prefix = output.shape[1] - height * width if isinstance(output, torch.Tensor) and output.dim() == 3 else -1
+    if not 0 <= prefix <= max(int(getattr(model, "num_prefix_tokens", 0) or 0), 0):
+        return None
+    return name, PatchTokens(embed, prefix)
+
+
+def feature_kind(output, channels: int) -> str:
+    """'nchw', 'nhwc', 'tokens' or 'other': how a (last) feature output with ``channels`` channels is laid
+    out."""
+    if not isinstance(output, torch.Tensor):
+        return "other"
+    if output.dim() == 4 and output.shape[1] == channels:
+        return "nchw"
+    if output.dim() == 4 and output.shape[-1] == channels:
+        return "nhwc"
+    return "tokens" if output.dim() == 3 else "other"
+
+
+def cnn_target_layer(model: nn.Module, input_size: tuple[int, int]) -> tuple[str, TokenLayout | None]:
+    """(CAM layer, layout) of a timm model that is neither a ViT nor a Swin, checked against timm's own last
+    feature map F (``feature_info[-1]``), so that no NHWC map or attention matrix is read as (B, C, h, w):
+
+    - F in (B, h, w, C) (Swin V2, MambaOut: ``output_fmt == 'NHWC'``): F, read channels-last;
+    - a row-major token model (:func:`sequence_target`): its last block's tokens;
+    - F in (B, C, h, w): the last spatial module :func:`find_target_layer` finds (ResNet's ``layer4``, the
+      head convolution after EfficientNet's last stage), F itself when that module lies inside F (a
+      convolution within PVT's last stage) or is a pass-through Identity (ConvNeXt's ``norm_pre``);
+    - otherwise (tokens of an unknown order, lists): a ModelError asking for --target-layer.
+    """
+    feature_info = getattr(model, "feature_info", None)
+    last = feature_info[-1] if feature_info else None
+    kind = feature_kind(layer_output(model, last["module"], input_size), last["num_chs"]) if last else "nchw"
+    if kind == "nhwc":
+        return last["module"], ChannelsLastMap()
+    sequence = sequence_target(model, input_size)
+    if sequence is not None:
+        return sequence
     name = find_target_layer(model, input_size)
-    if isinstance(get_layer(model, name), nn.Identity) and getattr(model, "feature_info", None):
-        return model.feature_info[-1]["module"]
-    return name
+    if kind != "nchw" or any("attn" in part for part in name.split(".")):
+        raise ModelError(f"no CAM layer is known for {type(model).__name__}: its last feature map is not a "
+                         f"(B, C, h, w) map and its token layout is not one this toolkit reads; pass "
+                         f"--target-layer NAME of a layer with a (B, C, h, w) output")
+    if last and (name.startswith(last["module"] + ".") or isinstance(get_layer(model, name), nn.Identity)):
+        return last["module"], None
+    return name, None
 
 
 def timm_spec(model: nn.Module, name: str) -> ModelSpec:
@@ -259,12 +342,9 @@ def timm_spec(model: nn.Module, name: str) -> ModelSpec:
     multiple = make_any_size(model)
     feature_info = getattr(model, "feature_info", None)
     min_side = int(feature_info[-1].get("reduction", 32)) if feature_info else 32
-    target = token_target(model)
-    layer, layout = target if target is not None else ("", None)
+    layer, layout = token_target(model) or cnn_target_layer(model, size)
     spec = ModelSpec(name, model, layer, categories_for(model), input_size=size, mean=tuple(data["mean"]),
                      std=tuple(data["std"]), activation_post=layout, min_side=min_side)
-    if not layer:
-        spec.target_layer = cnn_target_layer(model, size)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     spec.extra.update(timm_model=f"{cfg.get('architecture', name)}{'.' + cfg['tag'] if cfg.get('tag') else ''}",
                       resize_interpolation=data.get("interpolation", "bilinear"), crop_pct=data.get("crop_pct"),

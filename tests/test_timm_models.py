@@ -283,3 +283,53 @@ def test_ucag_on_transformers_keeps_the_paper_fold(name, specs):
     expected = folded / grid.duplication()
     assert float(expected.abs().max()) > 0
     torch.testing.assert_close(maps, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("name, layer, layout, grid", [
+    ("timm:eva02_tiny_patch14_224.mim_in22k", "blocks.11.norm1", "PatchTokens(num_prefix=1)", (16, 16)),
+    ("timm:cait_xxs24_224", "blocks.23.norm1", "PatchTokens(num_prefix=0)", (14, 14)),  # class token joins later
+    ("timm:swinv2_tiny_window8_256", "layers.3", "ChannelsLastMap()", (8, 8)),
+])
+def test_other_timm_transformers_get_a_token_layout(name, layer, layout, grid):
+    """EVA (prefix 1), CaiT (prefix 0 before its class-attention blocks) and Swin V2 (NHWC): before, the
+    automatic finder read Swin V2's channels-last map as (B, C, h, w) and CaiT's attention matrix as a map."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        spec = load_model(name, "random")
+    assert spec.target_layer == layer and repr(spec.activation_post) == layout
+    maps, _ = build_explainer("gradcam", spec)(torch.randn(1, 3, *spec.input_size), 1)
+    assert maps.shape[-2:] == grid and bool(maps.isfinite().all())
+
+
+def test_swin_v2_gradcam_equals_pytorch_grad_cam():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        spec = load_model("timm:swinv2_tiny_window8_256", "random")
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    ours = build_explainer("gradcam", spec)
+    maps, logits = ours(x)
+    target = int(logits.argmax())
+    with PeerGradCAM(model=spec.model, target_layers=[spec.layer], reshape_transform=swin_to_map) as cam:
+        peer = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
+    spec.model.zero_grad(set_to_none=True)
+    np.testing.assert_allclose(ours.finalize(maps, (256, 256))[:, 0].numpy(), peer, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["timm:hiera_tiny_224", "timm:crossvit_tiny_240"])
+def test_transformers_whose_tokens_cannot_be_placed_ask_for_a_layer(name):
+    with pytest.warns(UserWarning, match="RANDOM weights"), \
+            pytest.raises(ModelError, match=r"no CAM layer is known for \w+: .*pass --target-layer"):
+        load_model(name, "random")
+
+
+def test_sise_layers_of_other_timm_transformers():
+    from models.timm_models import token_block_ends
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        swin_v2 = load_model("timm:swinv2_tiny_window8_256", "random")
+        eva = load_model("timm:eva02_tiny_patch14_224.mim_in22k", "random")
+    assert token_block_ends(swin_v2.model) == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert token_block_ends(eva.model) == ["blocks.2", "blocks.5", "blocks.8", "blocks.11.norm1"]
+    maps, _ = build_explainer("sise", eva, mask_batch=64)(torch.randn(1, 3, 224, 224), 1)
+    assert maps.dim() == 4 and maps.shape[:2] == (1, 1) and bool(maps.isfinite().all())
