@@ -290,6 +290,8 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     settings = {"model": spec.name, "weights": spec.weights, "layer": spec.target_layer, "method": method,
                 "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())},
                 "official": args.official}
+    if spec.extra.get("timm_model"):  # the pretrained tag timm resolved a bare name to (it may change with timm)
+        settings["timm_model"] = spec.extra["timm_model"]
     baseline = explainer
     if args.official and args.alpha != 1:
         baseline = UpscaledInput(explainer, args.alpha)

@@ -201,4 +201,5 @@ def test_insdel_and_density_run_on_a_timm_transformer_with_ucag(method, tmp_path
         summary = json.loads((out / "summary.json").read_text())
         assert summary["n_images"] == 1 and [r["name"] for r in summary["rows"]] == [method, f"{method}*"]
         assert json.loads((out / "run.json").read_text())["model"] == "timm:vit_tiny_patch16_224"
+        assert json.loads((out / "run.json").read_text())["timm_model"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
         assert "crop_input" not in json.loads((out / "run.json").read_text())
