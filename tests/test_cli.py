@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -264,3 +265,30 @@ def test_decoding_workers_default_to_none_on_a_cpu(given, expected):
     args = visualization.build_parser().parse_args(argv)
     build_setup(args)
     assert args.workers == expected
+
+
+def test_ucag_on_a_fixed_size_transformer_resizes_its_crops_and_says_so(tmp_path, capsys):
+    """CaiT takes 224 x 224 only: the crops are resized to it instead of by alpha, a warning and the panel
+    title say so, and the maps are written as for any model."""
+    out = tmp_path / "out"
+    resized = "takes 224x224 inputs only: UCAG's crops are resized to 224x224 instead of alpha \\* crop = 322x322"
+    with pytest.warns(UserWarning, match=resized):
+        code, stdout, err = run(["gradcam", "--ucag", "-n", "2", "--name", "timm:cait_xxs24_224", "--weights",
+                                 "random", "--img-path", str(EXAMPLES / "coffee.jpg"), "--out", str(out),
+                                 "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (out / "coffee_gradcam_ucag.npy").is_file() and (out / "coffee_gradcam.png").is_file()
+    assert "UCAG's crops go to the transformer at alpha * crop" not in stdout
+
+
+def test_ucag_on_a_dynamic_size_transformer_says_how_it_takes_the_crops(tmp_path, capsys):
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, stdout, err = run(["gradcam", "--ucag", "-n", "2", "--name", "timm:vit_tiny_patch16_224", "--weights",
+                                 "random", "--img-path", str(EXAMPLES / "coffee.jpg"), "--out", str(out),
+                                 "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert not [w for w in caught if "inputs only" in str(w.message)]
+    assert "UCAG's crops go to the transformer at alpha * crop" in stdout
+    assert (out / "coffee_gradcam_ucag.npy").is_file()
