@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from app.cli import Parser, UsageError, run_cli
 from app.evaluation_run import image_metric_parser, run_image_metric
 from evaluation.driver import running_means
-from evaluation.insertion_deletion import auc, game_curves
+from evaluation.insertion_deletion import auc, game_curves, numpy_sort_identity
 from evaluation.reports import write_insdel_report
 
 PROG = "insdel.py"
@@ -30,10 +30,10 @@ def build_parser() -> Parser:
     return parser
 
 
-def games(step: int, score_batch: int):
+def games(step: int, score_batch: int, ties: str = "raster"):
     def metric(model, images, maps, targets):
-        deletion = game_curves(model, images, maps, targets, "deletion", step, score_batch)
-        insertion = game_curves(model, images, maps, targets, "insertion", step, score_batch)
+        deletion = game_curves(model, images, maps, targets, "deletion", step, score_batch, ties=ties)
+        insertion = game_curves(model, images, maps, targets, "insertion", step, score_batch, ties=ties)
         return {"deletion": auc(deletion) * 100, "insertion": auc(insertion) * 100,
                 "deletion_curve": deletion, "insertion_curve": insertion}
     return metric
@@ -43,8 +43,12 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
     if args.step < 1 or (args.score_batch is not None and args.score_batch < 1):
         raise UsageError("--step and --score-batch must be at least 1")
-    return run_image_metric(args, "insdel", games(args.step, args.score_batch), FIELDS, {"step": args.step},
-                            write_insdel_report, running_means(FIELDS, 1), on_batch)
+    # --official: the official insdel.py's order of pixels (ties as NumPy's argsort leaves them) and its raw
+    # maps for the methods its ucag() leaves raw; the default: ties in raster order, the final [0, 1] maps
+    ties = "numpy" if args.official else "raster"
+    settings = {"step": args.step, "tie_order": ties, **(numpy_sort_identity() if ties == "numpy" else {})}
+    return run_image_metric(args, "insdel", games(args.step, args.score_batch, ties), FIELDS, settings,
+                            write_insdel_report, running_means(FIELDS, 1), on_batch, official_ranking=args.official)
 
 
 if __name__ == "__main__":

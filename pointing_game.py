@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, hashed_file, run_evaluation
 from common.images import display_path
-from evaluation.driver import Row, Task
+from evaluation.driver import Row, RunningMeans, Task, check_rows
 from evaluation.errors import EvaluationError
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
 from evaluation.pointing import (
@@ -180,17 +180,14 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
             write_text(out / "table.md", pointing_tables(summary))
             print(pointing_tables(summary))
 
-        def running(results: list[dict]) -> str:
-            hits = {row.name: [h for r in results for h in r["rows"].get(row.name, {}).get("hit", [])]
-                    for row in rows}
-            return ", ".join(f"{name} {100 * np.mean(v):.1f}%" for name, v in hits.items() if v)
-
         def score(batch: list[dict]) -> list[dict]:
             return [process_image(rows, setup.spec, setup.device, r, flags, args.unlisted, args.tolerance)
                     for r in batch]
 
+        running = RunningMeans(("hit",), digits=1, scale=100, unit="%")  # each row's hit rate over pairs so far
         task = Task(entries, lambda e: e.key, lambda e: load_entry(dataset, e), score, summary_of, write, running,
-                    f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}")
+                    f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}",
+                    lambda record: check_rows(record, [row.name for row in rows]))
         difficult_hash, difficult_path = hashed_file(args.difficult_list)
         return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
                       "tolerance": args.tolerance, "difficult_list": difficult_hash,

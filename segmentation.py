@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from app.cli import Parser, Setup, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, results_folder, run_evaluation
-from evaluation.driver import Row, Task
+from evaluation.driver import Row, RunningMeans, Task, check_rows
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.reports import write_segmentation_report
 from evaluation.segmentation_metrics import image_scores
@@ -92,15 +92,13 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
             return {"model": args.name, "method": setup.method, "n_images": len(results), "ap": args.ap,
                     "rows": summarize(results, rows)}
 
-        def running(results: list[dict]) -> str:
-            return ", ".join(f"{row.name} mAP {np.nanmean([r['rows'][row.name]['ap'] for r in results]):.3f}"
-                             for row in rows) if results else ""
-
         def score(batch: list[dict]) -> list[dict]:
             return process(setup, rows, batch, args.ap, Path(args.data).name)
 
+        running = RunningMeans(("ap",), digits=3, label="mAP ")
         task = Task(keys, str, dataset.load, score, summary_of, write_segmentation_report, running,
-                    f"segmentation {setup.method}")
+                    f"segmentation {setup.method}",
+                    lambda record: check_rows(record, [row.name for row in rows], ("correct", "labelled", "ap")))
         return task, {"data": str(Path(args.data).resolve()), "ap": args.ap}
 
     return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch, metric="segmentation")

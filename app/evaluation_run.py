@@ -4,14 +4,14 @@ parser, a function that builds its :class:`evaluation.driver.Task` and the setti
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from app.cli import Parser, Setup, UsageError, add_common_flags, add_eval_flags, build_setup
 from common.images import display_path
 from evaluation import distributed
 from evaluation.datasets import discover
-from evaluation.driver import ImageMetric, ImageMetricTask, Task, run_task
+from evaluation.driver import ImageMetric, ImageMetricTask, RunningText, Task, run_task
 from evaluation.errors import StoreError
 from evaluation.store import (
     ABOUT,
@@ -139,20 +139,26 @@ def image_metric_parser(prog: str, description: str) -> Parser:
 
 
 def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric, fields: Sequence[str],
-                     settings: dict, write: Callable[[Path, list[dict], list[dict], dict], None],
-                     running: Callable[[list[dict]], str], on_batch: Callable[[int], None] | None = None) -> int:
+                     settings: dict, write: Callable[[Path, Collection[dict], list[dict], dict], None],
+                     running: RunningText, on_batch: Callable[[int], None] | None = None,
+                     official_ranking: bool = False) -> int:
     """insdel.py and density.py: a per-image metric over ImageNet-style data (class folders, a flat folder with
-    labels, or any folder explained for the predicted class)."""
+    labels, or any folder explained for the predicted class). ``settings``: the metric's own (an 'about' entry
+    is recorded, not compared). ``official_ranking``: see :class:`evaluation.driver.ImageMetricTask`."""
+    settings = dict(settings)
+    about = settings.pop(ABOUT, {})
 
     def make_task(setup: Setup) -> tuple[Task, dict]:
         samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt")
         target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
         samples = samples[:args.limit] if args.limit else samples
         header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, **settings}
-        job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header)
+        job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header,
+                              official_ranking)
         desc = f"{setup.method}{' + UCAG' if setup.ucag else ''}"
+        labels = labels_identity(args.labels)
         return job.task(write, running, desc), {"target": target_mode,
                                                  "img_path": str(Path(args.img_path).resolve()),
-                                                 **labels_identity(args.labels), **settings}
+                                                 **labels, **settings, ABOUT: {**labels[ABOUT], **about}}
 
     return run_evaluation(args, results_folder(script, args), make_task, on_batch, metric=script)

@@ -12,7 +12,8 @@ for the pointing game, the center baseline. Each row's final map is its explaine
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,10 @@ from evaluation.errors import EvaluationError, StoreError
 from evaluation.reports import write_skipped
 from evaluation.store import ResultStore
 from methods.base import Explainer, Explanation
+from methods.postprocess import official_ranking_maps
 from models import ModelSpec, preprocess
 from ucag import UCAG
+from ucag.framework import image_logits
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,51 @@ class Row:
         return self.explainer(x, targets)
 
 
-def _no_running_text(records: list[dict]) -> str:
-    return ""
+class RunningText:
+    """The progress bar's running figures: :meth:`add` takes each batch's new records once, :meth:`text`
+    reads sums kept so far, so the cost per batch does not grow with the records of the run. This base
+    shows nothing."""
+
+    def add(self, records: Iterable[dict]) -> None:
+        """Take in a batch's new records."""
+
+    def text(self) -> str:
+        return ""
+
+
+class RunningMeans(RunningText):
+    """Each row's running mean of ``fields`` (NaN left out; a list value counts each element), e.g.
+    'gradcam 12.3/45.6'; ``scale``, ``label`` and ``unit`` shape it: 'gradcam mAP 0.512', 'center 61.2%'."""
+
+    def __init__(self, fields: Sequence[str], digits: int = 1, scale: float = 1.0, label: str = "", unit: str = ""):
+        self.fields, self.digits, self.scale, self.label, self.unit = tuple(fields), digits, scale, label, unit
+        self.sums: dict[str, list[list[float]]] = {}  # row -> [sum, count] per field
+
+    def add(self, records: Iterable[dict]) -> None:
+        for record in records:
+            for name, scores in record["rows"].items():
+                sums = self.sums.setdefault(name, [[0.0, 0] for _ in self.fields])
+                for total, name_of_field in zip(sums, self.fields, strict=True):
+                    value = scores.get(name_of_field)
+                    for item in value if isinstance(value, list) else [value]:
+                        if isinstance(item, (int, float)) and not math.isnan(item):
+                            total[0] += item
+                            total[1] += 1
+
+    def text(self) -> str:
+        def mean(total: list[float]) -> str:
+            return f"{self.scale * total[0] / total[1]:.{self.digits}f}{self.unit}" if total[1] else "-"
+        return ", ".join(f"{name} {self.label}" + "/".join(mean(total) for total in sums)
+                         for name, sums in self.sums.items() if any(total[1] for total in sums))
+
+
+def running_means(fields: Sequence[str], digits: int = 1) -> RunningMeans:
+    """The progress bar's text of insdel.py and density.py: each row's running mean of ``fields``."""
+    return RunningMeans(fields, digits)
+
+
+def _accept_record(record: dict) -> str | None:
+    return None
 
 
 @dataclass
@@ -63,19 +109,23 @@ class Task:
     items: everything to evaluate; key(item): its unique, stable id (the resume key).
     load(item): the decoded item as a dict with 'key' ('error' when it cannot be read; runs in workers).
     process(batch): the decoded batch -> one JSON-able record per item, each with 'key'.
-    summarize(records): every record of the run -> the summary (summary.json).
-    write(out, records, skipped, summary): the report files.
-    running(records): the progress bar's running figures.
+    summarize(records): every record of the run -> the summary (summary.json). ``records`` is a sized,
+    re-iterable view streamed from the store (:class:`evaluation.store.StoredRecords`): iterate it, in as few
+    passes as possible, rather than index it.
+    write(out, records, skipped, summary): the report files (the same view).
+    running: the progress bar's figures, fed each batch's new records once (:class:`RunningText`).
+    check(record): why a stored result cannot belong to this run (None: it can), see ResultStore.status.
     """
 
     items: Sequence[Any]
     key: Callable[[Any], str]
     load: Callable[[Any], dict]
     process: Callable[[list[dict]], list[dict]]
-    summarize: Callable[[list[dict]], dict]
-    write: Callable[[Path, list[dict], list[dict], dict], None]
-    running: Callable[[list[dict]], str] = _no_running_text
+    summarize: Callable[[Collection[dict]], dict]
+    write: Callable[[Path, Collection[dict], list[dict], dict], None]
+    running: RunningText = field(default_factory=RunningText)
     desc: str = "evaluating"
+    check: Callable[[dict], str | None] = _accept_record
 
 
 class _Items(Dataset):
@@ -109,7 +159,7 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
     on rank 0 (None elsewhere). ``compute``: the region every batch is processed in (the precision's
     autocast, :mod:`common.precision`). ``pin_memory``: the loader puts the items' tensors in page-locked
     memory (GPU runs; ``load_sample`` gives the pixels as a tensor)."""
-    done, failed = store.status()
+    done, failed = store.status(task.check)
     dist.barrier()  # every rank reads the same done-set before any rank appends to it
     # items never tried first, earlier skips retried last: a resumed run batches its new items as an
     # uninterrupted one would (batch composition can change the last bits of a score)
@@ -118,7 +168,6 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
     loader = DataLoader(_Items(pending, task.load), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_as_list, worker_init_fn=ignore_interrupts if workers else None,
                         pin_memory=pin_memory)
-    records: list[dict] = []
     bar = tqdm(total=len(pending), unit="img", desc=task.desc, disable=not dist.is_main)
     batches = iter(loader)
     try:
@@ -130,9 +179,10 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
             with compute():
                 new = task.process(good) if good else []
             store.append(skipped + new)
-            records.extend(new)
             bar.update(len(batch))
-            bar.set_postfix_str(task.running(records), refresh=False)
+            if dist.is_main:  # only rank 0 shows a bar
+                task.running.add(new)
+                bar.set_postfix_str(task.running.text(), refresh=False)
             if on_batch is not None:
                 on_batch(number)
     finally:
@@ -167,38 +217,30 @@ def load_sample(sample: Sample) -> dict:
     return {"key": sample.key, "sample": sample, "image": record.image, "pixels": record.pixels, "error": record.error}
 
 
-def image_targets(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[int | None], mode: str) -> torch.Tensor:
-    """The class each image is explained for: its ground-truth label ('gt') or the model's prediction ('pred')."""
+def image_targets(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[int | None],
+                  mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the class each image is explained for, the logits of ``x`` when they were computed for it): its
+    ground-truth label ('gt', no forward) or the model's prediction ('pred')."""
     if mode == "gt":
-        return torch.tensor(labels, device=x.device)
-    with torch.no_grad():
-        return model(x).argmax(dim=1)
+        return torch.tensor(labels, device=x.device), None
+    logits = image_logits(model, x)
+    return logits.argmax(dim=1), logits
 
 
-def running_means(fields: Sequence[str], digits: int = 1) -> Callable[[list[dict]], str]:
-    """The progress bar's text: each row's running mean of ``fields`` so far, e.g. 'gradcam 12.3/45.6'."""
-
-    def text(records: list[dict]) -> str:
-        if not records:
-            return ""
-        return ", ".join(name + " " + "/".join(
-            f"{np.nanmean([r['rows'][name][f] for r in records]):.{digits}f}" for f in fields)
-            for name in records[0]["rows"])
-
-    return text
-
-
-def row_means(records: list[dict], rows: Sequence[Row], fields: Sequence[str]) -> list[dict]:
-    """Mean of each scalar field over images, per row (NaN values left out)."""
-    summary = []
-    for row in rows:
-        entry = {"name": row.name, "ucag": row.ucag}
-        for name in fields:
-            values = np.array([r["rows"][row.name][name] for r in records if row.name in r["rows"]], dtype=float)
-            values = values[np.isfinite(values)]
-            entry[name] = float(values.mean()) if values.size else float("nan")
-        summary.append(entry)
-    return summary
+def row_means(records: Iterable[dict], rows: Sequence[Row], fields: Sequence[str]) -> list[dict]:
+    """Mean of each scalar field over images, per row (non-finite values left out), in one pass."""
+    sums = np.zeros((len(rows), len(fields)))
+    counts = np.zeros((len(rows), len(fields)), dtype=np.int64)
+    for record in records:
+        values = np.array([[record["rows"].get(row.name, {}).get(name, math.nan) for name in fields]
+                           for row in rows], dtype=float)
+        finite = np.isfinite(values)
+        sums += np.where(finite, values, 0.0)
+        counts += finite
+    return [{"name": row.name, "ucag": row.ucag,
+             **{name: float(sums[i, j] / counts[i, j]) if counts[i, j] else float("nan")
+                for j, name in enumerate(fields)}}
+            for i, row in enumerate(rows)]
 
 
 @dataclass
@@ -214,17 +256,25 @@ class ImageMetricTask:
     fields: Sequence[str]
     target_mode: str
     header: dict = field(default_factory=dict)
+    official_ranking: bool = False  # insdel --official: the raw maps of Explainer.official_raw methods
+
+    def final_maps(self, row: Row, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The maps ``metric`` scores: the row's final [0, 1] maps, or under ``official_ranking`` the raw signed
+        maps of the methods the official code ranks raw (its ucag() and baseline skip ReLU, min-max, blur)."""
+        if self.official_ranking and row.explainer.official_raw:
+            return official_ranking_maps(maps, size)
+        return row.explainer.finalize(maps, size)
 
     def process(self, batch: list[dict]) -> list[dict]:
         x = preprocess([r["image"] if r.get("pixels") is None else r["pixels"] for r in batch], self.spec,
                        self.device)
-        targets = image_targets(self.spec.model, x, [r["sample"].label for r in batch], self.target_mode)
+        targets, logits = image_targets(self.spec.model, x, [r["sample"].label for r in batch], self.target_mode)
         size = tuple(x.shape[-2:])
-        scores, logits = {}, None
+        scores = {}
         for row in self.rows:
-            explanation = row.explain(x, targets, logits)
+            explanation = row.explain(x, targets, logits)  # a UCAG row reuses the logits of x computed before it
             logits = explanation.logits
-            scores[row.name] = self.metric(self.spec.model, x, row.explainer.finalize(explanation.maps, size), targets)
+            scores[row.name] = self.metric(self.spec.model, x, self.final_maps(row, explanation.maps, size), targets)
         # every tensor comes to the host once (one copy per field), not once per image
         host = {name: {f: values.tolist() for f, values in fields.items()} for name, fields in scores.items()}
         classes = targets.tolist()
@@ -232,9 +282,28 @@ class ImageMetricTask:
                  "rows": {name: {f: values[i] for f, values in fields.items()} for name, fields in host.items()}}
                 for i, r in enumerate(batch)]
 
-    def summarize(self, records: list[dict]) -> dict:
+    def summarize(self, records: Collection[dict]) -> dict:
         return {**self.header, "n_images": len(records), "rows": row_means(records, self.rows, self.fields)}
 
-    def task(self, write: Callable[[Path, list[dict], list[dict], dict], None],
-             running: Callable[[list[dict]], str], desc: str) -> Task:
-        return Task(self.samples, lambda s: s.key, load_sample, self.process, self.summarize, write, running, desc)
+    def check(self, record: dict) -> str | None:
+        """A stored result of this run holds every row with a number for every field."""
+        return check_rows(record, [row.name for row in self.rows], self.fields)
+
+    def task(self, write: Callable[[Path, Collection[dict], list[dict], dict], None], running: RunningText,
+             desc: str) -> Task:
+        return Task(self.samples, lambda s: s.key, load_sample, self.process, self.summarize, write, running, desc,
+                    self.check)
+
+
+def check_rows(record: dict, rows: Sequence[str], fields: Sequence[str] = ()) -> str | None:
+    """Why ``record`` cannot be a result of a run with these rows and numeric fields (None: it can)."""
+    scores = record.get("rows")
+    if not isinstance(scores, dict) or set(scores) != set(rows):
+        held = ", ".join(sorted(scores)) if isinstance(scores, dict) else "none"
+        return f"a record of rows {held}, not this run's {', '.join(rows)}"
+    for name in rows:
+        for field_name in fields:
+            value = scores[name].get(field_name) if isinstance(scores[name], dict) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"row {name}: {field_name} is {value!r}, not a number"
+    return None

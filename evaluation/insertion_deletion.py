@@ -1,6 +1,7 @@
 """Insertion and deletion games (Petsiuk et al. 2018, RISE protocol; UCAG paper Table 1), batched.
 
-Pixels are ordered by descending saliency (ties keep raster order); every ``step`` pixels (all three
+Pixels are ordered by descending saliency (ties keep raster order; ``ties="numpy"``: the official code's
+order, see :func:`saliency_order`); every ``step`` pixels (all three
 channels together) the image moves from ``start`` to ``finish``: deletion replaces pixels by zeros in
 normalised space, insertion starts from a Gaussian blur (kernel 51, sigma 50) and copies the real pixels
 in. The curve holds the softmax probability of the explained class after 0, step, 2*step, ... pixels,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,9 +49,42 @@ def deletion_substrate(images: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(images)
 
 
-def saliency_order(saliency: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) maps -> (B, H*W) pixel indices in descending saliency, ties in raster order."""
-    return torch.argsort(saliency.flatten(1), dim=1, descending=True, stable=True)
+# How pixels of equal saliency are ordered: "raster" (the first in raster order goes first; the default, a
+# property of the map alone) or "numpy" (the official code's np.flip(np.argsort(map)), --official).
+TIE_ORDERS = ("raster", "numpy")
+
+
+def check_ties(ties: str) -> str:
+    if ties not in TIE_ORDERS:
+        raise ValueError(f"ties must be one of {', '.join(TIE_ORDERS)}, got {ties!r}")
+    return ties
+
+
+def saliency_order(saliency: torch.Tensor, ties: str = "raster") -> torch.Tensor:
+    """(B, H, W) maps -> (B, H*W) pixel indices in descending saliency.
+
+    ties="raster": a stable descending sort, equal values in raster order. ties="numpy": the official
+    insdel.py's ``np.flip(np.argsort(map.reshape(B, HW), axis=1), axis=-1)`` on the float32 maps, NumPy's
+    default (unstable, introsort or SIMD) sort reversed: its tie order depends on the NumPy version and the
+    CPU's SIMD extensions (x86-simd-sort on AVX-512/AVX2), which run.json records. Computed on the host
+    (one copy of the maps per batch, as the official code), the indices go back to the maps' device."""
+    flat = saliency.flatten(1)
+    if check_ties(ties) == "raster":
+        return torch.argsort(flat, dim=1, descending=True, stable=True)
+    host = flat.detach().float().cpu().numpy()
+    order = np.flip(np.argsort(host, axis=1), axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(order)).to(device=saliency.device, dtype=torch.int64)
+
+
+def numpy_sort_identity() -> dict:
+    """What the "numpy" tie order depends on: {'numpy': version} (identity) and the CPU's SIMD level
+    NumPy dispatches its sort to (recorded beside it, not compared)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    simd = [name for name in ("AVX512_SKX", "AVX512F", "AVX2", "SSE4_2", "ASIMD", "VSX") if features.get(name)]
+    return {"numpy": np.__version__, "about": {"numpy_simd": simd[0] if simd else "none"}}
 
 
 def saliency_ranks(saliency: torch.Tensor) -> torch.Tensor:
@@ -68,11 +103,12 @@ def num_points(pixels: int, step: int) -> int:
 @torch.no_grad()
 def game_curves(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
                 mode: str, step: int, forward_batch: int | None = None,
-                substrate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                substrate: Callable[[torch.Tensor], torch.Tensor] | None = None, ties: str = "raster") -> torch.Tensor:
     """(B, ceil(HW/step)+1) probability curves of the insertion or deletion game.
 
     images: (B, 3, H, W) normalised; saliency: (B, H, W) or (B, 1, H, W) at the same size.
     forward_batch: perturbed images per forward (None: as many as half the free memory holds).
+    ties: how equal saliencies are ordered, see :func:`saliency_order`.
     Each chunk's perturbed images are written into one reused buffer, in the model's memory format, by
     comparing one image's pixel ranks with the chunk's pixel counts (broadcast, no per-pair copies).
     """
@@ -84,7 +120,7 @@ def game_curves(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, 
         start, finish = images, (substrate or deletion_substrate)(images)
     else:
         start, finish = (substrate or insertion_substrate)(images), images
-    order = saliency_order(saliency)
+    order = saliency_order(saliency, ties)
     points = num_points(height * width, step)
     total = batch * points
     counts = [min(point * step, height * width) for point in range(points)]  # pixels changed at each point

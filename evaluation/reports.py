@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -121,19 +121,33 @@ def density_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(path: Path, results: list[dict], rows: Sequence[str], summary_rows: list[dict]) -> None:
+def mean_curves(results: Iterable[dict], rows: Sequence[str]) -> tuple[dict[tuple[str, str], np.ndarray], int]:
+    """({(row, game): mean curve}, number of images), summed in one pass over the records."""
+    sums: dict[tuple[str, str], np.ndarray] = {}
+    count = 0
+    for record in results:
+        count += 1
+        for name in rows:
+            for game in ("deletion", "insertion"):
+                curve = np.asarray(record["rows"][name][f"{game}_curve"], dtype=float)
+                key = (name, game)
+                sums[key] = sums[key] + curve if key in sums else curve
+    return {key: total / count for key, total in sums.items()}, count
+
+
+def plot_curves(path: Path, results: Iterable[dict], rows: Sequence[str], summary_rows: list[dict]) -> None:
     """Mean deletion and insertion curves of every row."""
+    means, count = mean_curves(results, rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for axis, game in zip(axes, ["deletion", "insertion"], strict=True):
         for name in rows:
-            curves = np.array([r["rows"][name][f"{game}_curve"] for r in results], dtype=float)
-            mean = curves.mean(axis=0)
+            mean = means[(name, game)]
             auc = next(row[game] for row in summary_rows if row["name"] == name)
             axis.plot(np.linspace(0, 1, len(mean)), mean, label=f"{name} (AUC {auc:.1f})")
-        axis.set_title(f"{game.capitalize()} game, mean of {len(results)} images")
+        axis.set_title(f"{game.capitalize()} game, mean of {count} images")
         axis.set_xlabel(f"fraction of pixels {'removed' if game == 'deletion' else 'inserted'}")
         axis.set_ylabel("probability of the explained class")
         axis.set_xlim(0, 1)

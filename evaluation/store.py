@@ -20,7 +20,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +36,10 @@ RECORD_FORMAT = 2
 ABOUT = "about"
 # Identity settings added after runs were first recorded, with the value every run.json written before them
 # implies: such a run resumes under that value and is refused under any other.
-IMPLIED_SETTINGS = {"blend": "constant"}  # UCAG's fold; only the paper's V(., Gamma) existed before
+IMPLIED_SETTINGS = {
+    "blend": "constant",  # UCAG's fold; only the paper's V(., Gamma) existed before
+    "tie_order": "raster",  # insdel's order of equal saliencies; only the stable raster order existed before
+}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -206,38 +209,63 @@ class ResultStore:
 
     # ---- records ---------------------------------------------------------------------------------------------
 
-    def _part_records(self, part: Path) -> list[dict]:
-        """The records of one part. A last line without its newline was cut short by a crash and is ignored;
-        any other line that is not a record means a damaged file: an error naming it."""
-        data = part.read_bytes()
-        lines = data.split(b"\n")
-        lines.pop()  # b"" when the file ends with a newline, else a line cut short by a crash
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line.decode("utf-8", "surrogateescape"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise StoreError(f"{display_path(str(part))}:{number}: not a JSON record "
-                                 f"({getattr(exc, 'msg', exc)}); move the file aside or rerun with --fresh") from None
-            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-                raise StoreError(f"{display_path(str(part))}:{number}: a record without a 'key'; move the file aside "
-                                 "or rerun with --fresh")
-            records.append(record)
-        return records
+    @staticmethod
+    def _lines(part: Path) -> Iterator[tuple[int, int, bytes]]:
+        """(line number, byte offset, line) of each complete line of one part, read as a stream. A last line
+        without its newline was cut short by a crash and is left out."""
+        with open(part, "rb") as handle:
+            offset = 0
+            for number, line in enumerate(handle, 1):
+                if not line.endswith(b"\n"):
+                    return
+                yield number, offset, line
+                offset += len(line)
 
-    def records(self) -> list[dict]:
-        """Every complete record of every part, in the order written (part by part)."""
-        return [record for part in sorted(self.parts.glob("part-*.jsonl")) for record in self._part_records(part)]
+    @staticmethod
+    def _parse(part: Path, number: int, line: bytes) -> dict:
+        """One line as a record; anything else means a damaged file: an error naming it and the line."""
+        try:
+            record = json.loads(line.decode("utf-8", "surrogateescape"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{display_path(str(part))}:{number}: not a JSON record "
+                             f"({getattr(exc, 'msg', exc)}); move the file aside or rerun with --fresh") from None
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            raise StoreError(f"{display_path(str(part))}:{number}: a record without a 'key'; move the file aside "
+                             "or rerun with --fresh")
+        return record
+
+    def _scan(self) -> Iterator[tuple[dict, Path, int, int, int]]:
+        """(record, part, line number, offset, length) of every complete record, part by part, one line in
+        memory at a time."""
+        for part in sorted(self.parts.glob("part-*.jsonl")):
+            for number, offset, line in self._lines(part):
+                yield self._parse(part, number, line), part, number, offset, len(line)
+
+    def records(self) -> Iterator[dict]:
+        """Every complete record of every part, in the order written (part by part), streamed."""
+        return (record for record, *_ in self._scan())
 
     def done(self) -> set[str]:
         """Keys evaluated already (skip records are not: a skipped image is tried again)."""
         return self.status()[0]
 
-    def status(self) -> tuple[set[str], set[str]]:
-        """(keys evaluated already, keys only skipped so far)."""
-        records = self.records()
-        done = {record["key"] for record in records if "skipped" not in record}
-        return done, {record["key"] for record in records if "skipped" in record} - done
+    def status(self, check: Callable[[dict], str | None] | None = None) -> tuple[set[str], set[str]]:
+        """(keys evaluated already, keys only skipped so far), streaming the parts: only the keys are kept.
+
+        check(result record) -> a problem (str) or None: a record this run cannot use (another method's rows, a
+        score that is not a number) is an error naming its file and line, before any work."""
+        done: set[str] = set()
+        skipped: set[str] = set()
+        for record, part, number, _, _ in self._scan():
+            if "skipped" in record:
+                skipped.add(record["key"])
+                continue
+            problem = check(record) if check is not None else None
+            if problem:
+                raise StoreError(f"{display_path(str(part))}:{number}: {problem}; this folder holds records of "
+                                 "another run: use another --out, or --fresh to move them aside")
+            done.add(record["key"])
+        return done, skipped - done
 
     @staticmethod
     def _write_file(path: Path, data: bytes) -> None:
@@ -292,19 +320,44 @@ class ResultStore:
                 raise StoreError(f"cannot append to {display_path(str(self.path))}: {detail}; the records written "
                                  "before are kept, rerun to resume") from None
 
-    def merged(self, keys: Collection[str] | None = None) -> tuple[list[dict], list[dict]]:
+    def merged(self, keys: Collection[str] | None = None) -> tuple[StoredRecords, list[dict]]:
         """(results, skipped) with one record per image, sorted by key, for the images in ``keys`` (all when
         None). A result supersedes skip records of the same image (a file fixed since); among results the
-        first written wins; an image never evaluated keeps its latest skip record."""
-        results: dict[str, dict] = {}
+        first written wins; an image never evaluated keeps its latest skip record.
+
+        The results are a :class:`StoredRecords` view: where each record lies is indexed in one streaming
+        pass; the records themselves are read from the parts each time the view is iterated."""
+        where: dict[str, tuple[Path, int, int]] = {}
         skipped: dict[str, dict] = {}
-        for record in self.records():
+        for record, part, _, offset, length in self._scan():
             key = record["key"]
             if keys is not None and key not in keys:
                 continue
             if "skipped" in record:
                 skipped[key] = record
-            else:
-                results.setdefault(key, record)
-        return ([results[key] for key in sorted(results)],
-                [skipped[key] for key in sorted(skipped) if key not in results])
+            elif key not in where:
+                where[key] = (part, offset, length)
+        return (StoredRecords([where[key] for key in sorted(where)]),
+                [skipped[key] for key in sorted(skipped) if key not in where])
+
+
+class StoredRecords:
+    """Records of a store by position (part, offset, length), in a fixed order: ``len`` without reading them,
+    each iteration streams them from disk (one record in memory at a time)."""
+
+    def __init__(self, places: list[tuple[Path, int, int]]):
+        self.places = places
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def __iter__(self) -> Iterator[dict]:
+        handles: dict[Path, int] = {}
+        try:
+            for part, offset, length in self.places:
+                if part not in handles:
+                    handles[part] = os.open(part, os.O_RDONLY)
+                yield json.loads(os.pread(handles[part], length, offset).decode("utf-8", "surrogateescape"))
+        finally:
+            for handle in handles.values():
+                os.close(handle)

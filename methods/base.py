@@ -84,6 +84,9 @@ class Explainer(ABC):
     name = "explainer"
     signed = False  # True for relevance maps whose sign carries meaning (thresholded at 0 by segmentation)
     mixed_precision = True  # False: always computes in float32, also inside a bf16 autocast region
+    # True for the methods whose raw signed maps the official UCAG code ranks in insertion/deletion as they
+    # are (its ucag() and baseline skip ReLU, min-max and blur for them): see official_ranking_maps
+    official_raw = False
     memory_format = "channels_last"  # the model layout the scripts choose for it unless told (--memory-format)
 
     def __init__(self, model: nn.Module):

@@ -38,6 +38,16 @@ def official_blur(maps: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(maps, kernel_size=[5, 5], sigma=[3.0, 3.0])
 
 
+def official_ranking_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The maps the official code's insertion/deletion game ranks for its raw methods
+    (:attr:`methods.base.Explainer.official_raw`): the raw signed (B, 1, h, w) maps, float32, bilinear-resized
+    to ``size`` (align_corners=False, no anti-aliasing), with no ReLU, min-max or blur."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
 def finalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None, relu: bool = True,
                   blur: bool = False, antialias: bool = True) -> torch.Tensor:
     """Raw (B, 1, h, w) maps -> [0, 1] maps at ``size``: ReLU, resize, min-max.

@@ -43,7 +43,7 @@ def test_insdel_outputs_and_skipped_files(tmp_path, capsys):
                                      "--batch-size", "2"], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"model", "method", "n_images", "step", "target", "rows"}
+    assert set(summary) == {"model", "method", "n_images", "step", "tie_order", "target", "rows"}
     assert summary["n_images"] == 4 and summary["target"] == "gt" and summary["step"] == 224 * 56
     assert [(r["name"], r["ucag"]) for r in summary["rows"]] == [("gradcam", False), ("gradcam*", True)]
     for row in summary["rows"]:

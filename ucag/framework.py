@@ -57,6 +57,10 @@ class UpscaledInput(Explainer):
     def signed(self) -> bool:
         return self.explainer.signed
 
+    @property
+    def official_raw(self) -> bool:
+        return self.explainer.official_raw
+
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         height, width = x.shape[-2:]
         logits = image_logits(self.model, x)  # the contract's logits are x's; targets default to x's prediction
@@ -109,6 +113,10 @@ class UCAG(Explainer):
     def signed(self) -> bool:
         return self.explainer.signed
 
+    @property
+    def official_raw(self) -> bool:
+        return self.explainer.official_raw
+
     def grid(self, height: int, width: int) -> PatchGrid:
         return PatchGrid(height, width, self.crop, self.n)
 
@@ -150,6 +158,8 @@ class UCAG(Explainer):
         crops = UpscaledCrops(x, grid, scaled)                   # B*n*n crops at alpha * (ch, cw), by chunk
         crop_targets = targets.repeat_interleave(grid.num_patches)
         partial = torch.empty(len(crops), *grid.crop_size, device=x.device, dtype=torch.float32)
+        # official: Y_s / max_s Y_s per image, applied to the resized partial maps (the official code's score)
+        official_weights = torch.ones(len(crops), device=x.device) if self.official and self.confidence else None
         patch_batch = self.patch_batch or even_chunks(len(crops), batch_for_memory(self.model, scaled, x.device,
                                                                                   gradients=True))
         starts = range(0, len(crops), patch_batch)
@@ -160,10 +170,16 @@ class UCAG(Explainer):
             maps = maps.float()
             if self.confidence:
                 weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
-                maps = maps * weights.view(-1, 1, 1, 1)
+                if official_weights is None:
+                    maps = maps * weights.view(-1, 1, 1, 1)
+                else:
+                    official_weights[start:stop] = weights
             shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
+        if official_weights is not None:
+            per_image = official_weights.view(batch, -1)
+            partial *= (per_image / per_image.max(dim=1, keepdim=True).values).view(-1, 1, 1)
         logits = widen_half(logits)  # bf16 autocast: float32, as Explainer.__call__ gives
         return {blend: Explanation(blend_fold(grid, partial, blend, self.official), logits) for blend in blends}
 

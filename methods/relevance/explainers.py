@@ -46,6 +46,7 @@ class LRP(Explainer):
 
     name = "lrp"
     signed = True
+    official_raw = True  # the official code's 'lrp', 'lrp_ab', 'clrp', 'sglrp' (CLRP, SGLRP inherit it)
     mixed_precision = False  # the rules divide by sums of products that bfloat16 cannot resolve
     memory_format = "contiguous"  # measured faster for the rules' own convolutions (resnet50 AGF: 306 vs 330 ms)
 
@@ -116,6 +117,7 @@ class SeededPropagation(Explainer):
     min/max (no fixed input box, unlike LRP's)."""
 
     signed = True
+    official_raw = True  # the official code's 'rap', 'rsp', 'agf'
     mixed_precision = False  # as LRP: propagation rules in float32
     memory_format = "contiguous"  # as LRP
     composite: Composite

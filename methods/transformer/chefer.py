@@ -112,6 +112,7 @@ class TransformerAttribution(GradientWeightedAttention):
     relevance of the attention weights (see the module docstring)."""
 
     name = "transformer_attribution"
+    official_raw = True  # in the official code's list of raw methods
     mixed_precision = False  # relevance propagation, in float32 as the LRP family
 
     def terms(self, x, targets):

@@ -80,6 +80,7 @@ class Rollout(TransformerExplainer):
     """Attention rollout (see the module docstring); maps (B, 1, h, w) on the patch grid, non-negative."""
 
     name = "rollout"
+    official_raw = True  # in the official code's list of raw methods
     mixed_precision = True  # a forward only; the probabilities are rolled out in float32
 
     def __init__(self, model: nn.Module, model_name: str | None = None, head_fusion: str = "mean",
