@@ -205,13 +205,14 @@ def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: i
 
 
 def discover(img_path: str | Path, labels_file: str | Path | None = None, num_classes: int = 1000,
-             need_labels: bool = False) -> list[Sample]:
+             need_labels: bool = False, outputs: Sequence[str | Path] = ()) -> list[Sample]:
     """The samples under ``img_path`` with labels from class folders or ``labels_file``.
 
     need_labels: the caller evaluates ground-truth classes, so images without a label are an error.
+    outputs: output folders, left out of the listing (:func:`common.images.find_images`).
     """
     root = Path(img_path)
-    files = find_images(root)
+    files = find_images(root, outputs)
     root = root if root.is_dir() else root.parent
     in_class_folders = [f for f in files if WNID.match(f.parent.name)]
     if labels_file is None and in_class_folders and len(in_class_folders) < len(files):
