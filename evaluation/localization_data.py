@@ -18,7 +18,9 @@ import contextlib
 import io
 import json
 import math
+import warnings
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +118,17 @@ class VOC2007:
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise DataError(f"missing VOC split file {display_path(split_file)}")
-        ids = [line.split()[0] for line in read_text_file(split_file, "VOC split file").splitlines() if line.strip()]
+        ids, first = [], {}
+        for number, line in enumerate(read_text_file(split_file, "VOC split file").splitlines(), 1):
+            if not line.strip():
+                continue
+            image_id = line.split()[0]
+            if image_id in first:
+                warnings.warn(f"{display_path(split_file)}:{number}: image {image_id} is listed again (first on line "
+                              f"{first[image_id]}); it is evaluated once", stacklevel=2)
+                continue
+            first[image_id] = number
+            ids.append(image_id)
         if not ids:
             raise DataError(f"{display_path(split_file)} lists no images")
         self.entries = [ImageEntry(i, self.root / "JPEGImages" / f"{i}.jpg", self.root / "Annotations" / f"{i}.xml")
@@ -153,6 +165,23 @@ class VOC2007:
             mask = boxes_mask(boxes[label], height, width)
             targets.append(ClassTarget(label, mask, mask))
         return targets
+
+
+def _unique_keys(entries: list[ImageEntry], shown: str) -> None:
+    """Make the COCO entries' keys unique, as the store needs (one record per key): the file stem when no other
+    image has it, else the file name (``dup.jpg``, ``dup.png``), else the file name and the image id."""
+    before = [entry.key for entry in entries]
+    for rename in (lambda e: e.path.name, lambda e: f"{e.key}#{e.annotation}"):
+        counts = Counter(entry.key for entry in entries)
+        for entry in entries:
+            if counts[entry.key] > 1:
+                entry.key = rename(entry)
+    if len({entry.key for entry in entries}) < len(entries):
+        raise DataError(f"{shown}: image entries whose file names and ids cannot be told apart")
+    renamed = [entry.key for entry, key in zip(entries, before, strict=True) if entry.key != key]
+    if renamed:
+        warnings.warn(f"{len(renamed)} COCO image(s) share a file stem with another: their results are keyed by "
+                      f"file name ({', '.join(renamed[:3])}{' ...' if len(renamed) > 3 else ''})", stacklevel=3)
 
 
 def _positive_int(value) -> bool:
@@ -217,6 +246,7 @@ class COCO2014:
                 self.entries.append(ImageEntry(Path(name).stem, root / split / name, image_id, (height, width)))
         if not self.entries:
             raise DataError(f"{shown} lists no images")
+        _unique_keys(self.entries, shown)
         if not dataset["annotations"]:
             raise DataError(f"{shown} has no annotations: no (image, class) pair to evaluate")
 

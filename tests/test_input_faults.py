@@ -8,11 +8,14 @@ import warnings
 import pytest
 
 import insdel
+import pointing_game
 import visualization
 from app.cli import run_cli
 from app.evaluation_run import output_folders
 from common.images import find_images
+from evaluation.localization_data import COCO2014, VOC2007
 from tests.conftest import EXAMPLES
+from tests.localization_fixtures import coco_dataset, voc_dataset
 
 INSDEL_FAST = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu",
                "--step", str(224 * 56)]
@@ -84,3 +87,60 @@ def test_output_folders_are_left_out_however_reached_and_the_default_results_too
     assert {str(w.message).split(" is an output")[0] for w in caught} == {str(tmp_path / "results"),
                                                                           str(tmp_path / "runs" / "a")}
     assert len(find_images(data)) == 4  # without outputs: everything
+
+
+# ---- localization keys ----------------------------------------------------------------------------------
+
+def coco_with_shared_stem(root):
+    """The tiny COCO set plus dup.jpg (a cat) and dup.png (a cup), both annotated."""
+    coco_dataset(root)
+    shutil.copy(EXAMPLES / "chelsea.jpg", root / "val2014" / "dup.jpg")
+    shutil.copy(EXAMPLES / "coffee.jpg", root / "val2014" / "dup.png")
+    path = root / "annotations" / "instances_val2014.json"
+    data = json.loads(path.read_text())
+    data["images"] += [{"id": 4, "file_name": "dup.jpg", "height": 300, "width": 451},
+                       {"id": 5, "file_name": "dup.png", "height": 400, "width": 600}]
+    data["annotations"] += [
+        {"id": 20, "image_id": 4, "category_id": 17, "iscrowd": 0, "area": 1.0, "bbox": [60, 10, 340, 290],
+         "segmentation": [[60, 10, 400, 10, 400, 299, 60, 299]]},
+        {"id": 21, "image_id": 5, "category_id": 47, "iscrowd": 0, "area": 1.0, "bbox": [130, 60, 340, 240],
+         "segmentation": [[130, 60, 470, 60, 470, 299, 130, 299]]}]
+    path.write_text(json.dumps(data))
+    return root
+
+
+def test_coco_images_sharing_a_stem_get_unique_keys(tmp_path):
+    with pytest.warns(UserWarning, match=r"2 COCO image\(s\) share a file stem .*\(dup.jpg, dup.png\)"):
+        dataset = COCO2014(coco_with_shared_stem(tmp_path))
+    assert [e.key for e in dataset.entries] == ["COCO_val2014_000000000001", "COCO_val2014_000000000002",
+                                                "COCO_val2014_000000000003", "dup.jpg", "dup.png"]
+    # the same file name under two ids: the id tells them apart
+    path = tmp_path / "annotations" / "instances_val2014.json"
+    data = json.loads(path.read_text())
+    data["images"][4]["file_name"] = "dup.jpg"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="share a file stem"):
+        keys = [e.key for e in COCO2014(tmp_path).entries]
+    assert keys[3:] == ["dup.jpg#4", "dup.jpg#5"]
+
+
+def test_pointing_game_evaluates_and_merges_both_images_sharing_a_stem(tmp_path, capsys):
+    root = coco_with_shared_stem(tmp_path / "coco")
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(pointing_game, ["center", "--workers", "0", "--device", "cpu", "--dataset", "coco14",
+                                           "--data-root", str(root), "--weights", "random", "--out", str(out)],
+                           capsys)
+    assert code == 0, err
+    assert any("share a file stem" in str(w.message) for w in caught)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 5 and summary["n_pairs"] == 4
+
+
+def test_voc_image_listed_twice_in_the_split_is_evaluated_once(tmp_path):
+    root = voc_dataset(tmp_path)
+    (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n000002\n000001\n000003\n")
+    with pytest.warns(UserWarning, match=r"test.txt:3: image 000001 is listed again \(first on line 1\)"):
+        dataset = VOC2007(root)
+    assert [e.key for e in dataset.entries] == ["000001", "000002", "000003"]
