@@ -57,13 +57,24 @@ class ClassTarget:
     extra: dict = field(default_factory=dict)
 
 
+def box_pixels(box, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """The (top, left, bottom, right) pixel slice bounds of a 0-based inclusive (x0, y0, x1, y1) box clipped to
+    the image; None when no pixel of the box lies in the image."""
+    x0, y0, x1, y1 = box
+    top, left = max(0, int(np.floor(y0))), max(0, int(np.floor(x0)))
+    bottom, right = min(height, int(np.ceil(y1)) + 1), min(width, int(np.ceil(x1)) + 1)
+    return (top, left, bottom, right) if top < bottom and left < right else None
+
+
 def boxes_mask(boxes: list[tuple[float, float, float, float]], height: int, width: int) -> np.ndarray:
-    """Union of (x0, y0, x1, y1) boxes in 0-based pixel coordinates (x1, y1 inclusive), as rows x cols."""
+    """Union of (x0, y0, x1, y1) boxes in 0-based pixel coordinates (x1, y1 inclusive), as rows x cols; each box
+    clipped to the image."""
     mask = np.zeros((height, width), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        top, left = max(0, int(np.floor(y0))), max(0, int(np.floor(x0)))
-        bottom, right = min(height, int(np.ceil(y1)) + 1), min(width, int(np.ceil(x1)) + 1)
-        mask[top:bottom, left:right] = True
+    for box in boxes:
+        pixels = box_pixels(box, height, width)
+        if pixels is not None:
+            top, left, bottom, right = pixels
+            mask[top:bottom, left:right] = True
     return mask
 
 
@@ -153,9 +164,16 @@ class VOC2007:
                         f"{len(self.entries) - difficult - bad} have none and {bad} have a missing or bad annotation")
 
     def targets(self, entry: ImageEntry, height: int, width: int) -> list[ClassTarget]:
+        """The image's classes, boxes clipped to the image; a box with no pixel in the image is skipped with a
+        warning (a class left without a box, or with difficult boxes only, has no pair)."""
         boxes: dict[int, list] = {}
         difficult: dict[int, list] = {}
-        for label, coords, hard in _voc_objects(Path(entry.annotation)):
+        for number, (label, coords, hard) in enumerate(_voc_objects(Path(entry.annotation)), 1):
+            if box_pixels(coords, height, width) is None:
+                warnings.warn(f"{display_path(Path(entry.annotation).name)}: object {number} "
+                              f"('{VOC_CLASSES[label]}'): box {[round(c + 1, 2) for c in coords]} lies outside the "
+                              f"{width}x{height} image; skipped", stacklevel=2)
+                continue
             boxes.setdefault(label, []).append(coords)
             difficult.setdefault(label, []).append(hard)
         targets = []

@@ -13,7 +13,7 @@ import visualization
 from app.cli import run_cli
 from app.evaluation_run import output_folders
 from common.images import find_images
-from evaluation.localization_data import COCO2014, VOC2007
+from evaluation.localization_data import COCO2014, VOC2007, boxes_mask
 from tests.conftest import EXAMPLES
 from tests.localization_fixtures import coco_dataset, voc_dataset
 
@@ -144,3 +144,48 @@ def test_voc_image_listed_twice_in_the_split_is_evaluated_once(tmp_path):
     with pytest.warns(UserWarning, match=r"test.txt:3: image 000001 is listed again \(first on line 1\)"):
         dataset = VOC2007(root)
     assert [e.key for e in dataset.entries] == ["000001", "000002", "000003"]
+
+
+def voc_with_boxes_outside(tmp_path):
+    """The tiny VOC set; in 000001 (451x300) a cat inside, a dog right of the image, a bird above-left of it
+    (negative coordinates) and a person whose only box lies below the image."""
+    root = voc_dataset(tmp_path)
+    objects = [("cat", 61, 11, 400, 300), ("dog", 460, 10, 500, 100), ("bird", -60, -40, -10, -5),
+               ("person", 10, 301, 40, 400)]
+    body = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+                   f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for n, x0, y0, x1, y1 in objects)
+    (root / "VOC2007" / "Annotations" / "000001.xml").write_text(f"<annotation>{body}</annotation>")
+    return root
+
+
+def test_voc_boxes_outside_the_image_are_skipped_with_a_reason(tmp_path):
+    dataset = VOC2007(voc_with_boxes_outside(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        targets = dataset.targets(dataset.entries[0], 300, 451)
+    assert [dataset.categories[t.label] for t in targets] == ["cat"]
+    notes = [str(w.message) for w in caught]
+    assert notes == ["000001.xml: object 2 ('dog'): box [460.0, 10.0, 500.0, 100.0] lies outside the 451x300 image; "
+                     "skipped",
+                     "000001.xml: object 3 ('bird'): box [-60.0, -40.0, -10.0, -5.0] lies outside the 451x300 image; "
+                     "skipped",
+                     "000001.xml: object 4 ('person'): box [10.0, 301.0, 40.0, 400.0] lies outside the 451x300 image; "
+                     "skipped"]
+    # a box beyond the top-left corner marks no pixel (a negative slice end once marked nearly the whole image)
+    assert not boxes_mask([(-61.0, -41.0, -11.0, -6.0)], 300, 451).any()
+    assert boxes_mask([(440.0, 290.0, 900.0, 900.0)], 300, 451).sum() == 11 * 10  # clipped to the image
+
+
+def test_pointing_game_does_not_count_a_box_outside_the_image_as_a_miss(tmp_path, capsys):
+    root = voc_with_boxes_outside(tmp_path / "data")
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(pointing_game, ["center", "--workers", "0", "--device", "cpu", "--dataset", "voc07",
+                                           "--data-root", str(root), "--weights", "random", "--aggregation",
+                                           "evaluated-classes", "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    # the centre hits every box inside these images: cat, motorbike, diningtable, bottle
+    assert summary["n_pairs"] == 4 and summary["rows"][0]["pointing_all"] == pytest.approx(100.0)
+    assert sum("lies outside" in str(w.message) for w in caught) == 3
