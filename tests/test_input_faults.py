@@ -2,9 +2,11 @@
 VOC boxes outside the image, float images in gtsegs_ijcv.mat, a .mat file replaced under the same path."""
 import csv
 import json
+import re
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 
 import insdel
@@ -12,10 +14,11 @@ import pointing_game
 import visualization
 from app.cli import run_cli
 from app.evaluation_run import output_folders
-from common.images import find_images
+from common.images import find_images, load_rgb
+from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import COCO2014, VOC2007, boxes_mask
 from tests.conftest import EXAMPLES
-from tests.localization_fixtures import coco_dataset, voc_dataset
+from tests.localization_fixtures import coco_dataset, segmentation_file, voc_dataset
 
 INSDEL_FAST = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu",
                "--step", str(224 * 56)]
@@ -189,3 +192,31 @@ def test_pointing_game_does_not_count_a_box_outside_the_image_as_a_miss(tmp_path
     # the centre hits every box inside these images: cat, motorbike, diningtable, bottle
     assert summary["n_pairs"] == 4 and summary["rows"][0]["pointing_all"] == pytest.approx(100.0)
     assert sum("lies outside" in str(w.message) for w in caught) == 3
+
+
+# ---- gtsegs_ijcv.mat ------------------------------------------------------------------------------------
+
+def test_segmentation_images_are_converted_by_dtype(tmp_path):
+    photo = load_rgb(EXAMPLES / "chelsea.jpg")
+    for stored in [photo / 255.0, (photo / 255.0).astype(np.float32), photo.astype(np.float64),
+                   photo.astype(np.uint16), photo.astype(np.int32)]:
+        path = segmentation_file(tmp_path / f"{stored.dtype}_{stored.max():g}.mat", images=[stored, photo])
+        record = ImageNetSegmentation(path).load("00000")
+        assert "error" not in record, record
+        assert record["image"].dtype == np.uint8 and np.array_equal(record["image"], photo)
+
+
+@pytest.mark.parametrize("stored, reason", [
+    (lambda p: p.astype(np.float64) * 2, r"holds float64 values in \[0, 436\], neither \[0, 1\] nor \[0, 255\]"),
+    (lambda p: p / 255.0 - 0.5, r"holds float64 values in \[-0.5, 0.3549"),
+    (lambda p: np.where(p > 100, np.nan, p / 255.0), "holds non-finite float64 values"),
+    (lambda p: p.astype(np.int16) * 10, r"holds int16 values in \[0, 2180\]"),
+    (lambda p: p > 100, "is a bool array"),
+], ids=["float-0-436", "float-negative", "float-nan", "int16-0-2180", "bool"])
+def test_segmentation_image_of_unknown_scale_is_skipped_with_the_reason(tmp_path, stored, reason):
+    photo = load_rgb(EXAMPLES / "chelsea.jpg")
+    dataset = ImageNetSegmentation(segmentation_file(tmp_path / "gtsegs_ijcv.mat", images=[stored(photo), photo]))
+    record = dataset.load("00000")
+    assert set(record) == {"key", "error"}
+    assert re.search(f"image 0 of gtsegs_ijcv.mat {reason}", record["error"]), record["error"]
+    assert "error" not in dataset.load("00001")
