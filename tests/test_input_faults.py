@@ -11,6 +11,7 @@ import pytest
 
 import insdel
 import pointing_game
+import segmentation
 import visualization
 from app.cli import run_cli
 from app.evaluation_run import output_folders
@@ -220,3 +221,21 @@ def test_segmentation_image_of_unknown_scale_is_skipped_with_the_reason(tmp_path
     assert set(record) == {"key", "error"}
     assert re.search(f"image 0 of gtsegs_ijcv.mat {reason}", record["error"]), record["error"]
     assert "error" not in dataset.load("00001")
+
+
+def test_a_mat_file_replaced_under_the_same_path_is_not_resumed(tmp_path, capsys):
+    data = segmentation_file(tmp_path / "gtsegs_ijcv.mat")
+    out = tmp_path / "out"
+    argv = ["gradcam", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu", "--data",
+            str(data), "--limit", "1", "--out", str(out)]
+    assert run(segmentation, argv, capsys)[0] == 0
+    shutil.copy(data, tmp_path / "copy.mat")
+    shutil.copy(tmp_path / "copy.mat", data)  # the same content, a new mtime: resumed
+    code, stdout, err = run(segmentation, argv, capsys)
+    assert code == 0, err
+    other = np.zeros((300, 451), np.uint8)
+    other[:10, :10] = 1
+    segmentation_file(data, masks=[other, np.ones((400, 600), np.uint8)])
+    code, _, err = run(segmentation, argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "holds results of other settings (data_hash: 'sha256:" in err
