@@ -23,6 +23,7 @@ from evaluation.driver import Row, RunningMeans, Task, check_rows
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.reports import write_segmentation_report
 from evaluation.segmentation_metrics import image_scores
+from evaluation.store import file_sha256
 from models import preprocess
 
 PROG = "segmentation.py"
@@ -99,7 +100,8 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         task = Task(keys, str, dataset.load, score, summary_of, write_segmentation_report, running,
                     f"segmentation {setup.method}",
                     lambda record: check_rows(record, [row.name for row in rows], ("correct", "labelled", "ap")))
-        return task, {"data": str(Path(args.data).resolve()), "ap": args.ap}
+        # the .mat file's content hash: a file replaced under the same path is not resumed into the old records
+        return task, {"data": str(Path(args.data).resolve()), "data_hash": file_sha256(args.data), "ap": args.ap}
 
     return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch, metric="segmentation")
 

@@ -34,6 +34,7 @@ from app.cli import (
     parse_target,
     run_cli,
 )
+from app.evaluation_run import output_folders
 from common.files import save_npy, write_text
 from common.images import display_path, find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup = build_setup(args)
     target = parse_target(args.target, setup.spec)
-    files = find_images(args.img_path)
+    files = find_images(args.img_path, output_folders(args.out, args.img_path))
     if len(files) == 1:
         load_rgb(files[0])  # a single unreadable file is an error, not a skip
     root = Path(args.img_path) if Path(args.img_path).is_dir() else Path(args.img_path).parent

@@ -121,7 +121,8 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
                       help="ImageNet val class folders, a flat folder (+ --labels), or any folder of images")
     data.add_argument("--labels", default=None,
                       help="labels for a flat folder: devkit ILSVRC2012_validation_ground_truth.txt (meta.mat "
-                           "beside it), a text file with one class index or wnid per image, or a CSV file,label")
+                           "beside it), a text file with one class index or wnid per image (sorted order) or of "
+                           "'name label' lines, or a CSV file,label")
     data.add_argument("--target", choices=["gt", "pred"], default=None,
                       help="class to explain: ground truth (default when labels exist) or the prediction")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")

@@ -40,9 +40,24 @@ def check_limit(limit: int | None) -> None:
 
 
 def check_out(args: argparse.Namespace) -> None:
-    """An explicit --out that is a file, lies under a file or is not writable: an error before any work."""
+    """An explicit --out that is a file, lies under a file, is not writable or is the --img-path folder: an error
+    before any work."""
     if args.out:
         check_output_folder(args.out)
+        if getattr(args, "img_path", None):
+            output_folders(args.out, args.img_path)
+
+
+DEFAULT_RESULTS = Path("results")
+
+
+def output_folders(out: str | Path, img_path: str | Path) -> list[Path]:
+    """The folders a run's listing of ``img_path`` leaves out: ``out`` and the default results/ folder (outputs
+    are never inputs). ``out`` equal to ``img_path`` is a UsageError: the outputs would mix with the images."""
+    if Path(img_path).is_dir() and Path(out).resolve() == Path(img_path).resolve():
+        raise UsageError(f"--out {display_path(str(out))} is the --img-path folder: outputs would be mixed with the "
+                         "images; give another folder")
+    return [Path(out), DEFAULT_RESULTS]
 
 
 def hashed_file(path: str | Path | None) -> tuple[str | None, str | None]:
@@ -149,7 +164,9 @@ def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric,
     about = settings.pop(ABOUT, {})
 
     def make_task(setup: Setup) -> tuple[Task, dict]:
-        samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt")
+        outputs = output_folders(args.out or results_folder(script, args)(setup), args.img_path)
+        samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt",
+                           outputs=outputs)
         target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
         samples = samples[:args.limit] if args.limit else samples
         header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, **settings}

@@ -5,6 +5,7 @@ import errno
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,25 @@ def display_path(path: str | Path) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def find_images(path: str | Path) -> list[Path]:
+def _folder_id(path: str | Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+def find_images(path: str | Path, outputs: Sequence[str | Path] = ()) -> list[Path]:
     """Image files at ``path``: the file itself, or every image file below a folder (recursive, sorted).
 
     Symbolic links to folders are followed, each real folder walked once (a link back to a folder already
     walked, a loop, is not followed again). A link with an image suffix whose target is missing or loops is
     listed anyway, so that reading it fails with a reason (:func:`load_rgb`) instead of the file vanishing.
-    A folder that cannot be listed is a warning.
+    A folder that cannot be listed is a warning. ``outputs``: the run's output folders; outputs are never
+    inputs, so these folders (however reached) are not walked, with a warning when one lies below ``path``.
     """
     path = Path(path)
+    skip = {key: folder for folder in outputs if (key := _folder_id(folder)) is not None}
     if not path.exists() and not path.is_symlink():
         raise ImageError(f"image path does not exist: {display_path(path)}")
     if not path.is_dir():
@@ -61,6 +72,12 @@ def find_images(path: str | Path) -> list[Path]:
                 except OSError:
                     continue
                 if (info.st_dev, info.st_ino) in walked:  # reached again through a link: a loop or a second way in
+                    subfolders[:] = []
+                    continue
+                if (info.st_dev, info.st_ino) in skip:
+                    warnings.warn(f"{display_path(folder)} is an output folder of this run: its files are not "
+                                  "inputs and are left out", stacklevel=2)
+                    walked.add((info.st_dev, info.st_ino))
                     subfolders[:] = []
                     continue
                 walked.add((info.st_dev, info.st_ino))

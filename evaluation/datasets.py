@@ -3,8 +3,12 @@
 Layouts: ImageNet val as class folders (``n01440764/*.JPEG``; index = position of the wnid in the
 standard sorted list of the 1000 ImageNet wnids, torchvision's class order), a flat folder plus a labels
 file (the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with ``meta.mat`` beside it, a text file
-with one class index or wnid per line in sorted file-name order, or a CSV ``file,label``), or any folder
-of images (no labels: the target is the model's prediction).
+with one class index or wnid per line in sorted file-name order, a text file of ``name label`` lines or a CSV
+``file,label``), or any folder of images (no labels: the target is the model's prediction).
+
+A labels file matches the images exactly or is refused naming the line: ``name label`` lines and CSV rows are
+matched by the image's path relative to the folder, or by its file name when no other image has it; an image
+given two different classes, a name held by several images, or an image without a label is a DataError.
 
 Layout detection never changes the target silently: image files outside the class folders of a class-folder
 tree are left out with a warning naming them, and ``need_labels`` without usable labels is an error. Keys
@@ -105,33 +109,94 @@ def _devkit_labels(path: Path) -> list[int]:
     return labels
 
 
+def _csv_entries(labels_file: Path, shown: str) -> list[tuple[int, str, str]]:
+    """(line number, file, label) of each row of a ``file,label`` CSV (a header row and ``#`` lines skipped)."""
+    reader = csv.reader(read_text_file(labels_file, "labels file").splitlines())
+    entries: list[tuple[int, str, str]] = []
+    try:
+        for row in reader:
+            if not row or row[0].startswith("#"):
+                continue
+            if not entries and row[0].strip().lower() in ("file", "filename", "image", "path"):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{shown}:{reader.line_num}: expected 'file,label'")
+            entries.append((reader.line_num, row[0].strip(), row[1]))
+    except csv.Error as exc:
+        raise DataError(f"labels file {shown} is not a readable CSV: {exc}") from None
+    return entries
+
+
+def _text_entries(labels_file: Path, shown: str) -> tuple[list[tuple[int, str, str]], bool]:
+    """The lines of a text labels file as (line number, file name, label) and whether they name files:
+    ``name label`` lines (matched by name) or one label per line (matched by sorted position, name '')."""
+    lines = [(n, line.strip()) for n, line in enumerate(read_text_file(labels_file, "labels file").splitlines(), 1)
+             if line.strip()]
+    named = bool(lines) and len(lines[0][1].split()) > 1
+    entries = []
+    for number, line in lines:
+        if (len(line.split()) > 1) != named:
+            raise DataError(f"{shown}:{number}: expected {'a file name and a label' if named else 'one label'} "
+                            f"like line {lines[0][0]}, got '{line[:60]}'")
+        name, label = line.rsplit(None, 1) if named else ("", line)
+        entries.append((number, name.strip(), label))
+    return entries, named
+
+
+def _match_by_name(entries: list[tuple[int, str, str]], files: list[Path], root: Path, shown: str,
+                   num_classes: int) -> list[int]:
+    """Each image's label from the entries naming it: by its path relative to ``root``, or by its file name when
+    no other image has that name. A name shared by several images, an image given two classes, or an image
+    without an entry is a DataError naming the line(s). Entries naming no image here are ignored (a labels file
+    of the whole set serves a part of it)."""
+    relative = {f.relative_to(root).as_posix(): i for i, f in enumerate(files)}
+    by_name: dict[str, list[int]] = {}
+    for i, f in enumerate(files):
+        by_name.setdefault(f.name, []).append(i)
+    labels: list[int | None] = [None] * len(files)
+    lines: list[int] = [0] * len(files)
+    for number, name, text in entries:
+        label = _parse_label(text, f"{shown}:{number}", num_classes)
+        name = name.removeprefix("./")
+        index = relative.get(name)
+        if index is None:
+            same = by_name.get(name, [])
+            if len(same) > 1:
+                named = ", ".join(display_path(files[i].relative_to(root).as_posix()) for i in same[:2])
+                raise DataError(f"{shown}:{number}: '{name[:80]}' names {len(same)} images ({named}"
+                                f"{' ...' if len(same) > 2 else ''}); give the path relative to "
+                                f"{display_path(root)} instead")
+            if not same:
+                continue
+            index = same[0]
+        if labels[index] is not None and labels[index] != label:
+            raise DataError(f"{shown}:{lines[index]} and {shown}:{number} give "
+                            f"{display_path(files[index].relative_to(root).as_posix())} two classes "
+                            f"({labels[index]} and {label})")
+        if labels[index] is None:
+            labels[index], lines[index] = label, number
+    missing = [f for f, label in zip(files, labels, strict=True) if label is None]
+    if missing:
+        raise DataError(f"labels file {shown} has no label for {len(missing)} of {len(files)} images "
+                        f"(first: {display_path(missing[0].relative_to(root).as_posix())})")
+    return labels  # type: ignore[return-value] - no None left
+
+
 def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: int) -> list[int]:
+    """Labels from a CSV or ``name label`` text file (matched by name), the devkit's ground truth or a text file of
+    one label per line (both in sorted file-name order)."""
     if not labels_file.is_file():
         raise DataError(f"labels file not found: {display_path(labels_file)}")
     shown = display_path(labels_file)
     if labels_file.suffix.lower() == ".csv":
-        try:
-            rows = [row for row in csv.reader(read_text_file(labels_file, "labels file").splitlines())
-                    if row and not row[0].startswith("#")]
-        except csv.Error as exc:
-            raise DataError(f"labels file {shown} is not a readable CSV: {exc}") from None
-        if rows and rows[0][0].strip().lower() in ("file", "filename", "image", "path"):
-            rows = rows[1:]
-        by_name = {}
-        for number, row in enumerate(rows, 1):
-            if len(row) < 2:
-                raise DataError(f"{shown}:{number}: expected 'file,label'")
-            by_name[row[0].strip()] = _parse_label(row[1], f"{shown}:{number}", num_classes)
-        missing = [f for f in files if f.relative_to(root).as_posix() not in by_name and f.name not in by_name]
-        if missing:
-            raise DataError(f"labels file {shown} has no label for {len(missing)} of {len(files)} images "
-                            f"(first: {display_path(missing[0].name)})")
-        return [by_name.get(f.relative_to(root).as_posix(), by_name.get(f.name)) for f in files]
+        return _match_by_name(_csv_entries(labels_file, shown), files, root, shown, num_classes)
     if labels_file.name.startswith("ILSVRC2012_validation_ground_truth"):
         labels = _devkit_labels(labels_file)
     else:
-        lines = [line for line in read_text_file(labels_file, "labels file").splitlines() if line.strip()]
-        labels = [_parse_label(line.split()[-1], f"{shown}:{n}", num_classes) for n, line in enumerate(lines, 1)]
+        entries, named = _text_entries(labels_file, shown)
+        if named:
+            return _match_by_name(entries, files, root, shown, num_classes)
+        labels = [_parse_label(text, f"{shown}:{n}", num_classes) for n, _, text in entries]
     if len(labels) != len(files):
         raise DataError(f"labels file {shown} has {len(labels)} labels but {display_path(root)} holds {len(files)} "
                         "images "
@@ -140,13 +205,14 @@ def _labels_for(files: list[Path], root: Path, labels_file: Path, num_classes: i
 
 
 def discover(img_path: str | Path, labels_file: str | Path | None = None, num_classes: int = 1000,
-             need_labels: bool = False) -> list[Sample]:
+             need_labels: bool = False, outputs: Sequence[str | Path] = ()) -> list[Sample]:
     """The samples under ``img_path`` with labels from class folders or ``labels_file``.
 
     need_labels: the caller evaluates ground-truth classes, so images without a label are an error.
+    outputs: output folders, left out of the listing (:func:`common.images.find_images`).
     """
     root = Path(img_path)
-    files = find_images(root)
+    files = find_images(root, outputs)
     root = root if root.is_dir() else root.parent
     in_class_folders = [f for f in files if WNID.match(f.parent.name)]
     if labels_file is None and in_class_folders and len(in_class_folders) < len(files):

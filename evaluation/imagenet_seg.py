@@ -6,7 +6,7 @@ arrays whose target is the (W, H) binary mask. The file is opened lazily in each
 
 A file without these two reference datasets (numbers instead of references, different lengths) is a
 :class:`DataError` when opened; an item whose references do not lead to a (3, W, H) image and a (W, H) mask
-of the same size becomes a skip record with the reason.
+of the same size, or whose pixels have no known scale (:func:`to_uint8`), becomes a skip record with the reason.
 """
 from __future__ import annotations
 
@@ -16,6 +16,25 @@ import numpy as np
 
 from common.images import display_path
 from evaluation.errors import DataError
+
+
+def to_uint8(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """An image of the file as uint8 by its dtype: uint8 as is; floats with values in [0, 1] scaled by 255 and
+    rounded, floats in [0, 255] rounded; other integers with values in 0..255 as is. Anything else (bool,
+    non-finite values, values outside these ranges) is (image, the reason) and is not converted."""
+    if image.dtype == np.uint8:
+        return image, None
+    if image.dtype == bool or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        return image, f"is a {image.dtype} array, not uint8, float or integer pixels"
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        return image, f"holds non-finite {image.dtype} values"
+    low, high = image.min(), image.max()
+    if np.issubdtype(image.dtype, np.floating) and low >= 0 and high <= 1:
+        return np.rint(image.astype(np.float64) * 255).astype(np.uint8), None
+    if low >= 0 and high <= 255:
+        return np.rint(image).astype(np.uint8), None
+    return image, (f"holds {image.dtype} values in [{low:g}, {high:g}], neither [0, 1] nor [0, 255]: its scale is "
+                   "unknown")
 
 
 class ImageNetSegmentation:
@@ -81,8 +100,9 @@ class ImageNetSegmentation:
         image = image.T if image.ndim == 2 else image.transpose(2, 1, 0)
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.dtype != np.uint8:
-            image = np.clip(image, 0, 255).astype(np.uint8)
+        image, problem = to_uint8(image)
+        if problem:
+            return {"key": key, "error": f"image {index} of {name} {problem}"}
         mask = mask.T
         if mask.shape != image.shape[:2]:
             return {"key": key, "error": f"mask {mask.shape} and image {image.shape[:2]} of item {index} differ"}

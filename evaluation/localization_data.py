@@ -18,7 +18,9 @@ import contextlib
 import io
 import json
 import math
+import warnings
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,13 +57,24 @@ class ClassTarget:
     extra: dict = field(default_factory=dict)
 
 
+def box_pixels(box, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """The (top, left, bottom, right) pixel slice bounds of a 0-based inclusive (x0, y0, x1, y1) box clipped to
+    the image; None when no pixel of the box lies in the image."""
+    x0, y0, x1, y1 = box
+    top, left = max(0, int(np.floor(y0))), max(0, int(np.floor(x0)))
+    bottom, right = min(height, int(np.ceil(y1)) + 1), min(width, int(np.ceil(x1)) + 1)
+    return (top, left, bottom, right) if top < bottom and left < right else None
+
+
 def boxes_mask(boxes: list[tuple[float, float, float, float]], height: int, width: int) -> np.ndarray:
-    """Union of (x0, y0, x1, y1) boxes in 0-based pixel coordinates (x1, y1 inclusive), as rows x cols."""
+    """Union of (x0, y0, x1, y1) boxes in 0-based pixel coordinates (x1, y1 inclusive), as rows x cols; each box
+    clipped to the image."""
     mask = np.zeros((height, width), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        top, left = max(0, int(np.floor(y0))), max(0, int(np.floor(x0)))
-        bottom, right = min(height, int(np.ceil(y1)) + 1), min(width, int(np.ceil(x1)) + 1)
-        mask[top:bottom, left:right] = True
+    for box in boxes:
+        pixels = box_pixels(box, height, width)
+        if pixels is not None:
+            top, left, bottom, right = pixels
+            mask[top:bottom, left:right] = True
     return mask
 
 
@@ -116,7 +129,17 @@ class VOC2007:
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise DataError(f"missing VOC split file {display_path(split_file)}")
-        ids = [line.split()[0] for line in read_text_file(split_file, "VOC split file").splitlines() if line.strip()]
+        ids, first = [], {}
+        for number, line in enumerate(read_text_file(split_file, "VOC split file").splitlines(), 1):
+            if not line.strip():
+                continue
+            image_id = line.split()[0]
+            if image_id in first:
+                warnings.warn(f"{display_path(split_file)}:{number}: image {image_id} is listed again (first on line "
+                              f"{first[image_id]}); it is evaluated once", stacklevel=2)
+                continue
+            first[image_id] = number
+            ids.append(image_id)
         if not ids:
             raise DataError(f"{display_path(split_file)} lists no images")
         self.entries = [ImageEntry(i, self.root / "JPEGImages" / f"{i}.jpg", self.root / "Annotations" / f"{i}.xml")
@@ -141,9 +164,16 @@ class VOC2007:
                         f"{len(self.entries) - difficult - bad} have none and {bad} have a missing or bad annotation")
 
     def targets(self, entry: ImageEntry, height: int, width: int) -> list[ClassTarget]:
+        """The image's classes, boxes clipped to the image; a box with no pixel in the image is skipped with a
+        warning (a class left without a box, or with difficult boxes only, has no pair)."""
         boxes: dict[int, list] = {}
         difficult: dict[int, list] = {}
-        for label, coords, hard in _voc_objects(Path(entry.annotation)):
+        for number, (label, coords, hard) in enumerate(_voc_objects(Path(entry.annotation)), 1):
+            if box_pixels(coords, height, width) is None:
+                warnings.warn(f"{display_path(Path(entry.annotation).name)}: object {number} "
+                              f"('{VOC_CLASSES[label]}'): box {[round(c + 1, 2) for c in coords]} lies outside the "
+                              f"{width}x{height} image; skipped", stacklevel=2)
+                continue
             boxes.setdefault(label, []).append(coords)
             difficult.setdefault(label, []).append(hard)
         targets = []
@@ -153,6 +183,23 @@ class VOC2007:
             mask = boxes_mask(boxes[label], height, width)
             targets.append(ClassTarget(label, mask, mask))
         return targets
+
+
+def _unique_keys(entries: list[ImageEntry], shown: str) -> None:
+    """Make the COCO entries' keys unique, as the store needs (one record per key): the file stem when no other
+    image has it, else the file name (``dup.jpg``, ``dup.png``), else the file name and the image id."""
+    before = [entry.key for entry in entries]
+    for rename in (lambda e: e.path.name, lambda e: f"{e.key}#{e.annotation}"):
+        counts = Counter(entry.key for entry in entries)
+        for entry in entries:
+            if counts[entry.key] > 1:
+                entry.key = rename(entry)
+    if len({entry.key for entry in entries}) < len(entries):
+        raise DataError(f"{shown}: image entries whose file names and ids cannot be told apart")
+    renamed = [entry.key for entry, key in zip(entries, before, strict=True) if entry.key != key]
+    if renamed:
+        warnings.warn(f"{len(renamed)} COCO image(s) share a file stem with another: their results are keyed by "
+                      f"file name ({', '.join(renamed[:3])}{' ...' if len(renamed) > 3 else ''})", stacklevel=3)
 
 
 def _positive_int(value) -> bool:
@@ -217,6 +264,7 @@ class COCO2014:
                 self.entries.append(ImageEntry(Path(name).stem, root / split / name, image_id, (height, width)))
         if not self.entries:
             raise DataError(f"{shown} lists no images")
+        _unique_keys(self.entries, shown)
         if not dataset["annotations"]:
             raise DataError(f"{shown} has no annotations: no (image, class) pair to evaluate")
 

@@ -64,9 +64,11 @@ def coco_dataset(root):
     return root
 
 
-def segmentation_file(path, masks=None):
-    """An HDF5 file in gtsegs_ijcv.mat's layout (value/img and value/gt object references)."""
-    images = [load_rgb(EXAMPLES / "chelsea.jpg"), load_rgb(EXAMPLES / "coffee.jpg")]
+def segmentation_file(path, masks=None, images=None):
+    """An HDF5 file in gtsegs_ijcv.mat's layout (value/img and value/gt object references); ``images``: (H, W, 3)
+    arrays of any dtype instead of the two photos."""
+    if images is None:
+        images = [load_rgb(EXAMPLES / "chelsea.jpg"), load_rgb(EXAMPLES / "coffee.jpg")]
     if masks is None:
         masks = []
         for image in images:
