@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, hashed_file, run_evaluation
 from common.images import display_path
+from evaluation.distributed import Dist
 from evaluation.driver import Row, RunningMeans, Task, check_rows
 from evaluation.errors import EvaluationError
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     flags = read_difficult_list(args.difficult_list, len(dataset.categories)) if args.difficult_list else None
     with_difficult = flags is not None
 
-    def make_task(setup: Setup) -> tuple[Task, dict]:
+    def make_task(setup: Setup, info: Dist) -> tuple[Task, dict]:
         rows = setup.rows(center=True)
         entries = dataset.entries[:args.limit] if args.limit else dataset.entries
         if flags is not None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from app.cli import Parser, Setup, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, results_folder, run_evaluation
+from evaluation.distributed import Dist
 from evaluation.driver import Row, RunningMeans, Task, check_rows
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.reports import write_segmentation_report
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     check_out(args)
     dataset = ImageNetSegmentation(args.data)
 
-    def make_task(setup: Setup) -> tuple[Task, dict]:
+    def make_task(setup: Setup, info: Dist) -> tuple[Task, dict]:
         rows = setup.rows()
         keys = dataset.keys()[:args.limit] if args.limit else dataset.keys()
 

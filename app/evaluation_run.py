@@ -11,6 +11,7 @@ from app.cli import Parser, Setup, UsageError, add_common_flags, add_eval_flags,
 from common.images import display_path
 from evaluation import distributed
 from evaluation.datasets import discover
+from evaluation.distributed import Dist
 from evaluation.driver import ImageMetric, ImageMetricTask, RunningText, Task, run_task
 from evaluation.errors import StoreError
 from evaluation.store import (
@@ -23,9 +24,9 @@ from evaluation.store import (
 )
 from models import ModelSpec
 
-# make_task(setup) -> (the task, the settings its numbers depend on beyond the model and method; an 'about'
-# entry in them is recorded in run.json but is not part of the run's identity)
-MakeTask = Callable[[Setup], tuple[Task, dict]]
+# make_task(setup, rank info) -> (the task, the settings its numbers depend on beyond the model and method; an
+# 'about' entry in them is recorded in run.json but is not part of the run's identity)
+MakeTask = Callable[[Setup, Dist], tuple[Task, dict]]
 
 
 def add_fresh_flag(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
         out = Path(args.out) if args.out else check_output_folder(default_out(setup))
         store = ResultStore(out, info.rank)
         store.lock()
-        task, settings = make_task(setup)
+        task, settings = make_task(setup, info)
         problem = None
         if info.is_main:
             try:
@@ -163,12 +164,12 @@ def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric,
     settings = dict(settings)
     about = settings.pop(ABOUT, {})
 
-    def make_task(setup: Setup) -> tuple[Task, dict]:
+    def make_task(setup: Setup, info: Dist) -> tuple[Task, dict]:
         outputs = output_folders(args.out or results_folder(script, args)(setup), args.img_path)
-        samples = discover(args.img_path, args.labels, setup.spec.num_classes, need_labels=args.target == "gt",
-                           outputs=outputs)
+        # rank 0 lists the tree (and warns about it) once; every other rank receives its listing
+        samples = info.on_main(lambda: discover(args.img_path, args.labels, setup.spec.num_classes,
+                                                need_labels=args.target == "gt", outputs=outputs, limit=args.limit))
         target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
-        samples = samples[:args.limit] if args.limit else samples
         header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, **settings}
         job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header,
                               official_ranking)

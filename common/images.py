@@ -41,7 +41,20 @@ def _folder_id(path: str | Path) -> tuple[int, int] | None:
 
 
 def find_images(path: str | Path, outputs: Sequence[str | Path] = ()) -> list[Path]:
-    """Image files at ``path``: the file itself, or every image file below a folder (recursive, sorted).
+    """Image files at ``path``: the file itself, or every image file below a folder (recursive, sorted);
+    see :func:`find_image_names`."""
+    return [Path(name) for name in find_image_names(path, outputs)]
+
+
+def _parts(name: str) -> list[str]:
+    """The sort key that orders path strings as :class:`pathlib.Path` orders them (component by component)."""
+    return name.split(os.sep)
+
+
+def find_image_names(path: str | Path, outputs: Sequence[str | Path] = ()) -> list[str]:
+    """Image files at ``path`` as path strings: the file itself, or every image file below a folder
+    (recursive), sorted as Paths sort (by component; strings, not Path objects, are built and compared: 50k
+    files in 1000 folders list in a fraction of a second).
 
     Symbolic links to folders are followed, each real folder walked once (a link back to a folder already
     walked, a loop, is not followed again). A link with an image suffix whose target is missing or loops is
@@ -54,15 +67,15 @@ def find_images(path: str | Path, outputs: Sequence[str | Path] = ()) -> list[Pa
     if not path.exists() and not path.is_symlink():
         raise ImageError(f"image path does not exist: {display_path(path)}")
     if not path.is_dir():
-        return [path]
+        return [str(path)]
 
     def unlisted(exc: OSError) -> None:
         warnings.warn(f"cannot list folder {display_path(exc.filename or '?')}: {exc.strerror}; its images are "
                       "left out", stacklevel=3)
 
-    files: list[Path] = []
+    files: list[str] = []
     walked: set[tuple[int, int]] = set()
-    links = [path]  # folders to walk: the root, then links to folders found on the way (real folders first)
+    links = [str(path)]  # folders to walk: the root, then links to folders found on the way (real folders first)
     while links:
         found = []
         for top in sorted(links):
@@ -81,14 +94,16 @@ def find_images(path: str | Path, outputs: Sequence[str | Path] = ()) -> list[Pa
                     subfolders[:] = []
                     continue
                 walked.add((info.st_dev, info.st_ino))
-                found += [Path(folder) / name for name in subfolders if os.path.islink(os.path.join(folder, name))]
+                found += [os.path.join(folder, name) for name in subfolders
+                          if os.path.islink(os.path.join(folder, name))]
                 for name in names:
-                    candidate = Path(folder) / name
-                    if candidate.suffix.lower() in IMAGE_SUFFIXES and (
-                            candidate.is_file() or (candidate.is_symlink() and not candidate.exists())):
+                    if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                        continue
+                    candidate = os.path.join(folder, name)
+                    if os.path.isfile(candidate) or (os.path.islink(candidate) and not os.path.exists(candidate)):
                         files.append(candidate)
         links = found
-    files.sort()
+    files.sort(key=_parts)
     if not files:
         raise ImageError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {display_path(path)}")
     return files

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from common.errors import ToolkitError
+
+T = TypeVar("T")
 
 
 class LaunchError(ToolkitError):
@@ -31,6 +35,22 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def on_main(self, compute: Callable[[], T]) -> T:
+        """``compute()`` on rank 0 only, its result on every rank (a listing done once, not once per rank). A
+        toolkit error on rank 0 (a bad labels file) is raised on every rank, so none waits for the others."""
+        if self.world <= 1:
+            return compute()
+        result, problem = None, None
+        if self.is_main:
+            try:
+                result = compute()
+            except ToolkitError as exc:
+                problem = (type(exc), str(exc))
+        result, problem = self.from_main((result, problem))
+        if problem is not None:
+            raise problem[0](problem[1])
+        return result
 
     def from_main(self, value):
         """Rank 0's ``value`` on every rank (e.g. rank 0's verdict on the output folder)."""
