@@ -1,7 +1,10 @@
 """Reading image files in background workers; unreadable files become records with an error."""
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,9 +59,41 @@ def _as_list(records: list[ImageRecord]) -> list[ImageRecord]:
     return records
 
 
+# The pid of the process that forked this one (recorded in the parent just before every fork).
+_forked_by: int | None = None
+
+
+def _note_forker() -> None:
+    global _forked_by
+    _forked_by = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_note_forker)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (the thread that forked it) ends, however it
+    ends (SIGKILL, SIGHUP, a crash): an orphaned worker would keep decoding forever. Linux only; elsewhere
+    torch's own watch (the worker checks its parent every 5 s while idle) is all there is."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if _forked_by is not None and os.getppid() != _forked_by:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and the main
-    process alone stops the run and shuts its workers down (promptly, instead of waiting for dead ones)."""
+    """Worker start: die with the parent; ignore Ctrl-C (the terminal sends SIGINT to the whole process group,
+    and the main process alone stops the run and shuts its workers down, promptly, instead of waiting for dead
+    ones); SIGTERM ends the worker at once."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

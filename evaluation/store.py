@@ -7,7 +7,9 @@ The folder's ``run.json`` records the run's identity: every setting that can cha
 (model, weights file hash, method and its options, UCAG geometry, labels file hash, metric settings and
 version, device type and precision). A rerun whose identity differs is refused with the differing
 settings named, unless it asks for a fresh start (the earlier results are then moved aside, not deleted).
-A lock file (``.lock``, ``fcntl.flock``) held for the whole run refuses a second run on the same folder.
+A lock file (``.lock``, a POSIX record lock: ``fcntl.lockf``) held for the whole run refuses a second run on the
+same folder. Unlike ``flock``, such a lock is not shared with forked children (DataLoader workers), and the
+kernel drops it when its process dies, however it dies.
 """
 from __future__ import annotations
 
@@ -46,6 +48,31 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+# (inode, device) of the lock files this process holds: POSIX locks do not exclude their own process.
+_HELD: set[tuple[int, int]] = set()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HELD.clear)  # a forked child holds none of them
+
+
+def _lock_key(file: Path | int) -> tuple[int, int] | None:
+    """(inode, device) of a lock file (a path or a descriptor); None when there is no such file."""
+    try:
+        return tuple(os.stat(file)[1:3])
+    except FileNotFoundError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this pid exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _reason(exc: OSError) -> str:
@@ -114,6 +141,7 @@ class ResultStore:
         self.rank = rank
         self.path = self.parts / f"part-{rank}.jsonl"
         self._lock: int | None = None
+        self._lock_key: tuple[int, int] | None = None
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -123,27 +151,41 @@ class ResultStore:
 
     def lock(self) -> None:
         """Hold ``.lock`` (rank 0; ``.lock-<rank>`` for the other ranks of a torchrun) until :meth:`release`:
-        a second run on the same folder is refused instead of doing the same work."""
+        a second run on the same folder is refused instead of doing the same work. The file holds the owner's
+        pid while it runs; a pid left there by a run that was killed is noted and the lock taken over."""
         path = self.out / (".lock" if self.rank == 0 else f".lock-{self.rank}")
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if _lock_key(path) in _HELD:  # checked before opening: closing any descriptor of it would drop the lock
+            raise StoreError(f"{display_path(str(self.out))} is in use by another run (pid {os.getpid()}, this "
+                             "process): release it first or use another --out")
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        key = _lock_key(handle)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
             holder = os.pread(handle, 64, 0).decode(errors="replace").strip()
             os.close(handle)
+            if not isinstance(exc, BlockingIOError) and exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             by = f" (pid {holder})" if holder else ""
             raise StoreError(f"{display_path(str(self.out))} is in use by another run{by}: wait for it to end or "
                              "use another --out") from None
-        except OSError:
-            os.close(handle)
-            raise
+        earlier = os.pread(handle, 64, 0).decode(errors="replace").strip()
+        if earlier.isdigit() and int(earlier) != os.getpid() and not _alive(int(earlier)):
+            print(f"note: {display_path(str(path))} was left by pid {earlier}, which ended without releasing it "
+                  "(killed?); taking it over")
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
-        self._lock = handle
+        _HELD.add(key)
+        self._lock, self._lock_key = handle, key
 
     def release(self) -> None:
         if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor drops the flock
+            try:
+                os.ftruncate(self._lock, 0)  # a pid left in the file means a run that did not end normally
+            except OSError:
+                pass
+            os.close(self._lock)  # closing the descriptor drops the lock
+            _HELD.discard(self._lock_key)
             self._lock = None
 
     # ---- identity --------------------------------------------------------------------------------------------
