@@ -5,6 +5,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -95,6 +96,37 @@ def ignore_interrupts(worker_id: int) -> None:
     ones); SIGTERM ends the worker at once."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the handlers inherited from the parent (start_batches')
+
+
+def _shut_down(batches) -> None:
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def start_batches(loader: DataLoader):
+    """``iter(loader)``, which forks the workers, with SIGINT and SIGTERM held back meanwhile: Python runs a
+    signal's handler between two bytecodes of the main thread, and inside an at-fork hook (logging's) the
+    KeyboardInterrupt it raises is printed and swallowed, so the run would go on. Blocking the main thread's
+    signal mask is not enough (another thread may take the signal and trip the same handler), so the handlers
+    only note the signal while the workers start; it is then raised again, after the workers are shut down."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    noted: list[int] = []
+    held = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    held = {signum: handler for signum, handler in held.items() if callable(handler)}
+    for signum in held:
+        signal.signal(signum, lambda number, frame: noted.append(number))
+    try:
+        batches = iter(loader)
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+    if noted:
+        _shut_down(batches)
+        signal.raise_signal(noted[0])  # the script's own handler raises it here, as it would have at the fork
+    return batches
 
 
 def image_batches(paths: Sequence[Path], batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.images import display_path
-from evaluation.data import ImageFiles, ignore_interrupts
+from evaluation.data import ImageFiles, ignore_interrupts, start_batches
 from evaluation.datasets import Sample
 from evaluation.distributed import Dist
 from evaluation.errors import EvaluationError, StoreError
@@ -120,7 +120,7 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
                         pin_memory=pin_memory)
     records: list[dict] = []
     bar = tqdm(total=len(pending), unit="img", desc=task.desc, disable=not dist.is_main)
-    batches = iter(loader)
+    batches = start_batches(loader)
     try:
         for number, batch in enumerate(batches):
             skipped = [{"key": r["key"], "skipped": r["error"]} for r in batch if r.get("error")]
