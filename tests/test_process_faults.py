@@ -1,16 +1,26 @@
 """Faults of a run's processes (issue 20): a killed script leaves no DataLoader worker and no held lock behind,
 and its folder resumes at once."""
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import insdel
+import visualization
+from app.cli import run_cli
+from common import render
+from common.files import save_png
+from common.images import load_rgb
 from evaluation.errors import StoreError
 from evaluation.store import ResultStore
+from tests.conftest import EXAMPLES
 from tests.test_eval_scripts import run
 from tests.test_signals import end_session, many_images, session_processes, start, wait_for_records, wait_gone
 
@@ -92,3 +102,36 @@ def test_the_same_process_cannot_lock_a_folder_twice(tmp_path):
         os._exit(0)
     assert os.waitpid(child, 0)[1] >> 8 == 1
     first.release()
+
+
+# ---- an image of an extreme aspect ratio: a panel of bounded size ---------------------------------------------
+
+@pytest.mark.parametrize("height, width", [(1, 10000), (10000, 1), (2, 30000)])
+def test_panel_of_an_extreme_image_is_letterboxed(height, width):
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    panel = render._titled(image, "a long title " * 20)
+    assert panel.shape[0] == render.PANEL_HEIGHT + render.TITLE_HEIGHT
+    assert render.PANEL_HEIGHT // render.MAX_ASPECT <= panel.shape[1] <= render.PANEL_HEIGHT * render.MAX_ASPECT
+
+
+def test_panel_of_an_ordinary_image_keeps_its_aspect():
+    image = np.zeros((200, 500, 3), np.uint8)
+    panel = render._titled(image, "input")
+    assert panel.shape == (render.PANEL_HEIGHT + render.TITLE_HEIGHT, 750, 3)
+    assert (panel[render.TITLE_HEIGHT:] == 0).all()  # no letterbox band
+
+
+def test_visualization_writes_every_image_of_a_folder_with_a_10000_by_1_image(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(EXAMPLES / "chelsea.jpg", data / "chelsea.jpg")
+    save_png(data / "strip.png", np.random.default_rng(0).integers(0, 256, (1, 10000, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(visualization.main, ["gradcam", "--device", "cpu", "--workers", "0", "--img-path", str(data),
+                                     "--out", str(tmp_path / "out")], prog=visualization.PROG)
+    err = capsys.readouterr().err
+    assert stop.value.code == 0, err
+    with open(tmp_path / "out" / "predictions.csv") as handle:
+        assert sorted(Path(row["file"]).name for row in csv.DictReader(handle)) == ["chelsea.jpg", "strip.png"]
+    figure = load_rgb(tmp_path / "out" / "strip_gradcam.png")
+    assert figure.shape[1] <= 3 * render.PANEL_HEIGHT * render.MAX_ASPECT + 12
