@@ -157,7 +157,10 @@ class ResultStore:
         if _lock_key(path) in _HELD:  # checked before opening: closing any descriptor of it would drop the lock
             raise StoreError(f"{display_path(str(self.out))} is in use by another run (pid {os.getpid()}, this "
                              "process): release it first or use another --out")
-        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock file {display_path(str(path))}: {_reason(exc)}") from None
         key = _lock_key(handle)
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -165,16 +168,20 @@ class ResultStore:
             holder = os.pread(handle, 64, 0).decode(errors="replace").strip()
             os.close(handle)
             if not isinstance(exc, BlockingIOError) and exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+                raise StoreError(f"cannot lock {display_path(str(path))}: {_reason(exc)}") from None
             by = f" (pid {holder})" if holder else ""
             raise StoreError(f"{display_path(str(self.out))} is in use by another run{by}: wait for it to end or "
                              "use another --out") from None
-        earlier = os.pread(handle, 64, 0).decode(errors="replace").strip()
+        try:
+            earlier = os.pread(handle, 64, 0).decode(errors="replace").strip()
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(handle)
+            raise StoreError(f"cannot write the lock file {display_path(str(path))}: {_reason(exc)}") from None
         if earlier.isdigit() and int(earlier) != os.getpid() and not _alive(int(earlier)):
             print(f"note: {display_path(str(path))} was left by pid {earlier}, which ended without releasing it "
                   "(killed?); taking it over")
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
         _HELD.add(key)
         self._lock, self._lock_key = handle, key
 
@@ -284,16 +291,18 @@ class ResultStore:
     @staticmethod
     def _write_file(path: Path, data: bytes) -> None:
         try:
-            with open(path, "wb") as handle:
+            with open(path, "wb", buffering=0) as handle:  # unbuffered: no flush at close to fail a second time
                 ResultStore._write_bytes(handle, data)
-                handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
             raise StoreError(f"cannot write {display_path(str(path))}: {_reason(exc)}") from None
 
     @staticmethod
     def _write_bytes(handle, data: bytes) -> None:
-        handle.write(data)
+        """Write all of ``data`` to an unbuffered file (a raw write may take part of it)."""
+        view = memoryview(data)
+        while view:
+            view = view[handle.write(view):]
 
     def _cut_torn_tail(self, handle) -> None:
         """Drop a last line cut short by a crash (it holds no complete record), so appending after it never
@@ -317,22 +326,34 @@ class ResultStore:
         lines = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
         if not lines:
             return
-        with deferred_signals(), open(self.path, "a+b") as handle:
-            self._cut_torn_tail(handle)
-            size = handle.seek(0, os.SEEK_END)
-            try:
-                self._write_bytes(handle, lines.encode("ascii"))
-                handle.flush()
-                os.fsync(handle.fileno())
+        with deferred_signals():
+            try:  # unbuffered: a failed write leaves nothing to flush at close, which would fail again and mask it
+                handle = open(self.path, "a+b", buffering=0)
             except OSError as exc:
-                try:  # take back a partly written batch: the records written before stay intact
-                    handle.truncate(size)
-                    os.fsync(handle.fileno())
-                except OSError:
+                raise StoreError(f"cannot append to {display_path(str(self.path))}: {_reason(exc)}") from None
+            try:
+                self._append_to(handle, lines.encode("ascii"))
+            finally:
+                try:
+                    handle.close()
+                except OSError:  # the records were synced (or the error is being raised already)
                     pass
-                detail = "disk full" if exc.errno == errno.ENOSPC else _reason(exc)
-                raise StoreError(f"cannot append to {display_path(str(self.path))}: {detail}; the records written "
-                                 "before are kept, rerun to resume") from None
+
+    def _append_to(self, handle, data: bytes) -> None:
+        self._cut_torn_tail(handle)
+        size = handle.seek(0, os.SEEK_END)
+        try:
+            self._write_bytes(handle, data)
+            os.fsync(handle.fileno())
+        except OSError as exc:
+            try:  # take back a partly written batch: the records written before stay intact
+                handle.truncate(size)
+                os.fsync(handle.fileno())
+            except OSError:
+                pass
+            detail = "disk full" if exc.errno == errno.ENOSPC else _reason(exc)
+            raise StoreError(f"cannot append to {display_path(str(self.path))}: {detail}; the records written "
+                             "before are kept, rerun to resume") from None
 
     def merged(self, keys: Collection[str] | None = None) -> tuple[list[dict], list[dict]]:
         """(results, skipped) with one record per image, sorted by key, for the images in ``keys`` (all when

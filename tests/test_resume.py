@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +362,35 @@ def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
     code, _, err = run(insdel, argv, capsys)
     assert code == 0, err
     assert len((out / "per_image.csv").read_text().splitlines()) == 5 and len(part_lines(out)) == 4
+
+
+def test_disk_full_at_the_lock_file_is_one_line_error(tmp_path, capsys, monkeypatch):
+    def full(handle, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_module.os, "pwrite", full)
+    out = tmp_path / "out"
+    code, _, err = run(density, ["gradcam", *QUICK, "--img-path", str(EXAMPLES), "--out", str(out)], capsys)
+    assert code == 2
+    one_line_error(err, "cannot write", ".lock", "No space left on device")
+    monkeypatch.undo()
+    store = ResultStore(out)  # the failed attempt holds no lock
+    store.lock()
+    store.release()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_disk_full_at_the_first_record_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """A real ENOSPC (/dev/full): the buffered data's flush at close fails again and must not hide the error."""
+    real_open = open
+
+    def full_parts(path, mode="r", *args, **kwargs):
+        if Path(path).name.startswith("part-") and "a" in mode:
+            path = "/dev/full"
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", full_parts, raising=False)
+    out = tmp_path / "out"
+    code, _, err = run(density, ["gradcam", *QUICK, "--img-path", str(EXAMPLES), "--out", str(out)], capsys)
+    assert code == 2
+    one_line_error(err, "cannot append to", "part-0.jsonl: disk full", "rerun to resume")
