@@ -134,6 +134,56 @@ def _differences(recorded: dict, config: dict) -> list[str]:
     return changed
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_record(record, part: Path, line: int, rows: Collection[str] | None = None, fields: Collection[str] = (),
+                 lists: Collection[str] = (), keys: Collection[str] = ()) -> None:
+    """Refuse a record this run cannot use, as a StoreError '<part>:<line>: ...'. Every record is an object with a
+    string 'key'; a skip record has a text 'skipped'; a result holds ``keys`` (e.g. 'file', 'target') and an object
+    'rows' with every row of this run (``rows``: records of another method are refused, not counted done), each
+    holding ``fields`` as numbers (NaN allowed) and ``lists`` as lists of numbers (``rows`` None: the rows held)."""
+    def refuse(problem: str) -> None:
+        raise StoreError(f"{display_path(str(part))}:{line}: {problem}; move the file aside or rerun with --fresh")
+
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        refuse("a record without a 'key'")
+    if "skipped" in record:
+        if not isinstance(record["skipped"], str):
+            refuse(f"a skip record whose reason is not text ({_shown(record['skipped'])})")
+        return
+    missing = [repr(key) for key in keys if key not in record]
+    if missing:
+        refuse(f"a record without {', '.join(missing)}")
+    held = record.get("rows")
+    if not isinstance(held, dict):
+        refuse("a record without 'rows'")
+    absent = sorted(set(rows) - set(held)) if rows is not None else []
+    if absent:
+        refuse(f"a record without this run's row(s) {', '.join(absent)} (it holds {', '.join(sorted(held)) or 'none'}:"
+               " results of another method?)")
+    for name in sorted(held if rows is None else rows):
+        values = held[name]
+        if not isinstance(values, dict):
+            refuse(f"row {name}: not an object ({_shown(values)})")
+        for field in (*fields, *lists):
+            if field not in values:
+                refuse(f"row {name}: no {field}")
+        for field in fields:
+            if not _is_number(values[field]):
+                refuse(f"row {name}: {field} is not a number ({_shown(values[field])})")
+        for field in lists:
+            value = values[field]
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+                refuse(f"row {name}: {field} is not a list of numbers ({_shown(value)})")
+
+
 class ResultStore:
     def __init__(self, out: Path, rank: int = 0):
         self.out = Path(out)
@@ -142,6 +192,7 @@ class ResultStore:
         self.path = self.parts / f"part-{rank}.jsonl"
         self._lock: int | None = None
         self._lock_key: tuple[int, int] | None = None
+        self._shape: dict = {}
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -255,6 +306,12 @@ class ResultStore:
 
     # ---- records ---------------------------------------------------------------------------------------------
 
+    def expect(self, rows: Collection[str] | None = None, fields: Collection[str] = (), lists: Collection[str] = (),
+               keys: Collection[str] = ()) -> None:
+        """What this run's results must hold to be counted done (see :func:`check_record`); a part holding
+        another record is refused with its file and line when read."""
+        self._shape = {"rows": rows, "fields": fields, "lists": lists, "keys": keys}
+
     def _part_records(self, part: Path) -> list[dict]:
         """The records of one part. A last line without its newline was cut short by a crash and is ignored;
         any other line that is not a record means a damaged file: an error naming it."""
@@ -268,9 +325,7 @@ class ResultStore:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise StoreError(f"{display_path(str(part))}:{number}: not a JSON record "
                                  f"({getattr(exc, 'msg', exc)}); move the file aside or rerun with --fresh") from None
-            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-                raise StoreError(f"{display_path(str(part))}:{number}: a record without a 'key'; move the file aside "
-                                 "or rerun with --fresh")
+            check_record(record, part, number, **self._shape)
             records.append(record)
         return records
 
