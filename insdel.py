@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     ties = "numpy" if args.official else "raster"
     settings = {"step": args.step, "tie_order": ties, **(numpy_sort_identity() if ties == "numpy" else {})}
     return run_image_metric(args, "insdel", games(args.step, args.score_batch, ties), FIELDS, settings,
-                            write_insdel_report, running_means(FIELDS, 1), on_batch, official_ranking=args.official)
+                            write_insdel_report, running_means(FIELDS, 1), on_batch, official_ranking=args.official,
+                            lists=("deletion_curve", "insertion_curve"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, hashed_file, run_evaluation
 from common.images import display_path
 from evaluation.distributed import Dist
-from evaluation.driver import Row, RunningMeans, Task, check_rows
+from evaluation.driver import Row, RunningMeans, Task
 from evaluation.errors import EvaluationError
 from evaluation.localization_data import load_entry, open_dataset, read_difficult_list
 from evaluation.pointing import (
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         running = RunningMeans(("hit",), digits=1, scale=100, unit="%")  # each row's hit rate over pairs so far
         task = Task(entries, lambda e: e.key, lambda e: load_entry(dataset, e), score, summary_of, write, running,
                     f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}",
-                    lambda record: check_rows(record, [row.name for row in rows]))
+                    {"rows": [row.name for row in rows], "lists": ("hit", "energy"), "keys": ("file", "pairs")})
         difficult_hash, difficult_path = hashed_file(args.difficult_list)
         return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
                       "tolerance": args.tolerance, "difficult_list": difficult_hash,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from app.cli import Parser, Setup, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, results_folder, run_evaluation
 from evaluation.distributed import Dist
-from evaluation.driver import Row, RunningMeans, Task, check_rows
+from evaluation.driver import Row, RunningMeans, Task
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.reports import write_segmentation_report
 from evaluation.segmentation_metrics import image_scores
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         running = RunningMeans(("ap",), digits=3, label="mAP ")
         task = Task(keys, str, dataset.load, score, summary_of, write_segmentation_report, running,
                     f"segmentation {setup.method}",
-                    lambda record: check_rows(record, [row.name for row in rows], ("correct", "labelled", "ap")))
+                    {"rows": [row.name for row in rows], "fields": ("correct", "labelled", "ap"),
+                     "keys": ("file", "target")})
         # the .mat file's content hash: a file replaced under the same path is not resumed into the old records
         return task, {"data": str(Path(args.data).resolve()), "data_hash": file_sha256(args.data), "ap": args.ap}
 

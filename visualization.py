@@ -38,7 +38,7 @@ from app.evaluation_run import output_folders
 from common.files import save_npy, write_text
 from common.images import display_path, find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
-from evaluation.data import ImageRecord, image_batches
+from evaluation.data import ImageRecord, image_batches, start_batches
 from evaluation.driver import Row
 from evaluation.store import check_output_folder
 from methods.targets import target_probabilities
@@ -145,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     blend = picture_blend(args, setup)
     rows, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc=label)
-    for batch in image_batches(files, args.batch_size, args.workers if len(files) > 1 else 0,
-                               pin_memory=setup.device.type == "cuda"):
+    for batch in start_batches(image_batches(files, args.batch_size, args.workers if len(files) > 1 else 0,
+                                             pin_memory=setup.device.type == "cuda")):
         for record in batch:
             if record.error:
                 skipped.append(record)

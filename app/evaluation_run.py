@@ -157,10 +157,10 @@ def image_metric_parser(prog: str, description: str) -> Parser:
 def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric, fields: Sequence[str],
                      settings: dict, write: Callable[[Path, Collection[dict], list[dict], dict], None],
                      running: RunningText, on_batch: Callable[[int], None] | None = None,
-                     official_ranking: bool = False) -> int:
+                     official_ranking: bool = False, lists: Sequence[str] = ()) -> int:
     """insdel.py and density.py: a per-image metric over ImageNet-style data (class folders, a flat folder with
     labels, or any folder explained for the predicted class). ``settings``: the metric's own (an 'about' entry
-    is recorded, not compared). ``official_ranking``: see :class:`evaluation.driver.ImageMetricTask`."""
+    is recorded, not compared). ``official_ranking``, ``lists``: see :class:`evaluation.driver.ImageMetricTask`."""
     settings = dict(settings)
     about = settings.pop(ABOUT, {})
 
@@ -172,7 +172,7 @@ def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric,
         target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
         header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, **settings}
         job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header,
-                              official_ranking)
+                              official_ranking, lists)
         desc = f"{setup.method}{' + UCAG' if setup.ucag else ''}"
         labels = labels_identity(args.labels)
         return job.task(write, running, desc), {"target": target_mode,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.allocator import keep_freed_memory  # noqa: E402
 from evaluation.distributed import Dist  # noqa: E402
-from evaluation.driver import Row, RunningMeans, Task, check_rows, row_means, run_task  # noqa: E402
+from evaluation.driver import Row, RunningMeans, Task, row_means, run_task  # noqa: E402
 from evaluation.reports import write_insdel_report  # noqa: E402
 from evaluation.store import ResultStore  # noqa: E402
 
@@ -74,7 +74,8 @@ def task_of(keys: list[str], times: list[float]) -> Task:
         times.append(time.perf_counter() - stamp)
 
     return Task(keys, str, lambda key: {"key": key}, process, summarize, write, RunningMeans(FIELDS, 1),
-                "driver", lambda record: check_rows(record, list(ROWS), FIELDS))
+                "driver", {"rows": list(ROWS), "fields": FIELDS, "lists": ("deletion_curve", "insertion_curve"),
+                           "keys": ("file", "target")})
 
 
 def child(scenario: str, size: int, folder: Path, batch_size: int) -> dict:

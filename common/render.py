@@ -11,6 +11,9 @@ from common.files import save_png
 
 PANEL_HEIGHT = 300
 TITLE_HEIGHT = 26
+# A panel is at most MAX_ASPECT times as wide as high and at least 1/MAX_ASPECT as wide: an image beyond (10000 x 1
+# px) is letterboxed into that box on white, so a picture's memory stays bounded (unscaled: 3,000,000 x 326 px).
+MAX_ASPECT = 4
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, weight: float = 0.5) -> np.ndarray:
@@ -39,9 +42,22 @@ def drawable(text: str) -> str:
     return text.encode("ascii", errors="replace").decode("ascii")
 
 
+def _fitted(image: np.ndarray) -> np.ndarray:
+    """``image`` scaled to PANEL_HEIGHT rows, keeping its aspect; letterboxed when that is beyond MAX_ASPECT."""
+    height, width = image.shape[:2]
+    scale = min(PANEL_HEIGHT / height, MAX_ASPECT * PANEL_HEIGHT / width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if size[1] == PANEL_HEIGHT and size[0] >= PANEL_HEIGHT // MAX_ASPECT:
+        return image
+    box = np.full((PANEL_HEIGHT, max(size[0], PANEL_HEIGHT // MAX_ASPECT), 3), 255, np.uint8)
+    top, left = (box.shape[0] - size[1]) // 2, (box.shape[1] - size[0]) // 2
+    box[top:top + size[1], left:left + size[0]] = image.reshape(size[1], size[0], 3)
+    return box
+
+
 def _titled(panel: np.ndarray, title: str) -> np.ndarray:
-    scale = PANEL_HEIGHT / panel.shape[0]
-    panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), PANEL_HEIGHT), interpolation=cv2.INTER_AREA)
+    panel = _fitted(panel)
     strip = np.full((TITLE_HEIGHT, panel.shape[1], 3), 255, np.uint8)
     title = drawable(title)
     font_scale = 0.5

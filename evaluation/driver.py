@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.images import display_path
-from evaluation.data import ImageFiles, ignore_interrupts
+from evaluation.data import ImageFiles, ignore_interrupts, start_batches
 from evaluation.datasets import Sample
 from evaluation.distributed import Dist
 from evaluation.errors import EvaluationError, StoreError
@@ -98,10 +98,6 @@ def running_means(fields: Sequence[str], digits: int = 1) -> RunningMeans:
     return RunningMeans(fields, digits)
 
 
-def _accept_record(record: dict) -> str | None:
-    return None
-
-
 @dataclass
 class Task:
     """What a metric contributes to :func:`run_task`.
@@ -114,7 +110,8 @@ class Task:
     passes as possible, rather than index it.
     write(out, records, skipped, summary): the report files (the same view).
     running: the progress bar's figures, fed each batch's new records once (:class:`RunningText`).
-    check(record): why a stored result cannot belong to this run (None: it can), see ResultStore.status.
+    shape: what a stored result must hold to belong to this run (rows, fields, lists, keys), see
+    :func:`evaluation.store.check_record`: a folder holding other records is refused with file and line.
     """
 
     items: Sequence[Any]
@@ -125,7 +122,7 @@ class Task:
     write: Callable[[Path, Collection[dict], list[dict], dict], None]
     running: RunningText = field(default_factory=RunningText)
     desc: str = "evaluating"
-    check: Callable[[dict], str | None] = _accept_record
+    shape: dict = field(default_factory=dict)
 
 
 class _Items(Dataset):
@@ -159,7 +156,8 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
     on rank 0 (None elsewhere). ``compute``: the region every batch is processed in (the precision's
     autocast, :mod:`common.precision`). ``pin_memory``: the loader puts the items' tensors in page-locked
     memory (GPU runs; ``load_sample`` gives the pixels as a tensor)."""
-    done, failed = store.status(task.check)
+    store.expect(**task.shape)
+    done, failed = store.status()
     dist.barrier()  # every rank reads the same done-set before any rank appends to it
     # items never tried first, earlier skips retried last: a resumed run batches its new items as an
     # uninterrupted one would (batch composition can change the last bits of a score)
@@ -169,7 +167,7 @@ def run_task(task: Task, store: ResultStore, dist: Dist, batch_size: int, worker
                         collate_fn=_as_list, worker_init_fn=ignore_interrupts if workers else None,
                         pin_memory=pin_memory)
     bar = tqdm(total=len(pending), unit="img", desc=task.desc, disable=not dist.is_main)
-    batches = iter(loader)
+    batches = start_batches(loader)
     try:
         for number, batch in enumerate(batches):
             skipped = [{"key": r["key"], "skipped": r["error"]} for r in batch if r.get("error")]
@@ -257,6 +255,7 @@ class ImageMetricTask:
     target_mode: str
     header: dict = field(default_factory=dict)
     official_ranking: bool = False  # insdel --official: the raw maps of Explainer.official_raw methods
+    lists: Sequence[str] = ()  # the metric's per-row list fields (insdel's curves), checked in stored records
 
     def final_maps(self, row: Row, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The maps ``metric`` scores: the row's final [0, 1] maps, or under ``official_ranking`` the raw signed
@@ -285,25 +284,9 @@ class ImageMetricTask:
     def summarize(self, records: Collection[dict]) -> dict:
         return {**self.header, "n_images": len(records), "rows": row_means(records, self.rows, self.fields)}
 
-    def check(self, record: dict) -> str | None:
-        """A stored result of this run holds every row with a number for every field."""
-        return check_rows(record, [row.name for row in self.rows], self.fields)
-
     def task(self, write: Callable[[Path, Collection[dict], list[dict], dict], None], running: RunningText,
              desc: str) -> Task:
+        shape = {"rows": [row.name for row in self.rows], "fields": self.fields, "lists": self.lists,
+                 "keys": ("file", "target")}
         return Task(self.samples, lambda s: s.key, load_sample, self.process, self.summarize, write, running, desc,
-                    self.check)
-
-
-def check_rows(record: dict, rows: Sequence[str], fields: Sequence[str] = ()) -> str | None:
-    """Why ``record`` cannot be a result of a run with these rows and numeric fields (None: it can)."""
-    scores = record.get("rows")
-    if not isinstance(scores, dict) or set(scores) != set(rows):
-        held = ", ".join(sorted(scores)) if isinstance(scores, dict) else "none"
-        return f"a record of rows {held}, not this run's {', '.join(rows)}"
-    for name in rows:
-        for field_name in fields:
-            value = scores[name].get(field_name) if isinstance(scores[name], dict) else None
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return f"row {name}: {field_name} is {value!r}, not a number"
-    return None
+                    shape)

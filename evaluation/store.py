@@ -7,7 +7,9 @@ The folder's ``run.json`` records the run's identity: every setting that can cha
 (model, weights file hash, method and its options, UCAG geometry, labels file hash, metric settings and
 version, device type and precision). A rerun whose identity differs is refused with the differing
 settings named, unless it asks for a fresh start (the earlier results are then moved aside, not deleted).
-A lock file (``.lock``, ``fcntl.flock``) held for the whole run refuses a second run on the same folder.
+A lock file (``.lock``, a POSIX record lock: ``fcntl.lockf``) held for the whole run refuses a second run on the
+same folder. Unlike ``flock``, such a lock is not shared with forked children (DataLoader workers), and the
+kernel drops it when its process dies, however it dies.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +51,31 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+# (inode, device) of the lock files this process holds: POSIX locks do not exclude their own process.
+_HELD: set[tuple[int, int]] = set()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HELD.clear)  # a forked child holds none of them
+
+
+def _lock_key(file: Path | int) -> tuple[int, int] | None:
+    """(inode, device) of a lock file (a path or a descriptor); None when there is no such file."""
+    try:
+        return tuple(os.stat(file)[1:3])
+    except FileNotFoundError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this pid exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _reason(exc: OSError) -> str:
@@ -110,6 +137,56 @@ def _differences(recorded: dict, config: dict) -> list[str]:
     return changed
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_record(record, part: Path, line: int, rows: Collection[str] | None = None, fields: Collection[str] = (),
+                 lists: Collection[str] = (), keys: Collection[str] = ()) -> None:
+    """Refuse a record this run cannot use, as a StoreError '<part>:<line>: ...'. Every record is an object with a
+    string 'key'; a skip record has a text 'skipped'; a result holds ``keys`` (e.g. 'file', 'target') and an object
+    'rows' with every row of this run (``rows``: records of another method are refused, not counted done), each
+    holding ``fields`` as numbers (NaN allowed) and ``lists`` as lists of numbers (``rows`` None: the rows held)."""
+    def refuse(problem: str) -> None:
+        raise StoreError(f"{display_path(str(part))}:{line}: {problem}; move the file aside or rerun with --fresh")
+
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        refuse("a record without a 'key'")
+    if "skipped" in record:
+        if not isinstance(record["skipped"], str):
+            refuse(f"a skip record whose reason is not text ({_shown(record['skipped'])})")
+        return
+    missing = [repr(key) for key in keys if key not in record]
+    if missing:
+        refuse(f"a record without {', '.join(missing)}")
+    held = record.get("rows")
+    if not isinstance(held, dict):
+        refuse("a record without 'rows'")
+    absent = sorted(set(rows) - set(held)) if rows is not None else []
+    if absent:
+        refuse(f"a record without this run's row(s) {', '.join(absent)} (it holds {', '.join(sorted(held)) or 'none'}:"
+               " results of another method?)")
+    for name in sorted(held if rows is None else rows):
+        values = held[name]
+        if not isinstance(values, dict):
+            refuse(f"row {name}: not an object ({_shown(values)})")
+        for field in (*fields, *lists):
+            if field not in values:
+                refuse(f"row {name}: no {field}")
+        for field in fields:
+            if not _is_number(values[field]):
+                refuse(f"row {name}: {field} is not a number ({_shown(values[field])})")
+        for field in lists:
+            value = values[field]
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+                refuse(f"row {name}: {field} is not a list of numbers ({_shown(value)})")
+
+
 class ResultStore:
     def __init__(self, out: Path, rank: int = 0):
         self.out = Path(out)
@@ -117,6 +194,8 @@ class ResultStore:
         self.rank = rank
         self.path = self.parts / f"part-{rank}.jsonl"
         self._lock: int | None = None
+        self._shape: dict = {}  # what a result record must hold (expect)
+        self._lock_key: tuple[int, int] | None = None
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -126,27 +205,48 @@ class ResultStore:
 
     def lock(self) -> None:
         """Hold ``.lock`` (rank 0; ``.lock-<rank>`` for the other ranks of a torchrun) until :meth:`release`:
-        a second run on the same folder is refused instead of doing the same work."""
+        a second run on the same folder is refused instead of doing the same work. The file holds the owner's
+        pid while it runs; a pid left there by a run that was killed is noted and the lock taken over."""
         path = self.out / (".lock" if self.rank == 0 else f".lock-{self.rank}")
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if _lock_key(path) in _HELD:  # checked before opening: closing any descriptor of it would drop the lock
+            raise StoreError(f"{display_path(str(self.out))} is in use by another run (pid {os.getpid()}, this "
+                             "process): release it first or use another --out")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock file {display_path(str(path))}: {_reason(exc)}") from None
+        key = _lock_key(handle)
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
             holder = os.pread(handle, 64, 0).decode(errors="replace").strip()
             os.close(handle)
+            if not isinstance(exc, BlockingIOError) and exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise StoreError(f"cannot lock {display_path(str(path))}: {_reason(exc)}") from None
             by = f" (pid {holder})" if holder else ""
             raise StoreError(f"{display_path(str(self.out))} is in use by another run{by}: wait for it to end or "
                              "use another --out") from None
-        except OSError:
+        try:
+            earlier = os.pread(handle, 64, 0).decode(errors="replace").strip()
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
             os.close(handle)
-            raise
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
-        self._lock = handle
+            raise StoreError(f"cannot write the lock file {display_path(str(path))}: {_reason(exc)}") from None
+        if earlier.isdigit() and int(earlier) != os.getpid() and not _alive(int(earlier)):
+            print(f"note: {display_path(str(path))} was left by pid {earlier}, which ended without releasing it "
+                  "(killed?); taking it over")
+        _HELD.add(key)
+        self._lock, self._lock_key = handle, key
 
     def release(self) -> None:
         if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor drops the flock
+            try:
+                os.ftruncate(self._lock, 0)  # a pid left in the file means a run that did not end normally
+            except OSError:
+                pass
+            os.close(self._lock)  # closing the descriptor drops the lock
+            _HELD.discard(self._lock_key)
             self._lock = None
 
     # ---- identity --------------------------------------------------------------------------------------------
@@ -221,17 +321,21 @@ class ResultStore:
                 yield number, offset, line
                 offset += len(line)
 
-    @staticmethod
-    def _parse(part: Path, number: int, line: bytes) -> dict:
-        """One line as a record; anything else means a damaged file: an error naming it and the line."""
+    def expect(self, rows: Collection[str] | None = None, fields: Collection[str] = (), lists: Collection[str] = (),
+               keys: Collection[str] = ()) -> None:
+        """What this run's results must hold to be counted done (see :func:`check_record`); a part holding
+        another record is refused with its file and line when read."""
+        self._shape = {"rows": rows, "fields": fields, "lists": lists, "keys": keys}
+
+    def _parse(self, part: Path, number: int, line: bytes) -> dict:
+        """One line as a record of this run (:meth:`expect`); anything else means a damaged file or another
+        run's records: an error naming the file and the line."""
         try:
             record = json.loads(line.decode("utf-8", "surrogateescape"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{display_path(str(part))}:{number}: not a JSON record "
                              f"({getattr(exc, 'msg', exc)}); move the file aside or rerun with --fresh") from None
-        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-            raise StoreError(f"{display_path(str(part))}:{number}: a record without a 'key'; move the file aside "
-                             "or rerun with --fresh")
+        check_record(record, part, number, **self._shape)
         return record
 
     def _scan(self) -> Iterator[tuple[dict, Path, int, int, int]]:
@@ -249,37 +353,30 @@ class ResultStore:
         """Keys evaluated already (skip records are not: a skipped image is tried again)."""
         return self.status()[0]
 
-    def status(self, check: Callable[[dict], str | None] | None = None) -> tuple[set[str], set[str]]:
-        """(keys evaluated already, keys only skipped so far), streaming the parts: only the keys are kept.
-
-        check(result record) -> a problem (str) or None: a record this run cannot use (another method's rows, a
-        score that is not a number) is an error naming its file and line, before any work."""
+    def status(self) -> tuple[set[str], set[str]]:
+        """(keys evaluated already, keys only skipped so far), streaming the parts: only the keys are kept. A
+        record this run cannot use (:meth:`expect`) is an error naming its file and line, before any work."""
         done: set[str] = set()
         skipped: set[str] = set()
-        for record, part, number, _, _ in self._scan():
-            if "skipped" in record:
-                skipped.add(record["key"])
-                continue
-            problem = check(record) if check is not None else None
-            if problem:
-                raise StoreError(f"{display_path(str(part))}:{number}: {problem}; this folder holds records of "
-                                 "another run: use another --out, or --fresh to move them aside")
-            done.add(record["key"])
+        for record, *_ in self._scan():
+            (skipped if "skipped" in record else done).add(record["key"])
         return done, skipped - done
 
     @staticmethod
     def _write_file(path: Path, data: bytes) -> None:
         try:
-            with open(path, "wb") as handle:
+            with open(path, "wb", buffering=0) as handle:  # unbuffered: no flush at close to fail a second time
                 ResultStore._write_bytes(handle, data)
-                handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
             raise StoreError(f"cannot write {display_path(str(path))}: {_reason(exc)}") from None
 
     @staticmethod
     def _write_bytes(handle, data: bytes) -> None:
-        handle.write(data)
+        """Write all of ``data`` to an unbuffered file (a raw write may take part of it)."""
+        view = memoryview(data)
+        while view:
+            view = view[handle.write(view):]
 
     def _cut_torn_tail(self, handle) -> None:
         """Drop a last line cut short by a crash (it holds no complete record), so appending after it never
@@ -303,22 +400,34 @@ class ResultStore:
         lines = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
         if not lines:
             return
-        with deferred_signals(), open(self.path, "a+b") as handle:
-            self._cut_torn_tail(handle)
-            size = handle.seek(0, os.SEEK_END)
-            try:
-                self._write_bytes(handle, lines.encode("ascii"))
-                handle.flush()
-                os.fsync(handle.fileno())
+        with deferred_signals():
+            try:  # unbuffered: a failed write leaves nothing to flush at close, which would fail again and mask it
+                handle = open(self.path, "a+b", buffering=0)
             except OSError as exc:
-                try:  # take back a partly written batch: the records written before stay intact
-                    handle.truncate(size)
-                    os.fsync(handle.fileno())
-                except OSError:
+                raise StoreError(f"cannot append to {display_path(str(self.path))}: {_reason(exc)}") from None
+            try:
+                self._append_to(handle, lines.encode("ascii"))
+            finally:
+                try:
+                    handle.close()
+                except OSError:  # the records were synced (or the error is being raised already)
                     pass
-                detail = "disk full" if exc.errno == errno.ENOSPC else _reason(exc)
-                raise StoreError(f"cannot append to {display_path(str(self.path))}: {detail}; the records written "
-                                 "before are kept, rerun to resume") from None
+
+    def _append_to(self, handle, data: bytes) -> None:
+        self._cut_torn_tail(handle)
+        size = handle.seek(0, os.SEEK_END)
+        try:
+            self._write_bytes(handle, data)
+            os.fsync(handle.fileno())
+        except OSError as exc:
+            try:  # take back a partly written batch: the records written before stay intact
+                handle.truncate(size)
+                os.fsync(handle.fileno())
+            except OSError:
+                pass
+            detail = "disk full" if exc.errno == errno.ENOSPC else _reason(exc)
+            raise StoreError(f"cannot append to {display_path(str(self.path))}: {detail}; the records written "
+                             "before are kept, rerun to resume") from None
 
     def merged(self, keys: Collection[str] | None = None) -> tuple[StoredRecords, list[dict]]:
         """(results, skipped) with one record per image, sorted by key, for the images in ``keys`` (all when

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +362,104 @@ def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
     code, _, err = run(insdel, argv, capsys)
     assert code == 0, err
     assert len((out / "per_image.csv").read_text().splitlines()) == 5 and len(part_lines(out)) == 4
+
+
+def test_disk_full_at_the_lock_file_is_one_line_error(tmp_path, capsys, monkeypatch):
+    def full(handle, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_module.os, "pwrite", full)
+    out = tmp_path / "out"
+    code, _, err = run(density, ["gradcam", *QUICK, "--img-path", str(EXAMPLES), "--out", str(out)], capsys)
+    assert code == 2
+    one_line_error(err, "cannot write", ".lock", "No space left on device")
+    monkeypatch.undo()
+    store = ResultStore(out)  # the failed attempt holds no lock
+    store.lock()
+    store.release()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_disk_full_at_the_first_record_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """A real ENOSPC (/dev/full): the buffered data's flush at close fails again and must not hide the error."""
+    real_open = open
+
+    def full_parts(path, mode="r", *args, **kwargs):
+        if Path(path).name.startswith("part-") and "a" in mode:
+            path = "/dev/full"
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", full_parts, raising=False)
+    out = tmp_path / "out"
+    code, _, err = run(density, ["gradcam", *QUICK, "--img-path", str(EXAMPLES), "--out", str(out)], capsys)
+    assert code == 2
+    one_line_error(err, "cannot append to", "part-0.jsonl: disk full", "rerun to resume")
+
+
+# ---- records a run cannot use: refused with their file and line ------------------------------------------------
+
+INSDEL_SHAPE = {"rows": ["layercam", "layercam*"], "fields": ("deletion", "insertion"),
+                "lists": ("deletion_curve", "insertion_curve"), "keys": ("file", "target")}
+
+
+def insdel_record(key="a.png", rows=("layercam", "layercam*"), **values):
+    scores = {"deletion": 1.5, "insertion": float("nan"), "deletion_curve": [1, 0.5], "insertion_curve": [0, 1.0],
+              **values}
+    return {"key": key, "file": key, "target": 3, "rows": {name: dict(scores) for name in rows}}
+
+
+@pytest.mark.parametrize("record, problem", [
+    ([1, 2], "a record without a 'key'"),
+    ({"key": 7, "rows": {}}, "a record without a 'key'"),
+    ({"key": "a.png", "skipped": None}, "a skip record whose reason is not text (null)"),
+    ({"key": "a.png", "file": "a.png", "target": 1}, "a record without 'rows'"),
+    ({"key": "a.png", "rows": {}}, "a record without 'file', 'target'"),
+    (insdel_record(rows=("gradcam", "gradcam*")),
+     "a record without this run's row(s) layercam, layercam* (it holds gradcam, gradcam*: results of another method?)"),
+    (insdel_record(rows=("layercam",)), "row(s) layercam* (it holds layercam:"),
+    (insdel_record(insertion="12.5"), 'row layercam: insertion is not a number ("12.5")'),
+    (insdel_record(deletion=True), "row layercam: deletion is not a number (true)"),
+    (insdel_record(deletion=None), "row layercam: deletion is not a number (null)"),
+    (insdel_record(insertion_curve=[0, "x"]), 'row layercam: insertion_curve is not a list of numbers ([0, "x"])'),
+    (insdel_record(deletion_curve=2.0), "row layercam: deletion_curve is not a list of numbers (2.0)"),
+    ({**insdel_record(), "rows": {"layercam": 1, "layercam*": {}}}, "row layercam: not an object (1)"),
+    ({**insdel_record(), "rows": {"layercam": {}, "layercam*": {}}}, "row layercam: no deletion"),
+])
+def test_check_record_refuses_with_file_and_line(record, problem, tmp_path):
+    with pytest.raises(store_module.StoreError) as refused:
+        store_module.check_record(record, tmp_path / "part-0.jsonl", 3, **INSDEL_SHAPE)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'part-0.jsonl'}:3: ") and problem in message, message
+    assert message.endswith("move the file aside or rerun with --fresh")
+
+
+def test_check_record_accepts_this_runs_records(tmp_path):
+    part = tmp_path / "part-0.jsonl"
+    store_module.check_record(insdel_record(), part, 1, **INSDEL_SHAPE)  # NaN is a number (a failed game)
+    store_module.check_record({**insdel_record(rows=("layercam", "layercam*", "extra"))}, part, 1, **INSDEL_SHAPE)
+    store_module.check_record({"key": "b.png", "skipped": "cannot read"}, part, 2, **INSDEL_SHAPE)
+    store_module.check_record(insdel_record(rows=("gradcam",)), part, 3)  # no expectations: structure only
+    pointing = {"key": "c", "file": "c.jpg", "pairs": [{"class": 1}],
+                "rows": {"gradcam": {"hit": [True], "energy": [0.2]}}}
+    store_module.check_record(pointing, part, 4, rows=["gradcam"], lists=("hit", "energy"), keys=("file", "pairs"))
+
+
+def test_store_of_another_methods_records_is_refused_when_read(tmp_path):
+    """A layercam folder holding gradcam records (parts copied over): refused with file and line, not counted
+    done (the report then failed on a KeyError)."""
+    store = ResultStore(tmp_path)
+    store.append([{"key": "b.png", "skipped": "cannot read"}, insdel_record("a.png", rows=("gradcam", "gradcam*"))])
+    assert store.status() == ({"a.png"}, {"b.png"})  # nothing expected: counted done as before
+    store.expect(**INSDEL_SHAPE)
+    with pytest.raises(store_module.StoreError, match=r"part-0\.jsonl:2: a record without this run's row\(s\)"):
+        store.status()
+    with pytest.raises(store_module.StoreError, match=r"part-0\.jsonl:2: "):
+        store.merged()
+
+
+def test_store_with_a_score_that_is_not_a_number_is_refused_when_read(tmp_path):
+    store = ResultStore(tmp_path)
+    store.expect(**INSDEL_SHAPE)
+    store.append([insdel_record("a.png"), insdel_record("b.png", deletion="oops")])
+    with pytest.raises(store_module.StoreError, match=r'part-0\.jsonl:2: row layercam: deletion is not a number'):
+        store.status()

@@ -152,3 +152,41 @@ def test_sigterm_to_visualization_leaves_no_worker(tmp_path):
         assert wait_gone(process.pid) == []
     finally:
         end_session(process)
+
+
+# Runs a script with a hook that signals the script itself at its first fork (a DataLoader worker starting).
+SIGNAL_AT_FORK = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+fired = []
+def fire():
+    if not fired:
+        fired.append(1)
+        os.kill(os.getpid(), {signum})
+os.register_at_fork(before=fire)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, signum, rc, word", [
+    ("visualization.py", signal.SIGTERM, 143, "terminated"),
+    ("visualization.py", signal.SIGINT, 130, "interrupted"),
+    ("insdel.py", signal.SIGTERM, 143, "terminated"),
+])
+def test_a_signal_while_the_workers_fork_ends_the_run(script, signum, rc, word, tmp_path):
+    data, out = many_images(tmp_path / "data", copies=1), tmp_path / "out"
+    hook = tmp_path / "hook.py"
+    hook.write_text(SIGNAL_AT_FORK.format(signum=int(signum)))
+    flags = ["-n", "2", "-a", "1.0", "-c", "180", "--step", str(224 * 112)] if script == "insdel.py" else []
+    process = spawn([str(hook), script, "gradcam", *flags, "--device", "cpu", "--batch-size", "1", "--workers", "2",
+                     "--img-path", str(data), "--out", str(out)], tmp_path)
+    try:
+        code = process.wait(timeout=240)
+        stderr = (tmp_path / "stderr").read_text()
+        assert code == rc, stderr
+        assert f"{script}: {word}" in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr
+        assert wait_gone(process.pid) == []
+    finally:
+        end_session(process)
+    assert not (out / "predictions.csv").exists() and not (out / "summary.json").exists()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.driver import RunningMeans, check_rows
+from evaluation.driver import RunningMeans
 from evaluation.errors import StoreError
 from evaluation.store import ResultStore, StoredRecords
 
@@ -53,32 +53,15 @@ def test_a_damaged_middle_line_names_its_file_and_line(tmp_path):
         store.status()
 
 
-def test_records_of_another_method_are_refused_with_file_and_line(tmp_path):
-    """A layercam folder holding gradcam records: refused at status, before any work (was a KeyError in the
-    report after counting them done)."""
+def test_streamed_status_refuses_records_of_another_method_at_their_line(tmp_path):
+    """The streaming status() applies check_record (tests/test_resume.py) to every line: a layercam folder
+    holding gradcam records is refused at the first such line, before any work."""
     store = ResultStore(tmp_path)
     store.append([record("a", layercam={"insertion": 1.0, "deletion": 2.0}),
                   record("b", gradcam={"insertion": 1.0, "deletion": 2.0})])
-
-    def check(r):
-        return check_rows(r, ["layercam"], ("deletion", "insertion"))
-
-    with pytest.raises(StoreError, match=r"part-0.jsonl:2: a record of rows gradcam, not this run's layercam"):
-        store.status(check)
-
-
-@pytest.mark.parametrize("value", ["12.5", None, True, [1.0]])
-def test_a_score_that_is_not_a_number_is_refused(tmp_path, value):
-    store = ResultStore(tmp_path)
-    store.append([record("a", gradcam={"insertion": 1.0, "deletion": value})])
-    with pytest.raises(StoreError, match=r"part-0.jsonl:1: row gradcam: deletion is .*not a number"):
-        store.status(lambda r: check_rows(r, ["gradcam"], ("deletion", "insertion")))
-
-
-def test_nan_scores_are_numbers(tmp_path):
-    store = ResultStore(tmp_path)
-    store.append([record("a", gradcam={"insertion": math.nan, "deletion": 1.0})])
-    assert store.status(lambda r: check_rows(r, ["gradcam"], ("deletion", "insertion")))[0] == {"a"}
+    store.expect(rows=["layercam"], fields=("deletion", "insertion"), keys=("file", "target"))
+    with pytest.raises(StoreError, match=r"part-0.jsonl:2: a record without this run's row\(s\) layercam"):
+        store.status()
 
 
 def test_running_means_equal_the_means_of_every_record_so_far():
