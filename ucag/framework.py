@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, Targets, as_targets, resolve_targets, widen_half
+from methods.base import (
+    Explainer,
+    Explanation,
+    Targets,
+    as_targets,
+    check_batch,
+    outside_inference,
+    resolve_targets,
+    widen_half,
+)
 from methods.batching import batch_for_memory, even_chunks
 from methods.hooks import restored_state
 from methods.postprocess import finalize_maps, finalize_signed, official_blur
@@ -129,8 +138,10 @@ class UCAG(Explainer):
         (e.g. the paper's map for the data and the seamless one for a picture, at the cost of one).
         ``logits``: the model's (B, K) logits for ``x`` when the caller already has them (a base row explained
         the same batch); they are returned as given and the image's own forward is skipped."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+        check_batch(x, self.model)
+        if torch.is_inference_mode_enabled():
+            with outside_inference(x, targets, logits) as (x, targets, logits):
+                return self.explain_blends(x, targets, blends, logits)
         for blend in blends:
             check_blend(blend)
             if self.official and blend != "constant":

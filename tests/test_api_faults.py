@@ -1,0 +1,104 @@
+"""Python API mistakes a new user makes: a wrong dtype, an empty batch, inference mode, float targets, bad
+UCAG parameters. Each gives a one-line error (or, for inference mode, the same maps as outside it)."""
+import math
+
+import pytest
+import torch
+
+from methods import build_explainer
+from methods.errors import MethodError
+from models import load_model
+from ucag import UCAG, UpscaledInput
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# cheap settings: every kind of gradient path (CAM hook, input gradient, bias terms, relevance, path integral)
+GRADIENT_METHODS = {"gradcam": {}, "layercam": {}, "fullgrad": {}, "gradient": {}, "guided": {}, "lrp": {},
+                    "igcam": {"steps": 2}, "cameras": {"resolutions": (32, 48)}}
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return load_model("resnet18", "random")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_batch_in_another_float_dtype_names_both_dtypes(dtype, resnet18, batch):
+    for explainer in (build_explainer("gradcam", resnet18), UCAG(build_explainer("gradcam", resnet18), n=2, alpha=1)):
+        with pytest.raises(MethodError) as exc:
+            explainer(batch.to(dtype), [1, 2])
+        assert str(dtype) in one_line(exc) and "torch.float32" in str(exc.value)
+
+
+def test_a_uint8_batch_says_to_normalise(resnet18, batch):
+    images = (batch * 40 + 128).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(MethodError, match="models.preprocess") as exc:
+        build_explainer("gradcam", resnet18)(images)
+    one_line(exc)
+
+
+def test_a_float64_model_takes_a_float64_batch(resnet18, batch):
+    model = load_model("resnet18", "random")
+    model.model.double()
+    maps, logits = build_explainer("gradcam", model)(batch.double(), [1, 2])
+    assert logits.dtype == torch.float64 and torch.isfinite(maps).all()
+
+
+def test_an_empty_batch_is_refused_in_one_line(resnet18, batch):
+    explainer = build_explainer("gradcam", resnet18)
+    for wrapped in (explainer, UCAG(explainer, n=2, alpha=1), UpscaledInput(explainer, 2.0)):
+        with pytest.raises(MethodError, match="empty batch") as exc:
+            wrapped(batch[:0])
+        one_line(exc)
+    with pytest.raises(MethodError, match="empty batch"):
+        UCAG(explainer, n=2, alpha=1).explain_blends(batch[:0], None, ("constant",))
+
+
+@pytest.mark.parametrize("method", sorted(GRADIENT_METHODS))
+def test_gradient_methods_work_inside_inference_mode_and_no_grad(method, resnet18, batch):
+    explainer = build_explainer(method, resnet18, **GRADIENT_METHODS[method])
+    targets = torch.tensor([1, 2])
+    expected, expected_logits = explainer(batch, targets)
+    with torch.no_grad():
+        no_grad_maps, _ = explainer(batch, targets)
+    with torch.inference_mode():
+        inference_batch, inference_targets = batch.clone(), targets.clone()  # inference tensors, as a user has
+        maps, logits = explainer(inference_batch, inference_targets)
+        assert torch.is_inference_mode_enabled()
+    assert not maps.is_inference() and not logits.is_inference()
+    assert torch.equal(maps, expected) and torch.equal(logits, expected_logits) and torch.equal(no_grad_maps, expected)
+
+
+def test_ucag_works_inside_inference_mode(resnet18, batch):
+    ucag = UCAG(build_explainer("gradcam", resnet18), n=2, alpha=1.5)
+    expected = ucag(batch, [1, 2]).maps
+    with torch.inference_mode():
+        maps = ucag(batch.clone(), torch.tensor([1, 2])).maps
+        logits = resnet18.model(batch)
+        blends = ucag.explain_blends(batch.clone(), torch.tensor([1, 2]), ("constant",), logits=logits)
+    assert torch.equal(maps, expected) and torch.equal(blends["constant"].maps, expected)
+
+
+def test_float_targets_are_taken_when_whole_and_refused_when_not(resnet18, batch):
+    explainer = build_explainer("gradcam", resnet18)
+    expected = explainer(batch, [1, 2]).maps
+    assert torch.equal(explainer(batch, torch.tensor([1.0, 2.0])).maps, expected)
+    for bad in ([1.5, 2], [1, math.nan], torch.tensor([2.9, 1.0])):
+        with pytest.raises(MethodError, match="whole numbers") as exc:
+            explainer(batch, bad)
+        one_line(exc)
+    with pytest.raises(MethodError, match="integers"):
+        explainer(batch, [True, False])
