@@ -8,7 +8,7 @@ import torch
 from methods import build_explainer
 from methods.errors import MethodError
 from models import load_model
-from ucag import UCAG, UpscaledInput
+from ucag import UCAG, PatchGrid, UpscaledInput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +102,33 @@ def test_float_targets_are_taken_when_whole_and_refused_when_not(resnet18, batch
         one_line(exc)
     with pytest.raises(MethodError, match="integers"):
         explainer(batch, [True, False])
+
+
+@pytest.mark.parametrize("kwargs, wording", [
+    ({"alpha": math.nan}, "alpha must be positive and finite, got nan"),
+    ({"alpha": math.inf}, "alpha must be positive and finite, got inf"),
+    ({"alpha": -1.0}, "alpha must be positive and finite"),
+    ({"alpha": "2"}, "alpha must be positive and finite"),
+    ({"n": 2.5}, "n must be an integer of at least 2, got 2.5"),
+    ({"n": 1}, "n must be an integer of at least 2, got 1"),
+    ({"n": True}, "n must be an integer of at least 2"),
+    ({"crop": math.nan}, r"crop must be in \(0, 224\]"),
+    ({"crop": 300}, r"crop must be in \(0, 224\]"),
+    ({"patch_batch": 2.5}, "patch_batch must be a positive integer"),
+])
+def test_ucag_parameters_are_checked_at_construction(kwargs, wording, resnet18):
+    explainer = build_explainer("gradcam", resnet18)
+    with pytest.raises(MethodError, match=wording) as exc:
+        UCAG(explainer, **kwargs)
+    one_line(exc)
+
+
+@pytest.mark.parametrize("alpha", [math.inf, math.nan, 0.0])
+def test_upscaled_input_checks_alpha_at_construction(alpha, resnet18):
+    with pytest.raises(MethodError, match="alpha must be positive and finite"):
+        UpscaledInput(build_explainer("gradcam", resnet18), alpha)
+
+
+def test_patch_grid_refuses_a_fractional_n():
+    with pytest.raises(ValueError, match="n must be an integer of at least 2, got 2.5"):
+        PatchGrid(224, 224, 124, 2.5)

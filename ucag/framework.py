@@ -12,7 +12,9 @@ and min-max (plus the official blur in ``official`` mode).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +31,35 @@ from methods.base import (
     widen_half,
 )
 from methods.batching import batch_for_memory, even_chunks
+from methods.errors import MethodError
 from methods.hooks import restored_state
+from methods.options import positive_int
 from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from methods.targets import target_probabilities
 from ucag.blending import blend_fold, check_blend
-from ucag.geometry import PatchGrid
+from ucag.geometry import REFERENCE_SIDE, PatchGrid
 from ucag.upscaling import UpscaledCrops
+
+
+def check_alpha(alpha) -> float:
+    """alpha: a finite number > 0 (as the scripts' -a/--alpha)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not (math.isfinite(alpha) and alpha > 0):
+        raise MethodError(f"alpha must be positive and finite, got {alpha!r}")
+    return float(alpha)
+
+
+def check_crop(crop) -> float:
+    """c: the crop side in the 224-px frame, in (0, 224] (as -c/--crop-size)."""
+    if isinstance(crop, bool) or not isinstance(crop, Real) or not (math.isfinite(crop) and 0 < crop <= REFERENCE_SIDE):
+        raise MethodError(f"crop must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), got {crop!r}")
+    return crop
+
+
+def check_n(n) -> int:
+    """n: crops per side, an integer >= 2 (as -n/--num-patches)."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 2:
+        raise MethodError(f"n must be an integer of at least 2, got {n!r}")
+    return int(n)
 
 
 @torch.no_grad()
@@ -58,9 +83,7 @@ class UpscaledInput(Explainer):
 
     def __init__(self, explainer: Explainer, alpha: float):
         super().__init__(explainer.model)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        self.explainer, self.alpha = explainer, alpha
+        self.explainer, self.alpha = explainer, check_alpha(alpha)
 
     @property
     def signed(self) -> bool:
@@ -99,10 +122,8 @@ class UCAG(Explainer):
                  progress: bool = False, multilabel: bool = False, blend: str = "constant",
                  crop_input: tuple[int, int] | None = None):
         super().__init__(explainer.model)
-        if alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        if patch_batch is not None and patch_batch < 1:
-            raise ValueError(f"patch_batch must be at least 1, got {patch_batch}")
+        alpha, crop, n = check_alpha(alpha), check_crop(crop), check_n(n)
+        patch_batch = positive_int("patch_batch", patch_batch, optional=True)
         self.explainer, self.crop, self.n, self.alpha = explainer, crop, n, alpha
         self.patch_batch, self.official, self.progress = patch_batch, official, progress
         self.confidence = (not official) if confidence is None else confidence
