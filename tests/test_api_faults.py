@@ -1,13 +1,18 @@
 """Python API mistakes a new user makes: a wrong dtype, an empty batch, inference mode, float targets, bad
 UCAG parameters. Each gives a one-line error (or, for inference mode, the same maps as outside it)."""
+import argparse
 import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from app.cli import UsageError, check_geometry
 from methods import build_explainer
 from methods.errors import MethodError
 from models import load_model
+from models.spec import ModelSpec
+from models.timm_models import read_weights
 from ucag import UCAG, PatchGrid, UpscaledInput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,3 +137,30 @@ def test_upscaled_input_checks_alpha_at_construction(alpha, resnet18):
 def test_patch_grid_refuses_a_fractional_n():
     with pytest.raises(ValueError, match="n must be an integer of at least 2, got 2.5"):
         PatchGrid(224, 224, 124, 2.5)
+
+
+def test_upper_case_safetensors_suffix_is_read_as_safetensors(tmp_path):
+    state = {"weight": torch.arange(6.0).view(2, 3)}
+    for name in ("w.SAFETENSORS", "w.SafeTensors"):
+        save_file(state, tmp_path / name)
+        assert torch.equal(read_weights(str(tmp_path / name))["weight"], state["weight"])
+
+
+def geometry(alpha, crop=124.0, n=6):
+    return argparse.Namespace(num_patches=n, alpha=alpha, crop_size=crop, patch_batch=None)
+
+
+def test_alpha_caps_skip_fixed_input_models_only():
+    fixed = ModelSpec("fixed", torch.nn.Identity(), "", [], extra={"fixed_input": True})
+    dynamic = ModelSpec("dynamic", torch.nn.Identity(), "", [])
+    check_geometry(geometry(alpha=100.0), fixed)       # 124 * 100 px: no crop of that size is ever made
+    check_geometry(geometry(alpha=0.01), fixed)        # 1 px crops: not made either
+    with pytest.raises(UsageError, match="above the 4096 px limit"):
+        check_geometry(geometry(alpha=100.0), dynamic)
+    with pytest.raises(UsageError, match="below the 32 px"):
+        check_geometry(geometry(alpha=0.01), dynamic)
+    for spec in (fixed, dynamic):
+        with pytest.raises(UsageError, match="alpha must be positive and finite"):
+            check_geometry(geometry(alpha=math.inf), spec)
+        with pytest.raises(UsageError, match="-c/--crop-size: .*empty crop"):
+            check_geometry(geometry(alpha=2.0, crop=0.5), spec)
