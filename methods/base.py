@@ -8,6 +8,7 @@ red/blue pictures of signed methods), which wrappers such as UCAG override.
 """
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -122,6 +123,22 @@ class Explainer(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self._gradients_checked = False
+
+    def check_gradients(self, grads: torch.Tensor, layer: nn.Module) -> None:
+        """Warn when dS/dA at ``layer`` is exactly zero for an image of the batch: its map is then all zero and
+        ranks pixels in raster order. Checked on the explainer's first call only (one host sync): a layer the
+        score does not depend on (a ViT layer after the last attention) gives zeros for every input."""
+        if getattr(self, "_gradients_checked", False):
+            return
+        self._gradients_checked = True
+        zero = int(grads.flatten(1).eq(0).all(dim=1).sum())
+        if zero:
+            name = next((name for name, module in self.model.named_modules() if module is layer), "")
+            warnings.warn(f"{self.name}: the gradient of the target score at layer '{name or 'the target layer'}' "
+                          f"is exactly zero for {zero} of {len(grads)} images, so their maps are all zero (the "
+                          "score does not depend on this layer, e.g. a ViT layer after the last attention: choose "
+                          "another --target-layer)", RuntimeWarning, stacklevel=3)
 
     @abstractmethod
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:

@@ -1,18 +1,22 @@
 """Python API mistakes a new user makes: a wrong dtype, an empty batch, inference mode, float targets, bad
 UCAG parameters. Each gives a one-line error (or, for inference mode, the same maps as outside it)."""
 import argparse
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from app.cli import UsageError, check_geometry
-from methods import build_explainer
+from methods import build_explainer, finalize_maps
 from methods.errors import MethodError
+from methods.postprocess import zero_maps
 from models import load_model
 from models.spec import ModelSpec
-from models.timm_models import read_weights
+from models.timm_models import read_weights, timm_spec
+from tests.vit_fixtures import tiny_vit
 from ucag import UCAG, PatchGrid, UpscaledInput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,3 +168,44 @@ def test_alpha_caps_skip_fixed_input_models_only():
             check_geometry(geometry(alpha=math.inf), spec)
         with pytest.raises(UsageError, match="-c/--crop-size: .*empty crop"):
             check_geometry(geometry(alpha=2.0, crop=0.5), spec)
+
+
+@pytest.fixture(scope="module")
+def vit_spec():
+    return timm_spec(tiny_vit(dynamic_img_size=True, dynamic_img_pad=True), "tiny_vit")
+
+
+@pytest.mark.parametrize("layer", ["norm", "blocks.1.attn"])
+def test_zero_gradients_after_the_last_attention_warn_once(layer, vit_spec):
+    explainer = build_explainer("gradcam", dataclasses.replace(vit_spec, target_layer=layer))
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = explainer.finalize(explainer(x).maps, (32, 32))
+        explainer(x)
+        UCAG(explainer, n=2, alpha=1)(x)
+    notes = [str(w.message) for w in caught if "exactly zero" in str(w.message)]
+    assert len(notes) == 1 and f"layer '{layer}'" in notes[0] and "2 of 2 images" in notes[0], notes
+    assert zero_maps(maps).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("method, options", [("igcam", {"steps": 2}), ("cameras", {"resolutions": (32, 48)})])
+def test_zero_gradients_warn_in_the_path_and_resolution_cams(method, options, vit_spec):
+    explainer = build_explainer(method, dataclasses.replace(vit_spec, target_layer="norm"), **options)
+    with pytest.warns(RuntimeWarning, match="exactly zero"):
+        explainer(torch.randn(1, 3, 32, 32))
+
+
+def test_a_layer_the_score_depends_on_gives_no_warning(vit_spec):
+    explainer = build_explainer("gradcam", vit_spec)  # blocks.1.norm1, before the last attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        maps = explainer.finalize(explainer(torch.randn(2, 3, 32, 32)).maps, (32, 32))
+    assert not zero_maps(maps).any()
+
+
+def test_zero_maps_flags_all_zero_final_maps_only():
+    maps = torch.zeros(3, 1, 4, 4)
+    maps[1, 0, 2, 3] = 1e-30
+    maps[2] = finalize_maps(torch.full((1, 1, 4, 4), 5.0))  # a constant raw map: all zero once final
+    assert zero_maps(maps).tolist() == [True, False, True]
