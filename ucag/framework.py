@@ -30,7 +30,7 @@ from methods.base import (
     resolve_targets,
     widen_half,
 )
-from methods.batching import batch_for_memory, even_chunks
+from methods.batching import batch_for_memory, even_chunks, run_chunks
 from methods.errors import MethodError
 from methods.hooks import restored_state
 from methods.options import positive_int
@@ -184,11 +184,9 @@ class UCAG(Explainer):
         partial = torch.empty(len(crops), *grid.crop_size, device=x.device, dtype=torch.float32)
         patch_batch = self.patch_batch or even_chunks(len(crops), batch_for_memory(self.model, scaled, x.device,
                                                                                   gradients=True))
-        starts = range(0, len(crops), patch_batch)
-        for start in tqdm(starts, desc="UCAG patches", leave=False, disable=not self.progress):
-            stop = start + patch_batch
-            chunk = crops[start:stop]
-            maps, chunk_logits = self.explainer.explain_checked(chunk, crop_targets[start:stop])
+
+        def explain_chunk(start: int, stop: int) -> None:
+            maps, chunk_logits = self.explainer.explain_checked(crops[start:stop], crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
                 weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
@@ -196,6 +194,10 @@ class UCAG(Explainer):
             shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
+
+        with tqdm(total=len(crops), desc="UCAG patches", leave=False, disable=not self.progress) as bar:
+            key = ("ucag", self.explainer.name, scaled, str(x.device))  # the chunk that fit after an OOM, kept
+            run_chunks(len(crops), patch_batch, explain_chunk, self.model, key, "UCAG crops", bar.update)
         logits = widen_half(logits)  # bf16 autocast: float32, as Explainer.__call__ gives
         return {blend: Explanation(blend_fold(grid, partial, blend, self.official), logits) for blend in blends}
 
