@@ -154,7 +154,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
-    """n >= 2, alpha > 0, 0 < c <= 224, and scaled crops large enough for the model."""
+    """n >= 2, alpha > 0, 0 < c <= 224, and scaled crops neither too small for the model nor above
+    MAX_SCALED_SIDE (not checked for a fixed-input model, whose crops are resized to its input size)."""
     if args.num_patches < 2:
         raise UsageError(f"-n/--num-patches must be at least 2 (got {args.num_patches})")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
@@ -164,13 +165,18 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> None:
                         f"got {args.crop_size}")
     if args.patch_batch is not None and args.patch_batch < 1:
         raise UsageError(f"--patch-batch must be at least 1 (got {args.patch_batch})")
-    grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
+    try:
+        grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
+    except ValueError as exc:  # c too small for the model's input: an empty crop
+        raise UsageError(f"-c/--crop-size: {exc}") from None
+    if spec.extra.get("fixed_input"):
+        return  # its crops are resized to its input size (fixed_crop_input): alpha sets no crop size to check
     side = min(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
     largest = max(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
     if largest > MAX_SCALED_SIDE:
         raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha:g} would "
                          f"be {largest} px, above the {MAX_SCALED_SIDE} px limit; lower -a or -c")
-    if side < spec.min_side and not spec.extra.get("fixed_input"):
+    if side < spec.min_side:
         raise UsageError(f"crops of {grid.crop_size[0]}x{grid.crop_size[1]} px scaled by alpha={args.alpha} are "
                         f"{side} px, below the {spec.min_side} px {spec.name} accepts; raise -c or -a")
 

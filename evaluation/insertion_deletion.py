@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.batching import batch_for_memory, even_chunks
+from methods.batching import batch_for_memory, even_chunks, run_chunks
 from models.preprocessing import memory_format_of
 
 BLUR_KERNEL, BLUR_SIGMA = 51, 50.0
@@ -130,14 +130,17 @@ def game_curves(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, 
     buffer = torch.empty(min(forward_batch, total), channels, height, width, device=images.device,
                          dtype=images.dtype, memory_format=memory_format_of(model))
     curves = torch.empty(total, device=images.device)
-    for first in range(0, total, forward_batch):
-        last = min(first + forward_batch, total)
+
+    def score(first: int, last: int) -> None:
         for image in range(first // points, (last - 1) // points + 1):  # the few images this chunk spans
             low, high = max(first, image * points), min(last, (image + 1) * points)
             _walk(start[image], finish[image], order[image], counts[low - image * points:high - image * points],
                   buffer[low - first:high - first])
         probabilities = torch.softmax(model(buffer[:last - first]).float(), dim=1)
         curves[first:last] = probabilities.gather(1, pair_targets[first:last])[:, 0]
+
+    run_chunks(total, forward_batch, score, model, ("forward", (height, width), str(images.device)),
+               "perturbed images")  # halves the chunk on out-of-memory
     return curves.view(batch, points)
 
 

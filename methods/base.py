@@ -8,6 +8,7 @@ red/blue pictures of signed methods), which wrappers such as UCAG override.
 """
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from common.precision import full_precision
+from methods.errors import MethodError
 from methods.postprocess import finalize_maps, finalize_signed
 
 Targets = torch.Tensor | Sequence[int] | int | None
@@ -31,10 +33,17 @@ class Explanation(NamedTuple):
 
 
 def as_targets(targets: Targets, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Normalise targets to a (B,) int64 tensor on ``device`` (None stays None: explain the prediction)."""
+    """Normalise targets to a (B,) int64 tensor on ``device`` (None stays None: explain the prediction).
+    Float targets are taken when every value is a whole number (3.0 is class 3) and refused otherwise (no
+    silent truncation of 2.7 to 2); booleans are refused."""
     if targets is None:
         return None
-    tensor = torch.as_tensor(targets, device=device).long().flatten()
+    tensor = torch.as_tensor(targets, device=device)
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise MethodError(f"targets must be class indices (integers), got a {tensor.dtype} tensor")
+    if tensor.is_floating_point() and not bool((tensor == tensor.round()).all()):  # NaN and inf fail too
+        raise MethodError(f"targets must be class indices (whole numbers), got {tensor.flatten().tolist()[:8]}")
+    tensor = tensor.long().flatten()
     if tensor.numel() == 1 and batch > 1:
         tensor = tensor.expand(batch)
     if tensor.numel() != batch:
@@ -73,9 +82,35 @@ def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch
     return targets
 
 
+def check_batch(x: torch.Tensor, model: nn.Module) -> None:
+    """A (B, 3, H, W) batch with B, H, W >= 1 whose dtype is the model's (floating) parameter dtype; a
+    one-line error otherwise (a uint8 image, a float64 batch for a float32 model, an empty batch)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.numel() == 0:
+        raise MethodError(f"empty batch of shape {tuple(x.shape)}: nothing to explain")
+    if not x.is_floating_point():
+        raise MethodError(f"expected a normalised floating-point batch, got {x.dtype} (normalise images with "
+                          "models.preprocess)")
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_floating_point() and x.dtype != parameter.dtype:
+        raise MethodError(f"the batch is {x.dtype} but the model's parameters are {parameter.dtype}: convert "
+                          f"it with x.to({parameter.dtype}) (bfloat16 arithmetic: run under torch.autocast, "
+                          "the scripts' --precision bf16)")
+
+
 def widen_half(tensor: torch.Tensor) -> torch.Tensor:
     """bfloat16 / float16 -> float32; float32 and float64 stay as they are."""
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
+
+
+@contextmanager
+def outside_inference(*tensors) -> Iterator[tuple]:
+    """Leave ``torch.inference_mode()`` for the block, with copies of ``tensors`` (the batch, the targets):
+    gradients cannot be taken in inference mode, and inference tensors cannot be saved for a backward pass.
+    Values that are not tensors pass as they are. The results are ordinary tensors the caller can use."""
+    with torch.inference_mode(False):
+        yield tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 class Explainer(ABC):
@@ -91,6 +126,22 @@ class Explainer(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self._gradients_checked = False
+
+    def check_gradients(self, grads: torch.Tensor, layer: nn.Module) -> None:
+        """Warn when dS/dA at ``layer`` is exactly zero for an image of the batch: its map is then all zero and
+        ranks pixels in raster order. Checked on the explainer's first call only (one host sync): a layer the
+        score does not depend on (a ViT layer after the last attention) gives zeros for every input."""
+        if getattr(self, "_gradients_checked", False):
+            return
+        self._gradients_checked = True
+        zero = int(grads.flatten(1).eq(0).all(dim=1).sum())
+        if zero:
+            name = next((name for name, module in self.model.named_modules() if module is layer), "")
+            warnings.warn(f"{self.name}: the gradient of the target score at layer '{name or 'the target layer'}' "
+                          f"is exactly zero for {zero} of {len(grads)} images, so their maps are all zero (the "
+                          "score does not depend on this layer, e.g. a ViT layer after the last attention: choose "
+                          "another --target-layer)", RuntimeWarning, stacklevel=3)
 
     @abstractmethod
     def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
@@ -113,9 +164,11 @@ class Explainer(ABC):
             return self._explain_in_precision(x, targets)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
-        """Check the batch and explain it."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+        """Check the batch and explain it (also inside ``torch.inference_mode()``, see :func:`outside_inference`)."""
+        check_batch(x, self.model)
+        if torch.is_inference_mode_enabled():
+            with outside_inference(x, targets) as (x, targets):
+                return self(x, targets)
         return self._explain_in_precision(x, as_targets(targets, x.shape[0], x.device))
 
     def _explain_in_precision(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:

@@ -29,6 +29,7 @@ class CAM(Explainer):
             logits = capture.forward(self.model, x)
             targets = resolve_targets(targets, logits)
             (grads,) = target_gradients(logits, targets, capture.activation)
+        self.check_gradients(grads, self.layer)
         activations = capture.activation.detach().float()  # combined in float32 (bf16 autocast: A and g bf16)
         return Explanation(self.combine(activations, grads.float()), logits.detach())
 

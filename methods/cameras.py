@@ -94,6 +94,7 @@ class CAMERAS(Explainer):
                         logits_x = logits.detach()
                         targets = resolve_targets(targets, logits_x)
                     (grads,) = target_gradients(logits, targets, capture.activation)
+                    self.check_gradients(grads, self.layer)  # the first pass only (see Explainer.check_gradients)
                     activations.append(capture.activation.detach())
                     gradients.append(grads)
                     agree.append(logits.detach().argmax(dim=1) == targets)

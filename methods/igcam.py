@@ -133,6 +133,8 @@ class IntegratedGradCAM(Explainer):
                     if start == 0:
                         targets = resolve_targets(targets, logits)  # range check of given targets
                     (grads,) = target_gradients(logits, targets[image], capture.activation)
+                    if integrated and start == 0:  # rows 0..B-1: x itself
+                        self.check_gradients(grads[:batch], self.layer)
                     activation = capture.activation.detach()
                     if integrated:
                         activation = activation - base_act

@@ -14,15 +14,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.batching import batch_for_memory
+from methods.batching import batch_for_memory, run_chunks
 from methods.hooks import LayerCapture, Post, restored_state
 from methods.options import in_interval, integer, positive_int
 from methods.targets import target_probabilities
 from models.spec import ModelSpec
 
 
-def _chunks(total: int, size: int, desc: str):
-    return tqdm(range(0, total, size), desc=desc, leave=False, disable=None)
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, leave=False, disable=None)
 
 
 class ScoreCAM(Explainer):
@@ -58,8 +58,9 @@ class ScoreCAM(Explainer):
             pairs = varying.nonzero().squeeze(1)                   # (image, channel) pairs to score
             scores = torch.zeros(batch * channels, device=x.device)
             mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
-            for start in _chunks(len(pairs), mask_batch, "Score-CAM masks"):
-                index = pairs[start:start + mask_batch]
+
+            def score(start: int, stop: int) -> None:
+                index = pairs[start:stop]
                 image = torch.div(index, channels, rounding_mode="floor")
                 masks = F.interpolate(flat[index], size=(height, width), mode="bilinear", align_corners=False)
                 low = masks.amin(dim=(2, 3), keepdim=True)
@@ -67,6 +68,10 @@ class ScoreCAM(Explainer):
                 masks = torch.where(span > 0, (masks - low) / span.clamp(min=torch.finfo(span.dtype).tiny), 0)
                 scores[index] = target_probabilities(self.model(x[image] * masks.to(x.dtype)), targets[image],
                                                    self.multilabel)
+
+            with _bar(len(pairs), "Score-CAM masks") as bar:
+                run_chunks(len(pairs), mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
+                           "Score-CAM masked images", bar.update)
         weights = scores.view(batch, channels, 1, 1)
         return Explanation((weights * activations.float()).sum(dim=1, keepdim=True), logits.detach())
 
@@ -156,15 +161,20 @@ class RISE(Explainer):
             targets = resolve_targets(targets, logits)
             pairs = torch.arange(batch * n, device=x.device)      # image-major (image, mask) pairs
             mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
-            for start in _chunks(batch * n, mask_batch, "RISE masks"):
-                index = pairs[start:start + mask_batch]
+
+            def score(start: int, stop: int) -> None:  # the sum is added only once a chunk's forward is done
+                index = pairs[start:stop]
                 image = torch.div(index, n, rounding_mode="floor")
                 masks = self.masks(height, width, x.device, index - image * n)
                 probs = target_probabilities(self.model(x[image] * masks[:, None].to(x.dtype)), targets[image],
                                            self.multilabel)
                 weights = torch.zeros(batch, len(index), device=x.device)
                 weights[image, torch.arange(len(index), device=x.device)] = probs
-                saliency += weights @ masks.flatten(1)
+                saliency.add_(weights @ masks.flatten(1))
+
+            with _bar(batch * n, "RISE masks") as bar:
+                run_chunks(batch * n, mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
+                           "RISE masked images", bar.update)
         maps = (saliency / (n * self.p)).view(batch, 1, height, width)
         return Explanation(maps, logits.detach())
 

@@ -73,3 +73,9 @@ def finalize_signed(maps: torch.Tensor, size: tuple[int, int] | None = None) -> 
         maps = resize_maps(maps, size)
     scale = maps.flatten(1).abs().max(dim=1).values.view(-1, 1, 1, 1)
     return torch.where(scale > 0, maps / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(maps))
+
+
+def zero_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: True where a final (B, 1, h, w) map is all zero (a constant raw map after the ReLU and
+    min-max), a map that ranks pixels in raster order."""
+    return maps.flatten(1).eq(0).all(dim=1)

@@ -43,7 +43,6 @@ Sources: the SISE reference code (Keras; ``create_attribution_masks``, ``visuali
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import cv2
@@ -55,7 +54,7 @@ from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.batching import batch_for_memory
+from methods.batching import batch_for_memory, run_chunks
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
 from methods.options import choice, positive_int
@@ -256,6 +255,9 @@ class SISE(Explainer):
     """
 
     name = "sise"
+    # float32 also in a bf16 autocast region: the Otsu gates and channel selections amplify bf16 rounding (measured
+    # on CPU, bundled photos: bf16 maps differ by up to 0.62, correlation 0.94-0.96, 25-30x Grad-CAM's difference)
+    mixed_precision = False
     default_fusion = "soft"
     area_normalise = True        # V = sum s_m M_m / |M_m| (official SISE); Ada-SISE: plain sum
     temperature = 100.0          # T of the soft Otsu gate
@@ -315,8 +317,8 @@ class SISE(Explainer):
             self.last_selection = selection
             mask_batch = self.mask_batch or batch_for_memory(self.model, tuple(x.shape[-2:]), x.device,
                                                              gradients=False)
-            chunks = sum(math.ceil(len(p) / mask_batch) for p in pairs)
-            with torch.no_grad(), tqdm(total=chunks, desc=self.progress_desc, leave=False, disable=None) as bar:
+            masks = sum(len(p) for p in pairs)
+            with torch.no_grad(), tqdm(total=masks, desc=self.progress_desc, leave=False, disable=None) as bar:
                 layer_maps = [self._layer_map(x, act, index, targets, bar, mask_batch)
                               for act, index in zip(acts, pairs, strict=True)]
         return Explanation(self._fuse(layer_maps)[:, None], logits)
@@ -325,8 +327,9 @@ class SISE(Explainer):
         """(B, H, W) visualization map V = sum_m s_m M_m (/ |M_m|) of one layer, not yet normalised."""
         batch, _, height, width = x.shape
         total = torch.zeros(batch, height, width, device=x.device, dtype=torch.float32)
-        for start in range(0, len(index), mask_batch):
-            image, channel = index[start:start + mask_batch].unbind(1)
+
+        def score(start: int, stop: int) -> None:  # the chunk's sum is added only once its forward is done
+            image, channel = index[start:stop].unbind(1)
             masks = F.interpolate(act[image, channel][:, None].float(), size=(height, width), mode="bilinear",
                                   align_corners=False)
             low = masks.amin(dim=(2, 3), keepdim=True)
@@ -337,7 +340,9 @@ class SISE(Explainer):
             if self.area_normalise:
                 weights = scores / (masks.sum(dim=(1, 2, 3)) + 1e-6)
             total.index_add_(0, image, weights[:, None, None] * masks[:, 0])
-            bar.update(1)
+
+        run_chunks(len(index), mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
+                   "SISE masked images", bar.update)
         return total
 
     def _fuse(self, layer_maps: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -169,8 +169,9 @@ def pretrained_model(name: str) -> nn.Module:
 
 
 def read_weights(path: str) -> dict:
-    """A state_dict from a .safetensors file or a torch checkpoint (see registry._read_state_dict)."""
-    if not path.endswith(".safetensors"):
+    """A state_dict from a .safetensors file (the suffix in any case) or a torch checkpoint (see
+    registry._read_state_dict)."""
+    if not path.lower().endswith(".safetensors"):
         return _read_state_dict(path)
     if not Path(path).is_file():
         raise ModelError(f"weights file not found: {path}")

@@ -12,20 +12,54 @@ and min-max (plus the official blur in ``official`` mode).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, Targets, as_targets, resolve_targets, widen_half
-from methods.batching import batch_for_memory, even_chunks
+from methods.base import (
+    Explainer,
+    Explanation,
+    Targets,
+    as_targets,
+    check_batch,
+    outside_inference,
+    resolve_targets,
+    widen_half,
+)
+from methods.batching import batch_for_memory, even_chunks, run_chunks
+from methods.errors import MethodError
 from methods.hooks import restored_state
+from methods.options import positive_int
 from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from methods.targets import target_probabilities
 from ucag.blending import blend_fold, check_blend
-from ucag.geometry import PatchGrid
+from ucag.geometry import REFERENCE_SIDE, PatchGrid
 from ucag.upscaling import UpscaledCrops
+
+
+def check_alpha(alpha) -> float:
+    """alpha: a finite number > 0 (as the scripts' -a/--alpha)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not (math.isfinite(alpha) and alpha > 0):
+        raise MethodError(f"alpha must be positive and finite, got {alpha!r}")
+    return float(alpha)
+
+
+def check_crop(crop) -> float:
+    """c: the crop side in the 224-px frame, in (0, 224] (as -c/--crop-size)."""
+    if isinstance(crop, bool) or not isinstance(crop, Real) or not (math.isfinite(crop) and 0 < crop <= REFERENCE_SIDE):
+        raise MethodError(f"crop must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), got {crop!r}")
+    return crop
+
+
+def check_n(n) -> int:
+    """n: crops per side, an integer >= 2 (as -n/--num-patches)."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 2:
+        raise MethodError(f"n must be an integer of at least 2, got {n!r}")
+    return int(n)
 
 
 @torch.no_grad()
@@ -49,9 +83,7 @@ class UpscaledInput(Explainer):
 
     def __init__(self, explainer: Explainer, alpha: float):
         super().__init__(explainer.model)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        self.explainer, self.alpha = explainer, alpha
+        self.explainer, self.alpha = explainer, check_alpha(alpha)
 
     @property
     def signed(self) -> bool:
@@ -94,10 +126,8 @@ class UCAG(Explainer):
                  progress: bool = False, multilabel: bool = False, blend: str = "constant",
                  crop_input: tuple[int, int] | None = None):
         super().__init__(explainer.model)
-        if alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        if patch_batch is not None and patch_batch < 1:
-            raise ValueError(f"patch_batch must be at least 1, got {patch_batch}")
+        alpha, crop, n = check_alpha(alpha), check_crop(crop), check_n(n)
+        patch_batch = positive_int("patch_batch", patch_batch, optional=True)
         self.explainer, self.crop, self.n, self.alpha = explainer, crop, n, alpha
         self.patch_batch, self.official, self.progress = patch_batch, official, progress
         self.confidence = (not official) if confidence is None else confidence
@@ -137,8 +167,10 @@ class UCAG(Explainer):
         (e.g. the paper's map for the data and the seamless one for a picture, at the cost of one).
         ``logits``: the model's (B, K) logits for ``x`` when the caller already has them (a base row explained
         the same batch); they are returned as given and the image's own forward is skipped."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+        check_batch(x, self.model)
+        if torch.is_inference_mode_enabled():
+            with outside_inference(x, targets, logits) as (x, targets, logits):
+                return self.explain_blends(x, targets, blends, logits)
         for blend in blends:
             check_blend(blend)
             if self.official and blend != "constant":
@@ -162,11 +194,9 @@ class UCAG(Explainer):
         official_weights = torch.ones(len(crops), device=x.device) if self.official and self.confidence else None
         patch_batch = self.patch_batch or even_chunks(len(crops), batch_for_memory(self.model, scaled, x.device,
                                                                                   gradients=True))
-        starts = range(0, len(crops), patch_batch)
-        for start in tqdm(starts, desc="UCAG patches", leave=False, disable=not self.progress):
-            stop = start + patch_batch
-            chunk = crops[start:stop]
-            maps, chunk_logits = self.explainer.explain_checked(chunk, crop_targets[start:stop])
+
+        def explain_chunk(start: int, stop: int) -> None:
+            maps, chunk_logits = self.explainer.explain_checked(crops[start:stop], crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
                 weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
@@ -177,6 +207,10 @@ class UCAG(Explainer):
             shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
+
+        with tqdm(total=len(crops), desc="UCAG patches", leave=False, disable=not self.progress) as bar:
+            key = ("ucag", self.explainer.name, scaled, str(x.device))  # the chunk that fit after an OOM, kept
+            run_chunks(len(crops), patch_batch, explain_chunk, self.model, key, "UCAG crops", bar.update)
         if official_weights is not None:
             per_image = official_weights.view(batch, -1)
             partial *= (per_image / per_image.max(dim=1, keepdim=True).values).view(-1, 1, 1)

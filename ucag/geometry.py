@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from numbers import Integral
 
 import torch
 
@@ -34,8 +35,8 @@ class PatchGrid:
     n: int = 6
 
     def __post_init__(self):
-        if self.n < 2:
-            raise ValueError(f"n must be at least 2, got {self.n}")
+        if isinstance(self.n, bool) or not isinstance(self.n, Integral) or self.n < 2:
+            raise ValueError(f"n must be an integer of at least 2, got {self.n!r}")
         if not 0 < self.crop <= REFERENCE_SIDE:
             raise ValueError(f"crop size c must be in (0, {REFERENCE_SIDE}], got {self.crop}")
         if self.crop_size[0] < 1 or self.crop_size[1] < 1:
