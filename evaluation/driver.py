@@ -32,7 +32,7 @@ from evaluation.errors import EvaluationError, StoreError
 from evaluation.reports import write_skipped
 from evaluation.store import ResultStore
 from methods.base import Explainer, Explanation
-from methods.postprocess import official_ranking_maps
+from methods.postprocess import official_ranking_maps, zero_maps
 from models import ModelSpec, preprocess
 from ucag import UCAG
 from ucag.framework import image_logits
@@ -225,19 +225,31 @@ def image_targets(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[int 
     return logits.argmax(dim=1), logits
 
 
-def row_means(records: Iterable[dict], rows: Sequence[Row], fields: Sequence[str]) -> list[dict]:
-    """Mean of each scalar field over images, per row (non-finite values left out), in one pass."""
+def row_means(records: Iterable[dict], rows: Sequence[Row], fields: Sequence[str],
+              flags: Sequence[str] = ()) -> list[dict]:
+    """Mean of each scalar field over images, per row (non-finite values left out), and for each of ``flags``
+    (a per-row bool, e.g. 'zero_map') the number of images where it holds as '<flag>s' (None when a record
+    written before the flag existed lacks it), in one pass."""
     sums = np.zeros((len(rows), len(fields)))
     counts = np.zeros((len(rows), len(fields)), dtype=np.int64)
+    flagged = np.zeros((len(rows), len(flags)), dtype=np.int64)
+    unrecorded = np.zeros((len(rows), len(flags)), dtype=bool)
     for record in records:
-        values = np.array([[record["rows"].get(row.name, {}).get(name, math.nan) for name in fields]
-                           for row in rows], dtype=float)
+        scores = [record["rows"].get(row.name, {}) for row in rows]
+        values = np.array([[score.get(name, math.nan) for name in fields] for score in scores], dtype=float)
         finite = np.isfinite(values)
         sums += np.where(finite, values, 0.0)
         counts += finite
+        for i, score in enumerate(scores):
+            for j, flag in enumerate(flags):
+                if flag not in score:
+                    unrecorded[i, j] = True
+                elif score[flag]:
+                    flagged[i, j] += 1
     return [{"name": row.name, "ucag": row.ucag,
              **{name: float(sums[i, j] / counts[i, j]) if counts[i, j] else float("nan")
-                for j, name in enumerate(fields)}}
+                for j, name in enumerate(fields)},
+             **{f"{flag}s": None if unrecorded[i, j] else int(flagged[i, j]) for j, flag in enumerate(flags)}}
             for i, row in enumerate(rows)]
 
 
@@ -256,6 +268,7 @@ class ImageMetricTask:
     header: dict = field(default_factory=dict)
     official_ranking: bool = False  # insdel --official: the raw maps of Explainer.official_raw methods
     lists: Sequence[str] = ()  # the metric's per-row list fields (insdel's curves), checked in stored records
+    _warned: set = field(default_factory=set, init=False, repr=False)  # rows warned about an all-zero map
 
     def final_maps(self, row: Row, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The maps ``metric`` scores: the row's final [0, 1] maps, or under ``official_ranking`` the raw signed
@@ -273,16 +286,30 @@ class ImageMetricTask:
         for row in self.rows:
             explanation = row.explain(x, targets, logits)  # a UCAG row reuses the logits of x computed before it
             logits = explanation.logits
-            scores[row.name] = self.metric(self.spec.model, x, self.final_maps(row, explanation.maps, size), targets)
+            final = self.final_maps(row, explanation.maps, size)
+            scores[row.name] = {**self.metric(self.spec.model, x, final, targets), "zero_map": zero_maps(final)}
         # every tensor comes to the host once (one copy per field), not once per image
         host = {name: {f: values.tolist() for f, values in fields.items()} for name, fields in scores.items()}
         classes = targets.tolist()
+        self._note_zero_maps(host, batch)
         return [{"key": r["key"], "file": display_path(r["sample"].path), "target": classes[i],
                  "rows": {name: {f: values[i] for f, values in fields.items()} for name, fields in host.items()}}
                 for i, r in enumerate(batch)]
 
+    def _note_zero_maps(self, host: dict, batch: list[dict]) -> None:
+        """Warn, once per row and run, when a final map is all zero (after the ReLU): it ranks pixels in raster
+        order, a score of no explanation. summary.json counts them per row ('zero_maps')."""
+        for name, fields in host.items():
+            zero = [batch[i]["key"] for i, flag in enumerate(fields["zero_map"]) if flag]
+            if zero and name not in self._warned:
+                self._warned.add(name)
+                tqdm.write(f"warning: {name}: the final map of {display_path(zero[0])} is all zero (nothing left "
+                           "after the ReLU): its pixels are ranked in raster order; summary.json counts such maps "
+                           "(zero_maps)")
+
     def summarize(self, records: Collection[dict]) -> dict:
-        return {**self.header, "n_images": len(records), "rows": row_means(records, self.rows, self.fields)}
+        return {**self.header, "n_images": len(records),
+                "rows": row_means(records, self.rows, self.fields, flags=("zero_map",))}
 
     def task(self, write: Callable[[Path, Collection[dict], list[dict], dict], None], running: RunningText,
              desc: str) -> Task:
