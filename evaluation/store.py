@@ -36,7 +36,7 @@ RECORD_FORMAT = 2
 ABOUT = "about"
 # Identity settings added after runs were first recorded, with the value every run.json written before them
 # implies: such a run resumes under that value and is refused under any other.
-IMPLIED_SETTINGS = {"blend": "constant"}  # UCAG's fold; only the paper's V(., Gamma) existed before
+IMPLIED_SETTINGS = {"blend": "constant", "deterministic": False}  # the paper's V(., Gamma) fold; no --deterministic
 
 
 def file_sha256(path: str | Path) -> str:
