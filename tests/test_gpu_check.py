@@ -1,12 +1,20 @@
-"""GPU readiness checked on a CPU: where torchrun's ranks land on too few GPUs."""
+"""GPU readiness checked on a CPU: where torchrun's ranks land on too few GPUs, and benchmarks/gpu_check.sh."""
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks import gpu_check
+from benchmarks.gpu_check import Result, Runner, table
 from evaluation import distributed
 from evaluation.distributed import LaunchError, gpu_placement
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(("local_rank", "local_world", "count", "expected"), [
@@ -40,3 +48,65 @@ def test_init_under_torchrun_with_a_fake_gpu_count(rank, count, device, backend,
     assert got == device and chosen == {"index": int(device[-1]), "backend": backend}
     note = capsys.readouterr().err
     assert ("share 1 GPU(s)" in note) == (rank == 0 and backend == "gloo"), note
+
+
+# ---- benchmarks/gpu_check.sh -------------------------------------------------------------------------------
+
+def test_a_step_past_its_timeout_is_killed_with_its_children(tmp_path):
+    """torchrun's ranks and DataLoader workers are the step's grandchildren: they go with it."""
+    pid_file = tmp_path / "grandchild"
+    child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    runner = Runner(budget=60, out=tmp_path)
+    code, _ = runner.run("sleep", [sys.executable, "-c", child], timeout=3)
+    assert code is None
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    assert (tmp_path / "sleep.log").read_text().startswith("$ ")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie waits for its (gone) parent's reaper, its work is over
+
+
+def test_no_step_starts_once_the_budget_is_spent(tmp_path):
+    runner = Runner(budget=0, out=None)
+    assert runner.run("tests", [sys.executable, "-c", "print(1)"], timeout=60) == (
+        None, "not started: the check's time budget is spent")
+
+
+def test_the_table_lists_every_step_and_the_failures_below_it():
+    text = table([Result("tests", "ok", "3 passed"), Result("speed bf16", "FAIL", "exit code 1", ("Traceback",))],
+                 "GPU check on X")
+    assert text.splitlines()[2:6] == ["| step       | result  | figures |", "|------------|---------|---------|",
+                                      "| tests      | ok      | 3 passed |", "| speed bf16 | FAIL    | exit code 1 |"]
+    assert text.endswith("speed bf16:\nTraceback\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_gpu_check_without_a_gpu_says_so(capsys):
+    assert gpu_check.main([]) == 2
+    assert capsys.readouterr().err == "gpu_check: error: no CUDA GPU is available here (use --cpu-smoke on a CPU)\n"
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_of_the_gpu_check(tmp_path):
+    """The whole script on a CPU at tiny sizes (1.5 min on 2 idle cores): every step runs and passes."""
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = (tmp_path / "table.md").read_text().splitlines()[4:]
+    rows = [line.split("|")[1:3] for line in lines if line.startswith("|")]
+    assert [(step.strip(), result.strip()) for step, result in rows] == [
+        ("tests", "ok"), ("speed fp32", "ok"), ("speed tf32", "ok"), ("speed bf16", "ok"), ("torchrun", "ok"),
+        ("determinism", "ok")]
+    assert "bit-identical (2 images)" in done.stdout and "equal (rel 1e-4)" in done.stdout
+    assert {path.name for path in tmp_path.iterdir()} == {"table.md", "tests.log", "speed_fp32.log", "speed_tf32.log",
+                                                          "speed_bf16.log", "torchrun.log", "determinism.log"}
