@@ -2,6 +2,7 @@
 (a kept graph, an activation cached per call, a hook left registered)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -52,11 +53,14 @@ def test_a_thousand_explain_calls_keep_rss_flat(name, tiny):
 
     for _ in range(WARM_UP):
         first = call()
-    before = rss_mib()
+    gc.collect()
+    before, objects = rss_mib(), len(gc.get_objects())
     for _ in range(CALLS - WARM_UP):
         last = call()
+    gc.collect()
     growth = rss_mib() - before
     assert growth < GROWTH_MIB, f"RSS grew {growth:.1f} MiB over {CALLS - WARM_UP} {name} calls"
+    assert len(gc.get_objects()) - objects < 100  # no Python object kept per call (a list, a hook handle)
     assert torch.equal(first, last)  # the same map every time: no state carried from call to call
     hooks = [m for m in tiny.model.modules() if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
     assert hooks == [] and all(p.grad is None for p in tiny.model.parameters())
