@@ -21,7 +21,7 @@ def pytest_addoption(parser):
                           "test_pinned_memory): cpu (default), cuda or cuda:N")
 
 
-def test_device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device:
     """The ``--device`` value, checked: a CUDA device must exist (a usage error, not 100 failures)."""
     try:
         device = torch.device(name)
@@ -36,11 +36,9 @@ def test_device(name: str) -> torch.device:
     return device
 
 
-test_device.__test__ = False  # a helper, not a test
-
 
 def pytest_configure(config):
-    device = test_device(config.getoption("--device"))
+    device = parse_device(config.getoption("--device"))
     if device.type == "cuda":
         # Deterministic kernels where CUDA has them, so that tests comparing two runs exactly compare the code,
         # not atomics' summation order; cuBLAS needs its workspace setting before its first call.
@@ -52,7 +50,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     """The ``--device`` the device-aware tests run on; on CUDA with fp32's switches (TF32 off), as the scripts."""
-    device = test_device(request.config.getoption("--device"))
+    device = parse_device(request.config.getoption("--device"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return device

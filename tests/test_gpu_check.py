@@ -14,7 +14,7 @@ from benchmarks import gpu_check
 from benchmarks.gpu_check import Result, Runner, table
 from evaluation import distributed
 from evaluation.distributed import LaunchError, gpu_placement
-from tests.conftest import REPO
+from tests.conftest import REPO, parse_device
 
 
 @pytest.mark.parametrize(("local_rank", "local_world", "count", "expected"), [
@@ -110,3 +110,12 @@ def test_cpu_smoke_run_of_the_gpu_check(tmp_path):
     assert "bit-identical (2 images)" in done.stdout and "equal (rel 1e-4)" in done.stdout
     assert {path.name for path in tmp_path.iterdir()} == {"table.md", "tests.log", "speed_fp32.log", "speed_tf32.log",
                                                           "speed_bf16.log", "torchrun.log", "determinism.log"}
+
+
+def test_the_device_option_of_the_tests_is_checked():
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(pytest.UsageError, match="not a device name"):
+        parse_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(pytest.UsageError, match="--device cuda: no CUDA GPU is available here"):
+            parse_device("cuda")
