@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.allocator import keep_freed_memory
+from common.determinism import explain_refusal, make_deterministic
 from common.errors import ToolkitError
 from common.precision import PRECISIONS, Precision
 from evaluation.driver import Row
@@ -107,6 +108,9 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
                      help="layout of the model's 4-D weights and activations (default: the method's own choice, "
                           "channels_last, 1.3-1.4 x faster convolutions measured on a CPU, except contiguous "
                           "for the relevance methods, whose own convolutions run faster so)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="bit-identical numbers run after run: PyTorch's deterministic kernels (an op without one "
+                          "is refused), cuDNN autotuning off, CUBLAS_WORKSPACE_CONFIG=:4096:8; slower on a GPU")
     run.add_argument("--batch-size", type=int, default=default_batch,
                      help=f"images per batch (default {default_batch})")
     run.add_argument("--workers", type=int, default=None,
@@ -284,6 +288,8 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {args.workers})")
     method = canonical_name(args.method)
+    if getattr(args, "deterministic", False):
+        make_deterministic()  # before the model's first CUDA product: cuBLAS reads its setting then
     device = resolve_device(args.device)
     if args.workers is None:
         args.workers = DEFAULT_WORKERS if device.type == "cuda" else 0
@@ -364,6 +370,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         code = main(argv)
     except ToolkitError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as exc:  # --deterministic met an op without a deterministic kernel
+        refusal = explain_refusal(exc)
+        if refusal is None:
+            raise
+        print(f"{prog}: error: {refusal}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -81,7 +81,7 @@ def labels_identity(labels: str | None) -> dict:
 
 def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric: str) -> dict:
     """Everything that can change a recorded number: model and method settings, the weights file's hash
-    (path in 'about'), the script's settings, the metric's code version, device type and precision.
+    (path in 'about'), the script's settings, the metric's code version, device type, precision and --deterministic.
 
     Not part of it, because they change no number (only how the work is split, up to float rounding):
     --batch-size, --workers, --score-batch (how many perturbed images share one no-grad forward: each image's
@@ -95,7 +95,8 @@ def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric:
         identity["weights"] = file_sha256(weights)
         about["weights"] = str(Path(weights).resolve())
     identity.update(metric=metric, metric_version=METRIC_VERSIONS[metric], record_format=RECORD_FORMAT,
-                    device=setup.device.type, precision=setup.precision.describe())
+                    device=setup.device.type, precision=setup.precision.describe(),
+                    deterministic=bool(getattr(args, "deterministic", False)))
     return {**identity, ABOUT: about}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -62,9 +63,10 @@ class Dist:
 
 
 def init(device_request: str | None) -> tuple[Dist, str | None]:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA).
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA; gloo when the node's
+    processes outnumber its GPUs, see :func:`gpu_placement`).
 
-    Returns the rank info and the device to use (``cuda:LOCAL_RANK`` under torchrun with GPUs).
+    Returns the rank info and the device to use (``cuda:LOCAL_RANK % GPUs`` under torchrun with GPUs).
     """
     world = _number("WORLD_SIZE", "1")
     if world <= 1:
@@ -78,12 +80,28 @@ def init(device_request: str | None) -> tuple[Dist, str | None]:
     if not 0 <= rank < world:
         raise LaunchError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
     wants_cuda = (device_request or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    backend = "gloo"
     if wants_cuda and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device_request = f"cuda:{local_rank}"
+        local_world = _number("LOCAL_WORLD_SIZE", str(world))
+        index, backend = gpu_placement(local_rank, local_world, torch.cuda.device_count())
+        if backend == "gloo" and rank == 0:
+            print(f"note: {local_world} processes share {torch.cuda.device_count()} GPU(s) (NCCL takes one process "
+                  "per GPU): ranks exchange their few messages through gloo", file=sys.stderr)
+        torch.cuda.set_device(index)
+        device_request = f"cuda:{index}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if wants_cuda and torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
     return Dist(rank, world, local_rank), device_request
+
+
+def gpu_placement(local_rank: int, local_world: int, device_count: int) -> tuple[int, str]:
+    """(GPU index, process-group backend) of a rank: ranks beyond the GPU count wrap round (cuda:local_rank %
+    count). NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so a node with more processes than
+    GPUs uses gloo on every rank; the ranks only exchange a barrier and a few small objects, so it costs
+    nothing. The decision depends on the node's process and GPU counts only, so every rank takes the same."""
+    if device_count < 1:
+        raise LaunchError("torchrun asked for CUDA but no GPU is visible (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % device_count, "nccl" if local_world <= device_count else "gloo"
 
 
 def _number(name: str, default: str) -> int:

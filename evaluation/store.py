@@ -41,6 +41,7 @@ ABOUT = "about"
 IMPLIED_SETTINGS = {
     "blend": "constant",  # UCAG's fold; only the paper's V(., Gamma) existed before
     "tie_order": "raster",  # insdel's order of equal saliencies; only the stable raster order existed before
+    "deterministic": False,  # --deterministic did not exist before
 }
 
 

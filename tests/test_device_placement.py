@@ -1,11 +1,12 @@
 """Every tensor a method, UCAG or a metric creates is created on the input's device.
 
-No accelerator runs these tests, so each case runs twice on CPU inputs and a CPU model: once as usual
-and once with the default device set to "meta". A factory call that leaves out ``device=``
+Each case runs twice with its model and inputs on the ``--device`` (cpu by default; ``--device cuda`` on a
+GPU): once as usual and once with the default device set to "meta". A factory call that leaves out ``device=``
 (``torch.zeros``, ``arange``, ``tensor``, ``rand`` with a CPU generator, ...) then makes a meta tensor:
-the first op that mixes it with the CPU data fails, a copy out of it fails, or the result comes back on
-meta. Both runs must give the same numbers on the CPU, so the meta default changes nothing but where a
-stray tensor would land: on a GPU machine, the CPU.
+the first op that mixes it with the device's data fails, a copy out of it fails, or the result comes back on
+meta. Both runs must give the same numbers (exactly on a CPU; on CUDA within float rounding, as a few kernels
+have no deterministic version), so the meta default changes nothing but where a stray tensor would land: on
+a GPU run, the CPU.
 
 Models and inputs are made before the meta default is set (a model built under it would be meta itself);
 explainers are built inside each run, so builders are checked too and caches (RISE's masks) start empty.
@@ -64,11 +65,13 @@ def case_id(case) -> str:
 # ---- harness ----------------------------------------------------------------------------------------------
 
 def assert_same(got, expected, where: str = "result") -> None:
-    """``got`` (run under the meta default) equals ``expected`` exactly, every tensor on the CPU."""
+    """``got`` (run under the meta default) equals ``expected`` (exactly on a CPU), each tensor on the device
+    of the usual run's."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(got, torch.Tensor), f"{where}: {type(got).__name__} instead of a tensor"
-        assert got.device == torch.device("cpu"), f"{where} is on {got.device}, not on the input's device"
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: {m}")
+        assert got.device == expected.device, f"{where} is on {got.device}, not on {expected.device}"
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if expected.is_cuda else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(got, expected, **tolerance, equal_nan=True, msg=lambda m: f"{where}: {m}")
     elif isinstance(expected, dict):
         assert got.keys() == expected.keys(), where
         for key in expected:
@@ -83,9 +86,18 @@ def assert_same(got, expected, where: str = "result") -> None:
         assert got == expected, f"{where}: {got!r} != {expected!r}"
 
 
+def _on_meta(result) -> bool:
+    if isinstance(result, torch.Tensor):
+        return result.is_meta
+    if isinstance(result, dict):
+        return any(_on_meta(value) for value in result.values())
+    return isinstance(result, (list, tuple)) and any(_on_meta(value) for value in result)
+
+
 def same_under_meta_default(run):
     """``run()`` as usual and with the default device "meta"; the two results must agree (see above)."""
     expected = run()
+    assert not _on_meta(expected), "the usual run made meta tensors"
     with torch.device("meta"):
         got = run()
     assert torch.empty(0).device == torch.device("cpu")  # the default is back
@@ -99,18 +111,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def resnet18() -> ModelSpec:
+def resnet18(device) -> ModelSpec:
     torch.manual_seed(0)
-    return load_model("resnet18", "random", torch.device("cpu"))
+    return load_model("resnet18", "random", device)
 
 
 @pytest.fixture(scope="module")
-def lite0() -> ModelSpec:
-    return load_model("efficientnet_lite0", "default", torch.device("cpu"))
+def lite0(device) -> ModelSpec:
+    return load_model("efficientnet_lite0", "default", device)
 
 
 @pytest.fixture(scope="module")
-def tiny_vgg() -> ModelSpec:
+def tiny_vgg(device) -> ModelSpec:
     """A narrow torchvision VGG (VGG11's layout at 1/8 width, a small classifier with its ReLU and Dropout
     steps): the relevance methods' VGG path without VGG11's 100M-weight classifier."""
     torch.manual_seed(0)
@@ -118,17 +130,25 @@ def tiny_vgg() -> ModelSpec:
     model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
     model.classifier = nn.Sequential(nn.Linear(256, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 32),
                                      nn.ReLU(True), nn.Dropout(), nn.Linear(32, 10))
-    return ModelSpec("tiny_vgg", model.eval(), "features.14", [str(i) for i in range(10)])
+    return ModelSpec("tiny_vgg", model.eval().to(device), "features.14", [str(i) for i in range(10)])
 
 
 @pytest.fixture(scope="module")
-def tiny_vit() -> ModelSpec:
+def tiny_vit(device) -> ModelSpec:
     """A 2-block ViT taking any input size: the transformer methods' model."""
-    return tiny_vit_spec()
+    spec = tiny_vit_spec()
+    spec.model.to(device)
+    return spec
 
 
-def image(size: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(1, 3, size, size, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
+@pytest.fixture(scope="module")
+def image(device):
+    """image(size, seed=1): a (1, 3, size, size) normal batch on the device (drawn on the CPU: the same numbers
+    on every device)."""
+    def make(size: int, seed: int = 1) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(1, 3, size, size, generator=generator, device="cpu").to(device)
+    return make
 
 
 def explain(spec: ModelSpec, method: str, options: dict, x: torch.Tensor, targets, layers: dict | None = None,
@@ -145,7 +165,7 @@ def explain(spec: ModelSpec, method: str, options: dict, x: torch.Tensor, target
 # ---- every explainer --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", RESNET_CASES, ids=case_id)
-def test_method_on_resnet18(case, resnet18):
+def test_method_on_resnet18(case, resnet18, image):
     method, options = case
     maps, logits = same_under_meta_default(explain(resnet18, method, options, image(64), [3], RESNET_LAYERS,
                                                    RESNET_TARGET_LAYER))
@@ -153,27 +173,27 @@ def test_method_on_resnet18(case, resnet18):
 
 
 @pytest.mark.parametrize("case", VGG_CASES, ids=case_id)
-def test_relevance_method_on_vgg(case, tiny_vgg):
+def test_relevance_method_on_vgg(case, tiny_vgg, image):
     method, options = case
     same_under_meta_default(explain(tiny_vgg, method, options, image(32), [3]))
 
 
 @pytest.mark.parametrize("case", LITE_CASES, ids=case_id)
-def test_method_on_efficientnet_lite0_explaining_the_prediction(case, lite0):
+def test_method_on_efficientnet_lite0_explaining_the_prediction(case, lite0, image):
     method, options = case
     same_under_meta_default(explain(lite0, method, options, image(64), None))
 
 
 @pytest.mark.parametrize("case", VIT_CASES, ids=case_id)
 @pytest.mark.parametrize("targets", [[3], None], ids=["target", "prediction"])
-def test_transformer_method_on_a_tiny_vit(case, targets, tiny_vit):
+def test_transformer_method_on_a_tiny_vit(case, targets, tiny_vit, image):
     method, options = case
     maps, logits = same_under_meta_default(explain(tiny_vit, method, options, image(64), targets))
     assert maps.shape[:2] == (1, 1) and logits.shape == (1, tiny_vit.num_classes)
 
 
 @pytest.mark.parametrize("method", available_methods())
-def test_method_through_ucag(method, resnet18, request):
+def test_method_through_ucag(method, resnet18, image, request):
     """n=2 at alpha 1.2: 4 crops, explained 2 per chunk; UCAG resolves the targets (the prediction)."""
     spec = request.getfixturevalue("tiny_vit") if method in TRANSFORMER_METHODS else resnet18
     if method in RESNET_TARGET_LAYER:
@@ -188,7 +208,7 @@ def test_method_through_ucag(method, resnet18, request):
     same_under_meta_default(run)
 
 
-def test_ucag_official_mode_upscaled_baseline_and_final_maps(resnet18):
+def test_ucag_official_mode_upscaled_baseline_and_final_maps(resnet18, image):
     x = image(64)
 
     def run():
@@ -205,7 +225,7 @@ def test_ucag_official_mode_upscaled_baseline_and_final_maps(resnet18):
 # ---- every metric -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def scored(lite0):
+def scored(lite0, image):
     """Two 64 px images, their final Grad-CAM maps and target classes (made outside the meta default)."""
     x = torch.cat([image(64, 1), image(64, 2)])
     explainer = build_explainer("gradcam", lite0)
@@ -245,15 +265,17 @@ def test_pointing_and_energy_games(scored):
         point = map_point(saliency)
         return (point, explainer_point(Center(nn.Identity()), saliency), explainer_point(object(), saliency),
                 pointing_hit(mask, point), pointing_hit(torch.from_numpy(mask), (20.5, 35.0)),
+                pointing_hit(torch.from_numpy(mask).to(saliency.device), (20.5, 35.0)),
                 pointing_hit(mask, (60.0, 2.0)), energy_score(saliency, boxes),
-                energy_score(saliency, torch.from_numpy(boxes)))
+                energy_score(saliency, torch.from_numpy(boxes)), energy_score(saliency, torch.from_numpy(boxes).to(
+                    saliency.device)))
     same_under_meta_default(run)
 
 
 def test_segmentation_metrics(scored):
     _, maps, _ = scored
     maps = maps[:, 0]
-    truth = torch.zeros(2, 64, 64, dtype=torch.long, device="cpu")
+    truth = torch.zeros(2, 64, 64, dtype=torch.long, device=maps.device)
     truth[:, 16:48, 8:40] = 1
     truth[1, :4] = -1  # unlabelled rows
     signed = maps * 2 - 1
@@ -267,7 +289,7 @@ def test_segmentation_metrics(scored):
     same_under_meta_default(run)
 
 
-def test_preprocessing_and_the_evaluation_driver(lite0):
+def test_preprocessing_and_the_evaluation_driver(lite0, device):
     photos = [np.random.default_rng(seed).integers(0, 256, (50 + 10 * seed, 70, 3), dtype=np.uint8) for seed in (1, 2)]
     spec = dataclasses.replace(lite0, input_size=(64, 64))
     batch = [{"key": f"img{i}", "sample": Sample(Path(f"img{i}.png"), f"img{i}", label), "image": photo}
@@ -280,9 +302,9 @@ def test_preprocessing_and_the_evaluation_driver(lite0):
     def run():
         rows = [Row("gradcam", build_explainer("gradcam", spec)),
                 Row("gradcam*", UCAG(build_explainer("gradcam", spec), crop=150, n=2, alpha=1.2), ucag=True)]
-        records = {mode: ImageMetricTask([], spec, torch.device("cpu"), rows, density, ("positive", "negative"),
+        records = {mode: ImageMetricTask([], spec, device, rows, density, ("positive", "negative"),
                                          mode).process(batch) for mode in ("gt", "pred")}
-        return preprocess(photos, spec, "cpu"), preprocess_one(photos[0], spec, torch.device("cpu")), records
+        return preprocess(photos, spec, device), preprocess_one(photos[0], spec, device), records
     *_, records = same_under_meta_default(run)
     assert [r["target"] for r in records["gt"]] == [3, 7]
 
@@ -304,7 +326,7 @@ class StrayZeros(Explainer):
 
 
 @pytest.mark.parametrize("as_result", [False, True], ids=["mixed-op", "returned"])
-def test_the_check_catches_a_factory_call_without_device(as_result, resnet18):
+def test_the_check_catches_a_factory_call_without_device(as_result, resnet18, image):
     x = image(64)
     with pytest.raises((AssertionError, RuntimeError, NotImplementedError)):
         same_under_meta_default(lambda: tuple(StrayZeros(resnet18, as_result)(x, [3])))

@@ -1,8 +1,10 @@
 """GPU input path, checked on a CPU: decoded pixels as tensors for a pinning DataLoader, pinned records,
-and page-locked, non-blocking copies to a CUDA device (the CUDA calls are recorded, not run)."""
+and page-locked, non-blocking copies to a CUDA device (the CUDA calls are recorded, not run); with
+``--device cuda`` the same path for real."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from evaluation.data import ImageFiles, ImageRecord, image_batches
@@ -56,3 +58,28 @@ def test_copies_to_a_gpu_are_pinned_and_non_blocking(monkeypatch):
     calls.clear()
     to_tensor(image, "cpu")
     assert calls == []  # CPU runs neither pin nor copy asynchronously
+
+
+@pytest.fixture
+def gpu(device) -> torch.device:
+    if device.type != "cuda":
+        pytest.skip("runs with --device cuda (benchmarks/gpu_check.sh)")
+    return device
+
+
+def test_a_pinning_loader_on_a_gpu_delivers_page_locked_pixels(gpu):
+    paths = sorted(EXAMPLES.iterdir())[:2]
+    records = next(iter(image_batches(paths, 2, 0, pin_memory=True)))
+    assert all(record.pixels.is_pinned() for record in records)
+    for record in records:
+        on_gpu = to_tensor(record.input, gpu)
+        torch.cuda.synchronize(gpu)  # the copy is asynchronous
+        assert on_gpu.device == gpu
+        assert torch.equal(on_gpu.cpu(), to_tensor(record.image, "cpu"))
+
+
+def test_preprocess_on_a_gpu_equals_the_cpu(gpu, lite, photos):
+    on_gpu = preprocess(photos[:2], lite, gpu)
+    assert on_gpu.device == gpu
+    expected = preprocess(photos[:2], lite, "cpu")
+    torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=1e-4)  # the resize kernels round differently

@@ -1,5 +1,5 @@
-"""--precision: TF32 switches, bf16 autocast on CPU against float32 (maps and insertion/deletion AUCs), the
-methods that stay float32, and the run identity."""
+"""--precision: TF32 switches, bf16 autocast against float32 (maps and insertion/deletion AUCs), the methods
+that stay float32, and the run identity; on the ``--device`` (cpu by default; cuda in benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from evaluation.errors import StoreError
 from evaluation.insertion_deletion import auc, game_curves
 from methods import build_explainer
 from methods.sise import SISE, AdaSISE
-from models import load_model
+from models import load_model, preprocess
 from ucag import UCAG
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -24,6 +24,17 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # 0.017 (Grad-CAM) and 0.034 (UCAG(Grad-CAM)); the bounds leave room for other CPUs' bf16 kernels.
 MAP_TOLERANCE = 0.08
 AUC_TOLERANCE = 1.5  # AUC x 100
+
+
+@pytest.fixture(scope="module")
+def lite(lite, device):
+    """The embedded model on the --device (the session's own on a CPU)."""
+    return lite if device.type == "cpu" else load_model("efficientnet_lite0", "default", device)
+
+
+@pytest.fixture(scope="module")
+def photo_batch(lite, photos, device):
+    return preprocess(photos, lite, device)
 
 
 @pytest.fixture
@@ -56,7 +67,7 @@ def test_autocast_region_and_full_precision_opt_out():
 
 
 def _final(explainer, x, precision):
-    with Precision(precision).autocast():
+    with Precision(precision, x.device).autocast():
         maps, logits = explainer(x)
     assert maps.dtype == torch.float32 and logits.dtype == torch.float32  # the contract, whatever the region
     return explainer.finalize(maps, tuple(x.shape[-2:]))
@@ -81,12 +92,12 @@ def test_pixel_gradient_methods_stay_float32(method, lite, photo_batch):
 
 
 @pytest.mark.parametrize("method", ["lrp", "rap", "agf"])
-def test_relevance_methods_stay_float32(method):
+def test_relevance_methods_stay_float32(method, device):
     torch.manual_seed(0)
-    spec = load_model("resnet18", "random")
+    spec = load_model("resnet18", "random", device)
     explainer = build_explainer(method, spec)
-    x = torch.randn(1, 3, 96, 96)
-    with Precision("bf16").autocast():
+    x = torch.randn(1, 3, 96, 96).to(device)
+    with Precision("bf16", device).autocast():
         half = explainer(x).maps
     assert torch.equal(explainer(x).maps, half)
 
@@ -105,13 +116,13 @@ def test_sise_methods_stay_float32(cls):
     assert torch.equal(explainer(x, [1, 3]).maps, half) and half.abs().sum() > 0
 
 
-def test_ucag_keeps_its_inner_explainers_opt_out():
+def test_ucag_keeps_its_inner_explainers_opt_out(device):
     """UCAG calls the inner explainer through its internal entry point: a float32-only method stays float32."""
     torch.manual_seed(0)
-    spec = load_model("resnet18", "random")
+    spec = load_model("resnet18", "random", device)
     ucag = UCAG(build_explainer("lrp", spec), n=2, alpha=1.0)
-    x = torch.randn(1, 3, 96, 96)
-    with Precision("bf16").autocast():
+    x = torch.randn(1, 3, 96, 96).to(device)
+    with Precision("bf16", device).autocast():
         half = ucag(x).maps
     assert half.dtype == torch.float32
     assert torch.allclose(ucag(x).maps, half, atol=1e-6, rtol=1e-5)  # only UCAG's own logits in bf16
@@ -125,28 +136,45 @@ def test_bf16_insertion_deletion_aucs_stay_close(lite, photo_batch):
     targets = logits.argmax(1)
     for mode in ("deletion", "insertion"):
         full = auc(game_curves(lite.model, x, saliency, targets, mode, 224 * 28)) * 100
-        with Precision("bf16").autocast():
+        with Precision("bf16", x.device).autocast():
             half = auc(game_curves(lite.model, x, saliency, targets, mode, 224 * 28)) * 100
         assert (full - half).abs().max() < AUC_TOLERANCE, (mode, full, half)
         assert not torch.equal(full, half)
 
 
-def test_cli_precision_is_recorded_and_a_change_refused(tmp_path, capsys):
+def test_cli_precision_is_recorded_and_a_change_refused(tmp_path, capsys, device):
     folder = tmp_path / "photos"
     folder.mkdir()
     source = sorted(EXAMPLES.iterdir())[0]
     (folder / source.name).write_bytes(source.read_bytes())
     out = tmp_path / "out"
     argv = ["gradcam", "--img-path", str(folder), "--out", str(out), "--workers", "0", "--step", str(224 * 56),
-            "--target", "pred"]
+            "--target", "pred", "--device", str(device)]
     assert insdel.main(argv + ["--precision", "bf16"]) == 0
-    assert json.loads((out / "run.json").read_text())["precision"] == "float32, bf16 autocast"
+    recorded = json.loads((out / "run.json").read_text())["precision"]
+    assert recorded == "float32, bf16 autocast" + (", tf32 matmul False, tf32 cudnn False" if device.type == "cuda"
+                                                   else "")
     with pytest.raises(StoreError, match="precision"):
         insdel.main(argv + ["--precision", "fp32"])
 
 
-def test_visualization_runs_in_bf16(tmp_path):
+def test_visualization_runs_in_bf16(tmp_path, device):
     source = sorted(EXAMPLES.iterdir())[0]
     assert visualization.main(["gradcam", "--ucag", "-n", "2", "-a", "1.2", "--img-path", str(source),
-                               "--out", str(tmp_path), "--precision", "bf16", "--workers", "0"]) == 0
+                               "--out", str(tmp_path), "--precision", "bf16", "--workers", "0",
+                               "--device", str(device)]) == 0
     assert (tmp_path / f"{source.stem}_gradcam.png").is_file()
+
+
+def test_tf32_engages_the_tensor_cores_and_fp32_does_not(device, tf32_flags):
+    """On a GPU, tf32 changes a float32 product (10-bit mantissa inside) and fp32 switches it back."""
+    if device.type != "cuda":
+        pytest.skip("runs with --device cuda (benchmarks/gpu_check.sh)")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(256, 256, generator=generator).to(device) for _ in range(2))
+    exact = (a.double() @ b.double()).float()
+    Precision("fp32", device).apply()
+    full = a @ b
+    Precision("tf32", device).apply()
+    tensor_cores = a @ b
+    assert (full - exact).abs().max() < 1e-3 < (tensor_cores - exact).abs().max()
