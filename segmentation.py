@@ -26,6 +26,7 @@ from evaluation.reports import write_segmentation_report
 from evaluation.segmentation_metrics import image_scores
 from evaluation.store import file_sha256
 from models import preprocess
+from ucag.framework import image_logits
 
 PROG = "segmentation.py"
 
@@ -43,11 +44,12 @@ def build_parser() -> Parser:
     return parser
 
 
-def row_maps(row: Row, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def row_maps(row: Row, x: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The row's final maps at the input size: [-1, 1] with the sign kept for signed (relevance) methods,
-    thresholded at 0; [0, 1] otherwise, thresholded at the mean."""
+    thresholded at 0; [0, 1] otherwise, thresholded at the mean. ``logits``: x's, computed once for the batch
+    (a UCAG row skips its own forward of the images)."""
     explainer = row.explainer
-    raw = explainer(x, targets).maps
+    raw = row.explain(x, targets, logits).maps
     size = tuple(x.shape[-2:])
     return explainer.finalize_signed(raw, size) if explainer.signed else explainer.finalize(raw, size)
 
@@ -57,12 +59,12 @@ def process(setup: Setup, rows: list[Row], batch: list[dict], protocol: str, sou
     size = tuple(x.shape[-2:])
     masks = torch.stack([F.interpolate(torch.from_numpy(r["mask"]).float()[None, None], size=size, mode="nearest")[0, 0]
                          for r in batch]).to(setup.device)
-    with torch.no_grad():
-        targets = setup.spec.model(x).argmax(dim=1)
+    logits = image_logits(setup.spec.model, x)
+    targets = logits.argmax(dim=1)
     results = [{"key": r["key"], "file": f"{source}#{r['key']}", "target": int(targets[i]), "rows": {}}
                for i, r in enumerate(batch)]
     for row in rows:
-        maps = row_maps(row, x, targets)[:, 0]
+        maps = row_maps(row, x, targets, logits)[:, 0]
         correct, labelled, aps = image_scores(maps, masks, row.explainer.signed, protocol)
         for i, result in enumerate(results):
             result["rows"][row.name] = {"correct": int(correct[i]), "labelled": int(labelled[i]), "ap": aps[i]}

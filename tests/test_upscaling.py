@@ -33,7 +33,7 @@ def test_equals_the_bicubic_kernel_in_float64(batch, height, width, crop, n, alp
     x = torch.randn(batch, 3, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     grid = PatchGrid(height, width, crop, n)
     crops = UpscaledCrops(x, grid, scaled(grid, alpha))
-    assert crops.separable and len(crops) == batch * n * n
+    assert (crops.separable or crops.identity) and len(crops) == batch * n * n
     got = chunked(crops, chunk)
     torch.testing.assert_close(got, kernel_crops(x, grid, scaled(grid, alpha)), rtol=0, atol=1e-12)
 
@@ -72,3 +72,16 @@ def test_other_devices_use_the_kernel_itself():
     x = torch.rand(1, 3, 224, 224, device="meta")
     crops = UpscaledCrops(x, PatchGrid(224, 224), (322, 322))
     assert not crops.separable and crops[0:8].shape == (8, 3, 322, 322) and crops[0:8].device.type == "meta"
+
+
+def test_alpha_one_cuts_the_crops_without_interpolating():
+    """alpha = 1: bicubic at scale 1 is the identity, so the crops are the unfolded crops themselves (no
+    interpolation pass), on the CPU path and the kernel path alike."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 56, 56)
+    grid = PatchGrid(56, 56, 124, 2)
+    crops = UpscaledCrops(x, grid, grid.crop_size)
+    assert crops.identity and crops._bands is None
+    assert torch.equal(crops[0:len(crops)], grid.unfold(x))
+    reference = F.interpolate(grid.unfold(x), size=grid.crop_size, mode="bicubic", align_corners=False)
+    assert torch.allclose(crops[1:7], reference[1:7], atol=1e-6)

@@ -53,7 +53,10 @@ class UpscaledCrops:
 
     def __init__(self, x: torch.Tensor, grid: PatchGrid, size: tuple[int, int]):
         self.x, self.grid, self.size = x, grid, tuple(size)
-        self.separable = x.device.type == "cpu" and x.is_floating_point()
+        # alpha = 1 (size = the crop's): bicubic at scale 1 samples the pixel centres, the identity, so the
+        # crops are cut and not interpolated
+        self.identity = self.size == tuple(grid.crop_size)
+        self.separable = x.device.type == "cpu" and x.is_floating_point() and not self.identity
         self._bands = self._row_pass() if self.separable else None
         self._crops = None if self.separable else grid.unfold(x)
 
@@ -73,6 +76,8 @@ class UpscaledCrops:
 
     def __getitem__(self, chunk: slice) -> torch.Tensor:
         start, stop, _ = chunk.indices(len(self))
+        if self.identity:
+            return self._crops[start:stop]
         if not self.separable:
             return F.interpolate(self._crops[start:stop], size=self.size, mode="bicubic", align_corners=False)
         n, cw, out_width = self.grid.n, self.grid.crop_size[1], self.size[1]
