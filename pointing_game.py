@@ -188,7 +188,8 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
         running = RunningMeans(("hit",), digits=1, scale=100, unit="%")  # each row's hit rate over pairs so far
         task = Task(entries, lambda e: e.key, lambda e: load_entry(dataset, e), score, summary_of, write, running,
                     f"pointing {setup.method}{' + UCAG' if setup.ucag else ''}",
-                    {"rows": [row.name for row in rows], "lists": ("hit", "energy"), "keys": ("file", "pairs")})
+                    {"rows": [row.name for row in rows], "lists": ("hit", "energy"), "keys": ("file", "pairs"),
+                     "unscored": "pairs"})
         difficult_hash, difficult_path = hashed_file(args.difficult_list)
         return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
                       "tolerance": args.tolerance, "difficult_list": difficult_hash,

@@ -148,11 +148,13 @@ def _shown(value) -> str:
 
 
 def check_record(record, part: Path, line: int, rows: Collection[str] | None = None, fields: Collection[str] = (),
-                 lists: Collection[str] = (), keys: Collection[str] = ()) -> None:
+                 lists: Collection[str] = (), keys: Collection[str] = (), unscored: str | None = None) -> None:
     """Refuse a record this run cannot use, as a StoreError '<part>:<line>: ...'. Every record is an object with a
     string 'key'; a skip record has a text 'skipped'; a result holds ``keys`` (e.g. 'file', 'target') and an object
     'rows' with every row of this run (``rows``: records of another method are refused, not counted done), each
-    holding ``fields`` as numbers (NaN allowed) and ``lists`` as lists of numbers (``rows`` None: the rows held)."""
+    holding ``fields`` as numbers (NaN allowed) and ``lists`` as lists of numbers (``rows`` None: the rows held).
+    ``unscored``: a key whose empty list marks a result with nothing to score (a pointing-game image without a
+    class to point at), which holds no rows."""
     def refuse(problem: str) -> None:
         raise StoreError(f"{display_path(str(part))}:{line}: {problem}; move the file aside or rerun with --fresh")
 
@@ -168,6 +170,8 @@ def check_record(record, part: Path, line: int, rows: Collection[str] | None = N
     held = record.get("rows")
     if not isinstance(held, dict):
         refuse("a record without 'rows'")
+    if unscored is not None and record.get(unscored) == [] and not held:
+        return
     absent = sorted(set(rows) - set(held)) if rows is not None else []
     if absent:
         refuse(f"a record without this run's row(s) {', '.join(absent)} (it holds {', '.join(sorted(held)) or 'none'}:"
@@ -323,10 +327,10 @@ class ResultStore:
                 offset += len(line)
 
     def expect(self, rows: Collection[str] | None = None, fields: Collection[str] = (), lists: Collection[str] = (),
-               keys: Collection[str] = ()) -> None:
+               keys: Collection[str] = (), unscored: str | None = None) -> None:
         """What this run's results must hold to be counted done (see :func:`check_record`); a part holding
         another record is refused with its file and line when read."""
-        self._shape = {"rows": rows, "fields": fields, "lists": lists, "keys": keys}
+        self._shape = {"rows": rows, "fields": fields, "lists": lists, "keys": keys, "unscored": unscored}
 
     def _parse(self, part: Path, number: int, line: bytes) -> dict:
         """One line as a record of this run (:meth:`expect`); anything else means a damaged file or another

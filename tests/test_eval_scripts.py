@@ -61,8 +61,8 @@ def test_density_outputs(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["target"] == "pred" and summary["n_images"] == 4
-    assert [set(r) for r in summary["rows"]] == [{"name", "ucag", "positive", "negative"}] * 2
-    assert all(r["positive"] > 0 and r["negative"] > 0 for r in summary["rows"])
+    assert [set(r) for r in summary["rows"]] == [{"name", "ucag", "positive", "negative", "zero_maps"}] * 2
+    assert all(r["positive"] > 0 and r["negative"] > 0 and r["zero_maps"] == 0 for r in summary["rows"])
     assert "Positive map density" in (out / "table.md").read_text()
 
 

@@ -463,3 +463,14 @@ def test_store_with_a_score_that_is_not_a_number_is_refused_when_read(tmp_path):
     store.append([insdel_record("a.png"), insdel_record("b.png", deletion="oops")])
     with pytest.raises(store_module.StoreError, match=r'part-0\.jsonl:2: row layercam: deletion is not a number'):
         store.status()
+
+
+def test_an_image_with_nothing_to_score_holds_no_rows(tmp_path):
+    """A pointing-game image without a class to point at has no rows; one with pairs must hold them all."""
+    part = tmp_path / "part-0.jsonl"
+    shape = {"rows": ["center", "gradcam"], "lists": ("hit", "energy"), "keys": ("file", "pairs"),
+             "unscored": "pairs"}
+    store_module.check_record({"key": "a", "file": "a.jpg", "pairs": [], "rows": {}}, part, 1, **shape)
+    with pytest.raises(store_module.StoreError, match=r"part-0\.jsonl:2: a record without this run's row"):
+        store_module.check_record({"key": "b", "file": "b.jpg", "pairs": [{"class": 1}], "rows": {}}, part, 2,
+                                  **shape)
