@@ -18,7 +18,8 @@ def restored_state(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Modu
     ``requires_grad`` on exit, also when an exception is raised."""
     modules = list(model.modules())
     modes = [module.training for module in modules]
-    params = list(model.parameters())
+    # the parameters from the same walk (a shared parameter twice: restored to the same flag)
+    params = [param for module in modules for param in module._parameters.values() if param is not None]
     flags = [param.requires_grad for param in params]
     try:
         if eval_mode:

@@ -474,3 +474,17 @@ def test_an_image_with_nothing_to_score_holds_no_rows(tmp_path):
     with pytest.raises(store_module.StoreError, match=r"part-0\.jsonl:2: a record without this run's row"):
         store_module.check_record({"key": "b", "file": "b.jpg", "pairs": [{"class": 1}], "rows": {}}, part, 2,
                                   **shape)
+
+
+def test_a_layercam_folder_holding_gradcam_records_is_refused(tmp_path, capsys):
+    """Parts copied from another method's run: one line naming the file and line, before any work (was a
+    KeyError in the report after the records were counted done)."""
+    argv = [*QUICK, *STEP, "--img-path", str(EXAMPLES), "--limit", "2"]
+    code, _, err = run(insdel, ["gradcam", *argv, "--out", str(tmp_path / "g")], capsys)
+    assert code == 0, err
+    code, _, err = run(insdel, ["layercam", *argv, "--limit", "1", "--out", str(tmp_path / "l")], capsys)
+    assert code == 0, err
+    shutil.copy(tmp_path / "g" / "parts" / "part-0.jsonl", tmp_path / "l" / "parts" / "part-0.jsonl")
+    code, _, err = run(insdel, ["layercam", *argv, "--out", str(tmp_path / "l")], capsys)
+    assert code == 2, err
+    one_line_error(err, "part-0.jsonl:1: a record without this run's row(s) layercam (it holds gradcam")
