@@ -19,6 +19,7 @@ from common.errors import ToolkitError
 from common.precision import PRECISIONS, Precision
 from evaluation.driver import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
+from methods.registry import declared_options
 from models import DEFAULT_MODEL, ModelSpec, load_model
 from ucag import UCAG, UpscaledInput
 from ucag.blending import BLENDS, SIGMA_FRACTION
@@ -77,28 +78,10 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
                            "Gamma, default; the map shows the crop grid) or 'gaussian' (each crop map weighted by a "
                            f"Gaussian window, sigma = {SIGMA_FRACTION:g} of the crop side, sum / summed windows: no "
                            "grid; not with --official)")
-    options = parser.add_argument_group("method options (each used by the methods named; defaults are the "
-                                        "methods' own)")
-    options.add_argument("--mask-batch", type=int, default=None,
-                         help="scorecam, rise, sise, adasise: masked images scored per forward (default: from "
-                              "free memory, as --patch-batch)")
-    options.add_argument("--steps", type=int, default=None, help="igcam: path points m (default 50)")
-    options.add_argument("--baseline", default=None,
-                         help="igcam: path start x': black (default), zeros, or a pixel value in [0, 1]")
-    options.add_argument("--path-batch", type=int, default=None,
-                         help="igcam: path points per forward/backward, over all images (default 256)")
-    options.add_argument("--resolutions", type=int, nargs="+", default=None,
-                         help="cameras: input sides fused (default 224 324 ... 924)")
-    options.add_argument("--masks", type=int, default=None, help="rise: number of random masks N (default 4000)")
-    options.add_argument("--cell", type=int, default=None, help="rise: mask grid s x s (default 7)")
-    options.add_argument("--keep-prob", type=float, default=None, help="rise: probability p a cell is kept (0.5)")
-    options.add_argument("--seed", type=int, default=None, help="rise: mask seed (default 0)")
-    options.add_argument("--rule", default=None, help="lrp: zplus (default), alpha2beta1 or epsilon")
-    options.add_argument("--head-fusion", default=None,
-                         help="rollout: how a block's attention heads are fused: mean (default), max or min")
-    options.add_argument("--discard-ratio", type=float, default=None,
-                         help="rollout: share of the lowest fused attention weights set to 0 per block, in [0, 1) "
-                              "(default 0)")
+    options = parser.add_argument_group("method options (each used by the methods named)")
+    for option, methods in declared_options().items():
+        options.add_argument(option.flag, type=option.type, nargs=option.nargs, default=None,
+                             help=f"{', '.join(methods)}: {option.help} (default {option.default_text()})")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -212,36 +195,20 @@ def parse_target(text: str, spec: ModelSpec) -> int | None:
     return index
 
 
-# command-line flag (argparse dest) -> the builder option it sets
-OPTION_FLAGS = {"mask_batch": "mask_batch", "steps": "steps", "baseline": "baseline", "path_batch": "path_batch",
-                "resolutions": "resolutions",
-                "masks": "n_masks", "cell": "cell", "keep_prob": "p", "seed": "seed", "rule": "rule",
-                "head_fusion": "head_fusion", "discard_ratio": "discard_ratio"}
-
-
 def explainer_options(args: argparse.Namespace, method: str) -> dict:
-    """The builder options given on the command line for ``method``; a flag the method does not take
+    """The declared options given on the command line for ``method``; a flag the method does not take
     gets a warning, not silence."""
     accepted = method_options(method)
     chosen = {}
-    for dest, option in OPTION_FLAGS.items():
-        value = getattr(args, dest, None)
+    for option in declared_options():
+        value = getattr(args, option.dest, None)
         if value is None:
             continue
-        if option in accepted:
-            chosen[option] = _parse_baseline(value) if option == "baseline" else value
+        if option.name in accepted:
+            chosen[option.name] = option.from_flag(value)
         else:
-            warnings.warn(f"--{dest.replace('_', '-')} has no effect on {method}", stacklevel=2)
+            warnings.warn(f"{option.flag} has no effect on {method}", stacklevel=2)
     return chosen
-
-
-def _parse_baseline(text: str):
-    if text in ("black", "zeros"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(f"--baseline must be black, zeros or a pixel value in [0, 1], got '{text}'") from None
 
 
 @dataclass

@@ -18,15 +18,21 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
+from functools import partial
 
 import torch
 from torch import nn
 
 from common.precision import full_precision
 from methods.hooks import restored_state
+from methods.options import Option, positive_int
 
 MEMORY_SHARE = 0.5  # of the free memory a batch may fill (the rest: the model, the caches, other batches)
 CEILING = {"cpu": 8, "cuda": 1024}
+
+# the methods that score masked copies of the input (Score-CAM, RISE, SISE, Ada-SISE); None: from free memory
+MASK_BATCH = Option("mask_batch", "--mask-batch", None, partial(positive_int, optional=True),
+                    "masked images scored per forward", type=int, shown="from free memory, as --patch-batch")
 
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(size, device): bytes}
 _fitted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: chunk that fit after an OOM}

@@ -16,11 +16,14 @@ from tqdm.auto import tqdm
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import flag, positive_ints
+from methods.options import Option, flag, positive_ints
 from methods.targets import target_gradients
 from models.spec import ModelSpec
 
 DEFAULT_RESOLUTIONS = tuple(range(224, 1000, 100))  # 224, 324, ..., 924: the official default
+RESOLUTIONS = Option("resolutions", "--resolutions", DEFAULT_RESOLUTIONS, positive_ints, "input sides fused",
+                     type=int, nargs="+", shown="224 324 ... 924")
+CAMERAS_OPTIONS = (RESOLUTIONS,)
 
 
 class CAMERAS(Explainer):
@@ -54,10 +57,10 @@ class CAMERAS(Explainer):
     fusion_elements = 1 << 24
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None, *,
-                 resolutions: Iterable[int] = DEFAULT_RESOLUTIONS, native_first: bool = True):
+                 resolutions: Iterable[int] = RESOLUTIONS.default, native_first: bool = True):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
-        self.resolutions = positive_ints("resolutions", resolutions)
+        self.resolutions = RESOLUTIONS.validate(resolutions)
         self.native_first = flag("native_first", native_first)
 
     @staticmethod

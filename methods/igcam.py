@@ -7,6 +7,7 @@ images with per-sample targets, the model's logits for ``x`` itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from methods.base import Explainer, Explanation, resolve_targets
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import choice, in_interval, positive_int
+from methods.options import Option, choice, in_interval, positive_int
 from methods.targets import target_gradients
 from models.spec import ModelSpec
 
@@ -23,6 +24,30 @@ Baseline = str | float
 
 IGCAM_FORMULAS = ("integrated", "notebook")
 BASELINES = ("black", "zeros")
+
+
+def check_baseline(name: str, value) -> Baseline:
+    """'black', 'zeros' or a pixel value in [0, 1]."""
+    return choice(name, value, BASELINES) if isinstance(value, str) else in_interval(name, value, 0.0, 1.0)
+
+
+def baseline_from_text(text: str) -> Baseline:
+    """--baseline's text: black, zeros or a number."""
+    if text in BASELINES:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise MethodError(f"{BASELINE.flag} must be black, zeros or a pixel value in [0, 1], got '{text}'") from None
+
+
+STEPS = Option("steps", "--steps", 50, positive_int, "path points m", type=int)
+BASELINE = Option("baseline", "--baseline", "black", check_baseline,
+                  "path start x': black, zeros, or a pixel value in [0, 1]", parse=baseline_from_text)
+# an image's 50 points stay in one batch; UCAG's 64 crops x 50 points would not fit at once
+PATH_BATCH = Option("path_batch", "--path-batch", 256, partial(positive_int, optional=True),
+                    "path points per forward/backward, over all images", type=int)
+IGCAM_OPTIONS = (STEPS, BASELINE, PATH_BATCH)
 
 
 class IntegratedGradCAM(Explainer):
@@ -63,25 +88,24 @@ class IntegratedGradCAM(Explainer):
     baseline: ``'black'`` (default; the normalised image of a black picture, (0 - mean)/std per
     channel), ``'zeros'`` (a zero tensor in normalised space, i.e. the mean colour) or a float pixel
     value v of the unnormalised [0, 1] range, giving (v - mean)/std. steps: m. path_batch: path points
-    (rows over all images, B*m in all) per forward/backward; None runs them all at once.
+    (rows over all images, B*m in all) per forward/backward (default 256); None runs them all at once.
     """
 
     name = "igcam"
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None, *,
-                 mean: Sequence[float], std: Sequence[float], steps: int = 50, baseline: Baseline = "black",
-                 path_batch: int | None = None, formula: str = "integrated"):
+                 mean: Sequence[float], std: Sequence[float], steps: int = STEPS.default,
+                 baseline: Baseline = BASELINE.default, path_batch: int | None = PATH_BATCH.default,
+                 formula: str = "integrated"):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
-        self.steps = positive_int("steps", steps)
-        self.path_batch = positive_int("path_batch", path_batch, optional=True)
+        self.steps = STEPS.validate(steps)
+        self.path_batch = PATH_BATCH.validate(path_batch)
         self.formula = choice("formula", formula, IGCAM_FORMULAS)
         if len(mean) != 3 or len(std) != 3 or any(float(s) == 0 for s in std):
             raise MethodError(f"mean and std must be 3 values each (std non-zero), got {mean!r}, {std!r}")
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        # README: black, zeros or a pixel value in [0, 1]
-        self.baseline = (choice("baseline", baseline, BASELINES) if isinstance(baseline, str)
-                         else in_interval("baseline", baseline, 0.0, 1.0))
+        self.baseline = BASELINE.validate(baseline)  # README: black, zeros or a pixel value in [0, 1]
         self._path_cache: dict = {}
 
     def baseline_image(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,15 @@ Each check returns the value in its plain Python type or raises :class:`methods.
 worded ``"<option> must be <requirement>, got <value>"``, so a bad ``--steps 0`` and a bad ``mask_batch=2.5``
 read alike. Booleans are never taken for numbers (``True`` is no step count); ``optional=True`` lets
 ``None`` through where the option may be left unset.
+
+:class:`Option` declares one option once, next to its method: the registry, the scripts' flags, the checks
+and the run identity are read from it.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 from methods.errors import MethodError
@@ -44,6 +48,13 @@ def positive_ints(name: str, values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def positive_real(name: str, value) -> float:
+    """A finite real number > 0 (a stabiliser)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        _refuse(name, "a positive number", value)
+    return float(value)
+
+
 def in_interval(name: str, value, low: float = 0.0, high: float = 1.0, *, open_low: bool = False,
                 open_high: bool = False) -> float:
     """A real number in the interval from ``low`` to ``high``, each end open or closed (a probability:
@@ -69,3 +80,47 @@ def choice(name: str, value, choices: Sequence[str], optional: bool = False) -> 
     if value not in choices:
         _refuse(name, f"one of {', '.join(choices)}", value, optional)
     return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option, declared once next to its method and registered with it (``register(...,
+    options=(...))``).
+
+    name: the builder's keyword. flag: the scripts' flag (``--masks``). default: the value when not given (the
+    class's keyword default reads it). check: ``check(name, value) -> value`` or MethodError, one of the checks
+    above (the class calls :meth:`validate`). help: what it is, with the paper's symbol. type, nargs: argparse's
+    for one word and for several. parse: turns the flag's text into the value where type alone cannot (words
+    or numbers). shown: the default as the help shows it, where the value alone would not say it.
+    """
+
+    name: str
+    flag: str
+    default: object
+    check: Callable[[str, object], object]
+    help: str
+    type: Callable[[str], object] = str
+    nargs: str | None = None
+    parse: Callable[[object], object] | None = None
+    shown: str | None = None
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute of :attr:`flag`."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def validate(self, value):
+        """``value`` in its plain type, or MethodError naming the option."""
+        return self.check(self.name, value)
+
+    def from_flag(self, value):
+        """The builder value of the flag's parsed ``value``."""
+        return self.parse(value) if self.parse is not None else value
+
+    def default_text(self) -> str:
+        """The default as the help shows it."""
+        if self.shown is not None:
+            return self.shown
+        if isinstance(self.default, (tuple, list)):
+            return " ".join(str(v) for v in self.default)
+        return str(self.default)

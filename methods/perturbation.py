@@ -7,6 +7,7 @@ P_k = softmax(f(x * M))_k (sigmoid(f(x * M)_k) for multi-label models).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.batching import batch_for_memory, run_chunks
+from methods.batching import MASK_BATCH, batch_for_memory, run_chunks
 from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import in_interval, integer, positive_int
+from methods.options import Option, in_interval, integer, positive_int
 from methods.targets import target_probabilities
 from models.spec import ModelSpec
 
@@ -37,10 +38,10 @@ class ScoreCAM(Explainer):
     name = "scorecam"
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None,
-                 mask_batch: int | None = None, multilabel: bool = False):
+                 mask_batch: int | None = MASK_BATCH.default, multilabel: bool = False):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
-        self.mask_batch = positive_int("mask_batch", mask_batch, optional=True)  # None: from free memory
+        self.mask_batch = MASK_BATCH.validate(mask_batch)  # None: from free memory
         self.multilabel = multilabel
 
     @torch.no_grad()
@@ -102,6 +103,15 @@ def mirror_interpolation(in_size: int, out_size: int) -> torch.Tensor:
     return matrix.float()
 
 
+N_MASKS = Option("n_masks", "--masks", 4000, positive_int, "number of random masks N", type=int)
+CELL = Option("cell", "--cell", 7, positive_int, "mask grid s x s", type=int)
+KEEP_PROB = Option("p", "--keep-prob", 0.5, partial(in_interval, low=0.0, high=1.0, open_low=True),
+                   "probability p a cell is kept", type=float)
+SEED = Option("seed", "--seed", 0, integer, "mask seed", type=int)
+RISE_OPTIONS = (N_MASKS, CELL, KEEP_PROB, SEED, MASK_BATCH)
+SCORECAM_OPTIONS = (MASK_BATCH,)
+
+
 class RISE(Explainer):
     """RISE (Petsiuk et al., BMVC 2018): S_k = sum_i P_k(x * M_i) M_i / (N p), at the input size.
 
@@ -114,14 +124,15 @@ class RISE(Explainer):
 
     name = "rise"
 
-    def __init__(self, model: nn.Module, n_masks: int = 4000, cell: int = 7, p: float = 0.5, seed: int = 0,
-                 mask_batch: int | None = None, multilabel: bool = False):
+    def __init__(self, model: nn.Module, n_masks: int = N_MASKS.default, cell: int = CELL.default,
+                 p: float = KEEP_PROB.default, seed: int = SEED.default, mask_batch: int | None = MASK_BATCH.default,
+                 multilabel: bool = False):
         super().__init__(model)
-        self.n_masks = positive_int("n_masks", n_masks)
-        self.cell = positive_int("cell", cell)
-        self.p = in_interval("p", p, 0.0, 1.0, open_low=True)  # the keep probability
-        self.seed = integer("seed", seed)
-        self.mask_batch = positive_int("mask_batch", mask_batch, optional=True)  # None: from free memory
+        self.n_masks = N_MASKS.validate(n_masks)
+        self.cell = CELL.validate(cell)
+        self.p = KEEP_PROB.validate(p)  # the keep probability
+        self.seed = SEED.validate(seed)
+        self.mask_batch = MASK_BATCH.validate(mask_batch)  # None: from free memory
         self.multilabel = multilabel
         self._cache: dict = {}
 

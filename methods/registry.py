@@ -1,4 +1,5 @@
-"""One registry of explainers by name, used by every script and by UCAG."""
+"""One registry of explainers by name, used by every script and by UCAG; with each method the options it takes
+(:class:`methods.options.Option`, declared next to the method), from which the scripts make their flags."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,20 +11,30 @@ from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
 from methods.errors import MethodError
+from methods.options import Option
 from methods.relevance import AGF, CLRP, LRP, RAP, RSP, SGLRP
+from methods.relevance.explainers import LRP_OPTIONS
 from methods.transformer import CPLRP, GradRollout, Rollout, TransformerAttribution
+from methods.transformer.rollout import ROLLOUT_OPTIONS
 from models.preprocessing import normalize
 from models.spec import ModelSpec
 
 Builder = Callable[..., Explainer]
 _BUILDERS: dict[str, Builder] = {}
 _ALIASES: dict[str, str] = {}
-_OPTIONS: dict[str, tuple[str, ...]] = {}
+_OPTIONS: dict[str, tuple[Option, ...]] = {}
 
 
-def register(name: str, *aliases: str, options: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(spec, **options) -> Explainer`` available as ``name``; ``options`` names
-    the keyword options the builder accepts (the scripts pass the matching command-line flags)."""
+def register(name: str, *aliases: str, options: tuple[Option, ...] = ()) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(spec, **options) -> Explainer`` available as ``name``; ``options`` declares
+    the keyword options the builder takes (the scripts make a flag of each). An option is one declaration:
+    another one with the same name or flag is refused."""
+    for option in options:
+        for other in declared_options():
+            if other is not option and (other.name == option.name or other.flag == option.flag):
+                raise ValueError(f"{name}: option {option.name} ({option.flag}) clashes with another declaration "
+                                 f"{other.name} ({other.flag}); register the same Option object")
+
     def decorate(builder: Builder) -> Builder:
         _BUILDERS[name] = builder
         _OPTIONS[name] = tuple(options)
@@ -33,13 +44,22 @@ def register(name: str, *aliases: str, options: tuple[str, ...] = ()) -> Callabl
     return decorate
 
 
+def declared_options() -> dict[Option, list[str]]:
+    """Every declared option (in registration order) with the methods that take it."""
+    methods: dict[Option, list[str]] = {}
+    for name, options in _OPTIONS.items():
+        for option in options:
+            methods.setdefault(option, []).append(name)
+    return methods
+
+
 def available_methods() -> list[str]:
     return sorted(_BUILDERS)
 
 
 def method_options(name: str) -> tuple[str, ...]:
-    """The keyword options ``name``'s builder accepts."""
-    return _OPTIONS[canonical_name(name)]
+    """The names of the options ``name`` takes."""
+    return tuple(option.name for option in _OPTIONS[canonical_name(name)])
 
 
 def canonical_name(name: str) -> str:
@@ -96,7 +116,7 @@ def _seeded_builder(cls):
     return build
 
 
-register("lrp", options=("rule",))(_relevance_builder(LRP))
+register("lrp", options=LRP_OPTIONS)(_relevance_builder(LRP))
 register("clrp", "c-lrp")(_relevance_builder(CLRP))
 register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
 register("rap")(_seeded_builder(RAP))
@@ -104,25 +124,18 @@ register("rsp")(_seeded_builder(RSP))
 register("agf")(_seeded_builder(AGF))
 
 
-register("scorecam", "score-cam", options=("mask_batch",))(perturbation.build_scorecam)
-register("rise", options=("n_masks", "cell", "p", "seed", "mask_batch"))(perturbation.build_rise)
+register("scorecam", "score-cam", options=perturbation.SCORECAM_OPTIONS)(perturbation.build_scorecam)
+register("rise", options=perturbation.RISE_OPTIONS)(perturbation.build_rise)
 register("fullgrad", "full-grad")(gradients.build_fullgrad)
 register("gradient", "saliency", "vanilla")(gradients.build_gradient)
 register("guided", "guided-backprop", "guidedbackprop")(gradients.build_guided)
 register("deconv", "deconvnet")(gradients.build_deconv)
 
+register("igcam", "integrated-gradcam", options=igcam.IGCAM_OPTIONS)(igcam.build_igcam)
+register("cameras", options=cameras.CAMERAS_OPTIONS)(cameras.build_cameras)
 
-def _build_igcam(spec: ModelSpec, **options) -> Explainer:
-    """Integrated Grad-CAM; at most 256 path points per forward/backward unless --path-batch says otherwise
-    (an image's 50 points stay in one batch; UCAG's 64 crops x 50 points would not fit at once)."""
-    return igcam.build_igcam(spec, **{"path_batch": 256, **options})
-
-
-register("igcam", "integrated-gradcam", options=("steps", "baseline", "path_batch"))(_build_igcam)
-register("cameras", options=("resolutions",))(cameras.build_cameras)
-
-register("sise", options=("mask_batch",))(sise.build_sise)
-register("adasise", "ada-sise", options=("mask_batch",))(sise.build_adasise)
+register("sise", options=sise.SISE_OPTIONS)(sise.build_sise)
+register("adasise", "ada-sise", options=sise.SISE_OPTIONS)(sise.build_adasise)
 
 
 def _transformer_builder(cls):
@@ -132,7 +145,7 @@ def _transformer_builder(cls):
     return build
 
 
-register("rollout", "attention-rollout", options=("head_fusion", "discard_ratio"))(_transformer_builder(Rollout))
+register("rollout", "attention-rollout", options=ROLLOUT_OPTIONS)(_transformer_builder(Rollout))
 register("gradrollout", "grad-rollout", "generic-attention")(_transformer_builder(GradRollout))
 register("transformer_attribution", "chefer", "transformer-attribution")(_transformer_builder(TransformerAttribution))
 register("cplrp", "cp-lrp")(_transformer_builder(CPLRP))

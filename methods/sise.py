@@ -54,10 +54,10 @@ from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
 from methods.base import Explainer, Explanation, resolve_targets
-from methods.batching import batch_for_memory, run_chunks
+from methods.batching import MASK_BATCH, batch_for_memory, run_chunks
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import choice, positive_int
+from methods.options import choice
 from methods.targets import target_log_probabilities, target_probabilities
 from models.efficientnet_lite import EfficientNetLite0
 from models.errors import ModelError
@@ -265,11 +265,11 @@ class SISE(Explainer):
     progress_desc = "SISE masks"
 
     def __init__(self, model: nn.Module, layers: Sequence[str], posts: dict[str, Post] | None = None,
-                 mask_batch: int | None = None, fusion: str | None = None, multilabel: bool = False):
+                 mask_batch: int | None = MASK_BATCH.default, fusion: str | None = None, multilabel: bool = False):
         super().__init__(model)
         self.layers = _layer_names(model, layers)
         self.posts = dict(posts or {})
-        self.mask_batch = positive_int("mask_batch", mask_batch, optional=True)  # None: from free memory
+        self.mask_batch = MASK_BATCH.validate(mask_batch)  # None: from free memory
         self.fusion = choice("fusion", self.default_fusion if fusion is None else str(fusion).lower(), FUSIONS)
         self.multilabel = multilabel
         self.last_selection: dict[str, torch.Tensor] = {}
@@ -449,6 +449,7 @@ def _builder(cls):
     return build
 
 
+SISE_OPTIONS = (MASK_BATCH,)  # SISE and Ada-SISE
 build_sise = _builder(SISE)
 build_adasise = _builder(AdaSISE)
 

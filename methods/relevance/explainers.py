@@ -13,12 +13,26 @@ import torch
 from torch import nn
 
 from methods.base import Explainer, Explanation, resolve_targets
+from methods.errors import MethodError
 from methods.hooks import restored_state
+from methods.options import Option, positive_real
 from methods.relevance import agf, rap, rsp
 from methods.relevance.network import AvgPool, Composite, Conv, Dropout, Linear, MaxPool, RelevanceNet, ReLU, Residual
 from methods.relevance.rules import AlphaBeta, Epsilon, Norm, Pass, Rule, SkipSum, WinnerTakesAll, ZBox, ZPlus
 
 RULES = ("zplus", "alpha2beta1", "epsilon")
+
+
+def check_rule(name: str, value) -> str:
+    """One of :data:`RULES`."""
+    if value not in RULES:
+        raise MethodError(f"unknown LRP rule {value!r}; valid: {', '.join(RULES)}")
+    return value
+
+
+RULE = Option("rule", "--rule", "zplus", check_rule, f"propagation rule: {', '.join(RULES)}")
+EPSILON = Option("epsilon", "--epsilon", 0.25, positive_real, "stabiliser epsilon of --rule epsilon", type=float)
+LRP_OPTIONS = (RULE, EPSILON)
 
 
 def lrp_rule(name: str, epsilon: float) -> Rule:
@@ -50,10 +64,10 @@ class LRP(Explainer):
     mixed_precision = False  # the rules divide by sums of products that bfloat16 cannot resolve
     memory_format = "contiguous"  # measured faster for the rules' own convolutions (resnet50 AGF: 306 vs 330 ms)
 
-    def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], rule: str = "zplus",
-                 epsilon: float = 0.25):
+    def __init__(self, model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], rule: str = RULE.default,
+                 epsilon: float = EPSILON.default):
         super().__init__(model)
-        self.composite = lrp_composite(lrp_rule(rule, epsilon), bounds)
+        self.composite = lrp_composite(lrp_rule(RULE.validate(rule), EPSILON.validate(epsilon)), bounds)
         RelevanceNet(model, self.composite)  # fail early on unsupported architectures
 
     def initial_relevance(self, logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:

@@ -22,16 +22,22 @@ entry (it spares the class token's self-attention) is exempt.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
 from methods.base import Explanation, resolve_targets, widen_half
 from methods.hooks import restored_state
-from methods.options import choice, in_interval
+from methods.options import Option, choice, in_interval
 from methods.transformer.vit import TransformerExplainer
 
 HEAD_FUSIONS = ("mean", "max", "min")
+HEAD_FUSION = Option("head_fusion", "--head-fusion", "mean", partial(choice, choices=HEAD_FUSIONS),
+                     f"how a block's attention heads are fused: {', '.join(HEAD_FUSIONS)}")
+DISCARD_RATIO = Option("discard_ratio", "--discard-ratio", 0.0, partial(in_interval, low=0.0, high=1.0, open_high=True),
+                       "share of the lowest fused attention weights set to 0 per block, in [0, 1)", type=float)
+ROLLOUT_OPTIONS = (HEAD_FUSION, DISCARD_RATIO)
 
 
 def fuse_heads(attention: torch.Tensor, fusion: str = "mean") -> torch.Tensor:
@@ -83,10 +89,10 @@ class Rollout(TransformerExplainer):
     official_raw = True  # in the official code's list of raw methods
     mixed_precision = True  # a forward only; the probabilities are rolled out in float32
 
-    def __init__(self, model: nn.Module, model_name: str | None = None, head_fusion: str = "mean",
-                 discard_ratio: float = 0.0):
-        self.head_fusion = choice("head_fusion", head_fusion, HEAD_FUSIONS)
-        self.discard_ratio = in_interval("discard_ratio", discard_ratio, 0.0, 1.0, open_high=True)
+    def __init__(self, model: nn.Module, model_name: str | None = None, head_fusion: str = HEAD_FUSION.default,
+                 discard_ratio: float = DISCARD_RATIO.default):
+        self.head_fusion = HEAD_FUSION.validate(head_fusion)
+        self.discard_ratio = DISCARD_RATIO.validate(discard_ratio)
         super().__init__(model, model_name)
 
     def matrix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
