@@ -104,3 +104,154 @@ def test_registry_builds_with_the_defaults_unchanged(lite):
     assert (igcam.steps, igcam.baseline, igcam.path_batch, igcam.formula) == (50, "black", 256, "integrated")
     assert torch.allclose(igcam.baseline_image(torch.zeros(1, 3, 4, 4)),
                           ((0 - torch.tensor(lite.mean)) / torch.tensor(lite.std)).view(1, 3, 1, 1))
+
+
+# --- the declarations (methods.options.Option): one per option, the flags, checks and run identity made from them
+
+# per declared option: a good and a bad command-line value, the good one as the builder and run.json get it
+GOOD = {"rule": (["epsilon"], "epsilon"), "epsilon": (["0.5"], 0.5), "mask_batch": (["3"], 3),
+        "n_masks": (["100"], 100), "cell": (["5"], 5), "p": (["0.3"], 0.3), "seed": (["4"], 4),
+        "steps": (["4"], 4), "baseline": (["0.5"], 0.5), "path_batch": (["16"], 16),
+        "resolutions": (["224", "324"], [224, 324]), "head_fusion": (["max"], "max"),
+        "discard_ratio": (["0.5"], 0.5)}
+BAD = {"rule": ["nope"], "epsilon": ["nan"], "mask_batch": ["0"], "n_masks": ["0"], "cell": ["-1"], "p": ["0"],
+       "seed": ["1.5"], "steps": ["0"], "baseline": ["7"], "path_batch": ["0"], "resolutions": ["224", "0"],
+       "head_fusion": ["median"], "discard_ratio": ["1"]}
+
+
+def declarations():
+    from methods.registry import declared_options
+    return list(declared_options().items())
+
+
+def test_every_declared_option_is_in_the_tables_and_declared_once():
+    """A new option needs its good and bad values here; no two declarations share a name or a flag."""
+    names = [option.name for option, _ in declarations()]
+    assert sorted(names) == sorted(GOOD) == sorted(BAD)
+    flags = [option.flag for option, _ in declarations()]
+    assert len(set(names)) == len(names) and len(set(flags)) == len(flags)
+
+
+def test_a_second_declaration_of_a_name_or_flag_is_refused():
+    from methods.options import Option
+    from methods.registry import register
+    with pytest.raises(ValueError, match="clashes"):
+        register("again", options=(Option("steps", "--steps-again", 1, positive_int, "m", type=int),))
+    with pytest.raises(ValueError, match="clashes"):
+        register("again", options=(Option("iterations", "--steps", 1, positive_int, "m", type=int),))
+    from methods import available_methods
+    assert "again" not in available_methods()
+
+
+@pytest.mark.parametrize("option,methods", declarations(), ids=lambda v: getattr(v, "name", ""))
+def test_each_option_has_a_flag_whose_help_names_methods_and_default(option, methods):
+    parser = visualization.build_parser()
+    action = next(a for a in parser._actions if option.flag in a.option_strings)
+    assert action.default is None  # None: not given, so not recorded and the method's default applies
+    assert action.help.startswith(f"{', '.join(methods)}: ") and f"(default {option.default_text()})" in action.help
+    args = parser.parse_args([methods[0], option.flag, *GOOD[option.name][0]])
+    from app.cli import explainer_options
+    value = explainer_options(args, methods[0])[option.name]
+    assert value == GOOD[option.name][1]
+
+
+@pytest.mark.parametrize("option,methods", declarations(), ids=lambda v: getattr(v, "name", ""))
+def test_each_option_refuses_a_bad_value_in_one_line(option, methods, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(visualization.main, [methods[0], option.flag, *BAD[option.name], "--workers", "0",
+                                     "--out", str(tmp_path)], prog=visualization.PROG)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line and not line.startswith("warning:")]
+    assert stop.value.code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("visualization.py: error: ") and (option.name in lines[0] or option.flag in lines[0] or
+                                                                option.name == "rule" and "LRP rule" in lines[0])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def resnet18_spec():
+    from models import load_model
+    torch.manual_seed(0)
+    return load_model("resnet18", "random")
+
+
+@pytest.mark.parametrize("option,methods", declarations(), ids=lambda v: getattr(v, "name", ""))
+def test_each_option_given_is_recorded_in_the_run_identity(option, methods, resnet18_spec):
+    """run.json's method_options: the options given (tuples as lists), nothing for an option not given."""
+    import json
+
+    from app.cli import build_setup
+    from methods.transformer import METHODS as TRANSFORMER_METHODS
+    from tests.vit_fixtures import tiny_vit_spec
+    method = methods[0]
+    spec = tiny_vit_spec() if method in TRANSFORMER_METHODS else resnet18_spec
+    parser = visualization.build_parser()
+    for argv, recorded in (([option.flag, *GOOD[option.name][0]], {option.name: GOOD[option.name][1]}), ([], {})):
+        setup = build_setup(parser.parse_args([method, "--device", "cpu", *argv]), load_spec=lambda device: spec)
+        assert json.loads(json.dumps(setup.settings()))["method_options"] == recorded
+
+
+def test_the_classes_keyword_defaults_are_the_declared_ones():
+    """The Python API's defaults read the declarations: building by name or by class gives the same thing."""
+    import inspect
+
+    from methods.cameras import CAMERAS
+    from methods.igcam import IntegratedGradCAM
+    from methods.perturbation import RISE, ScoreCAM
+    from methods.relevance import LRP
+    from methods.sise import SISE, AdaSISE
+    from methods.transformer import Rollout
+    classes = {"lrp": LRP, "scorecam": ScoreCAM, "rise": RISE, "sise": SISE, "adasise": AdaSISE,
+               "igcam": IntegratedGradCAM, "cameras": CAMERAS, "rollout": Rollout}
+    seen = set()
+    for option, methods in declarations():
+        for method in methods:
+            parameter = inspect.signature(classes[method]).parameters[option.name]
+            assert parameter.default == option.default, (method, option.name)
+            seen.add(method)
+    assert seen == set(classes)
+
+
+# today's defaults, written out: the declarations must keep them (every number unchanged)
+TODAYS_DEFAULTS = {"lrp": {"rule": "zplus", "epsilon": 0.25}, "scorecam": {"mask_batch": None},
+                   "rise": {"n_masks": 4000, "cell": 7, "p": 0.5, "seed": 0, "mask_batch": None},
+                   "sise": {"mask_batch": None}, "adasise": {"mask_batch": None},
+                   "igcam": {"steps": 50, "baseline": "black", "path_batch": 256},
+                   "cameras": {"resolutions": (224, 324, 424, 524, 624, 724, 824, 924)},
+                   "rollout": {"head_fusion": "mean", "discard_ratio": 0.0}}
+
+
+def test_declared_defaults_are_todays():
+    from methods.registry import _OPTIONS
+    declared = {method: {o.name: o.default for o in options} for method, options in _OPTIONS.items() if options}
+    assert declared == TODAYS_DEFAULTS
+
+
+@pytest.mark.parametrize("method", ["lrp", "igcam", "rollout"])
+def test_default_options_give_the_maps_of_todays_explicit_defaults(method, resnet18_spec):
+    from tests.vit_fixtures import tiny_vit_spec
+    spec = tiny_vit_spec() if method == "rollout" else resnet18_spec
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    implicit = build_explainer(method, spec)(x, [1, 2]).maps
+    explicit = build_explainer(method, spec, **TODAYS_DEFAULTS[method])(x, [1, 2]).maps
+    assert torch.equal(implicit, explicit)
+    igcam = build_explainer("igcam", resnet18_spec)
+    assert (igcam.steps, igcam.baseline, igcam.path_batch) == (50, "black", 256)
+
+
+def test_lrp_epsilon_flag_changes_the_map(tmp_path, photos):
+    """visualization.py lrp --rule epsilon --epsilon 0.5 runs, and its map is not the default epsilon's."""
+    from PIL import Image
+    Image.fromarray(photos[0]).resize((96, 96)).save(tmp_path / "photo.png")
+    maps = {}
+    for epsilon in ([], ["--epsilon", "0.5"]):
+        out = tmp_path / f"out{len(epsilon)}"
+        torch.manual_seed(0)  # the same random weights for both runs
+        with pytest.raises(SystemExit) as stop:
+            run_cli(visualization.main, ["lrp", "--rule", "epsilon", *epsilon, "--name", "resnet18", "--weights",
+                                         "random", "--img-path", str(tmp_path / "photo.png"), "--workers", "0",
+                                         "--out", str(out)], prog=visualization.PROG)
+        assert stop.value.code == 0
+        maps[len(epsilon)] = np.load(next(out.rglob("*_lrp.npy")))
+    assert maps[0].shape == maps[2].shape and not np.array_equal(maps[0], maps[2])
