@@ -241,8 +241,7 @@ class Setup:
         return dict(self.settings_recorded)
 
 
-def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
-                load_spec: Callable[[torch.device], ModelSpec] | None = None) -> Setup:
+def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], ModelSpec] | None = None) -> Setup:
     """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper.
 
     load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
@@ -277,7 +276,7 @@ def build_setup(args: argparse.Namespace, need_ucag: bool | None = None,
         baseline = UpscaledInput(explainer, args.alpha)
         settings["baseline_alpha"] = args.alpha
     wrapped = None
-    if args.ucag if need_ucag is None else need_ucag:
+    if args.ucag:
         confidence = (False if args.no_confidence else None) if not args.official else bool(args.score)
         crop_input = fixed_crop_input(args, spec)
         wrapped = UCAG(explainer, crop=args.crop_size, n=args.num_patches, alpha=args.alpha,
