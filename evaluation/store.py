@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.images import display_path
@@ -246,10 +246,10 @@ class ResultStore:
 
     def release(self) -> None:
         if self._lock is not None:
-            try:
-                os.ftruncate(self._lock, 0)  # a pid left in the file means a run that did not end normally
-            except OSError:
-                pass
+            # best effort: a pid left in the file only means a note on the next run (a run that did not end
+            # normally); failing to clear it must not turn a finished run into an error
+            with suppress(OSError):
+                os.ftruncate(self._lock, 0)
             os.close(self._lock)  # closing the descriptor drops the lock
             _HELD.discard(self._lock_key)
             self._lock = None
@@ -413,10 +413,8 @@ class ResultStore:
             try:
                 self._append_to(handle, lines.encode("ascii"))
             finally:
-                try:
+                with suppress(OSError):  # the records were synced (or the error is being raised already)
                     handle.close()
-                except OSError:  # the records were synced (or the error is being raised already)
-                    pass
 
     def _append_to(self, handle, data: bytes) -> None:
         self._cut_torn_tail(handle)
@@ -425,11 +423,11 @@ class ResultStore:
             self._write_bytes(handle, data)
             os.fsync(handle.fileno())
         except OSError as exc:
-            try:  # take back a partly written batch: the records written before stay intact
+            # best effort: take back a partly written batch (the records written before stay intact); if even
+            # that fails, the torn tail is cut on the next append (_cut_torn_tail) and the StoreError below stands
+            with suppress(OSError):
                 handle.truncate(size)
                 os.fsync(handle.fileno())
-            except OSError:
-                pass
             detail = "disk full" if exc.errno == errno.ENOSPC else _reason(exc)
             raise StoreError(f"cannot append to {display_path(str(self.path))}: {detail}; the records written "
                              "before are kept, rerun to resume") from None
