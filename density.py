@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.cli import Parser, run_cli
 from app.evaluation_run import image_metric_parser, run_image_metric
+from app.flags import Parser
+from app.lifecycle import run_cli
 from evaluation.driver import running_means
 from evaluation.map_density import map_density
 from evaluation.reports import write_density_report

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.cli import Parser, UsageError, run_cli
 from app.evaluation_run import image_metric_parser, run_image_metric
+from app.flags import Parser, UsageError
+from app.lifecycle import run_cli
 from evaluation.driver import running_means
 from evaluation.insertion_deletion import auc, game_curves, numpy_sort_identity
 from evaluation.reports import write_insdel_report

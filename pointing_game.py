@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from app.cli import Parser, Setup, UsageError, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, hashed_file, run_evaluation
+from app.flags import Parser, UsageError, add_common_flags
+from app.lifecycle import run_cli
+from app.setup import Setup
 from common.images import display_path
 from evaluation.distributed import Dist
 from evaluation.driver import Row, RunningMeans, Task

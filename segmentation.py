@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.cli import Parser, Setup, add_common_flags, run_cli
 from app.evaluation_run import add_fresh_flag, check_out, results_folder, run_evaluation
+from app.flags import Parser, add_common_flags
+from app.lifecycle import run_cli
+from app.setup import Setup
 from evaluation.distributed import Dist
 from evaluation.driver import Row, RunningMeans, Task
 from evaluation.imagenet_seg import ImageNetSegmentation

@@ -25,16 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from app.cli import (
-    Parser,
-    Setup,
-    UsageError,
-    add_common_flags,
-    build_setup,
-    parse_target,
-    run_cli,
-)
 from app.evaluation_run import output_folders
+from app.flags import Parser, UsageError, add_common_flags
+from app.lifecycle import run_cli
+from app.setup import Setup, build_setup, parse_target
 from common.files import save_npy, write_text
 from common.images import display_path, find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay

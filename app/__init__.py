@@ -1,2 +1,4 @@
-"""The application layer: command-line flags, their checks, one-line errors, and building models,
-explainers and evaluation rows from flags. Only the scripts import it; it imports every library package."""
+"""The application layer, one module per job: flags (the shared flags and the one-line parser), setup
+(device, model, explainer, UCAG and run identity built from the flags), lifecycle (a script's process: exit
+codes, signals, warnings), evaluation_run (the dataset scripts' run). Only the scripts import it; it imports
+every library package."""

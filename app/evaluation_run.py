@@ -7,7 +7,8 @@ import argparse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-from app.cli import Parser, Setup, UsageError, add_common_flags, add_eval_flags, build_setup
+from app.flags import Parser, UsageError, add_common_flags, add_eval_flags
+from app.setup import Setup, build_setup
 from common.images import display_path
 from evaluation import distributed
 from evaluation.datasets import discover

@@ -82,7 +82,8 @@ def speed_worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from app.cli import MEMORY_FORMATS, resolve_device
+    from app.flags import MEMORY_FORMATS
+    from app.setup import resolve_device
     from common.images import find_images, load_rgb
     from common.precision import Precision
     from evaluation.insertion_deletion import game_curves

@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.cli import MEMORY_FORMATS, resolve_device  # noqa: E402
+from app.flags import MEMORY_FORMATS  # noqa: E402
+from app.setup import resolve_device  # noqa: E402
 from common.allocator import keep_freed_memory  # noqa: E402
 from common.precision import PRECISIONS, Precision  # noqa: E402
 from models import ModelSpec, load_model  # noqa: E402

@@ -2,7 +2,7 @@
 
 Each package raises its own subclass (``ImageError`` here, ``models.errors.ModelError``,
 ``methods.errors.MethodError``, ``evaluation.errors.DataError`` ...); the application layer
-(:func:`app.cli.run_cli`) turns any :class:`ToolkitError` into one stderr line and exit code 2.
+(:func:`app.lifecycle.run_cli`) turns any :class:`ToolkitError` into one stderr line and exit code 2.
 """
 
 

@@ -1,9 +1,10 @@
-"""Turning raw maps into pictures and metric inputs: ReLU, resize, per-map min-max, official blur."""
+"""Turning raw maps into pictures and metric inputs: ReLU, resize, per-map min-max (and a caller's blur)."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -33,11 +34,6 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int], antialias: bool = Tru
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=antialias and shrinking)
 
 
-def official_blur(maps: torch.Tensor) -> torch.Tensor:
-    """The official UCAG code's final smoothing: 5 x 5 Gaussian, sigma 3, reflect padding."""
-    return gaussian_blur(maps, kernel_size=[5, 5], sigma=[3.0, 3.0])
-
-
 def official_ranking_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The maps the official code's insertion/deletion game ranks for its raw methods
     (:attr:`methods.base.Explainer.official_raw`): the raw signed (B, 1, h, w) maps, float32, bilinear-resized
@@ -49,17 +45,19 @@ def official_ranking_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
 
 def finalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None, relu: bool = True,
-                  blur: bool = False, antialias: bool = True) -> torch.Tensor:
+                  blur: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  antialias: bool = True) -> torch.Tensor:
     """Raw (B, 1, h, w) maps -> [0, 1] maps at ``size``: ReLU, resize, min-max.
 
-    ``blur`` reproduces the official code's UCAG output: ReLU, min-max, blur in the model's input frame,
-    then the resize (no second min-max, as there). ``antialias``: see :func:`resize_maps`.
+    ``blur`` (a smoothing of (B, 1, h, w) maps, e.g. :func:`ucag.protocol.official_blur`) reproduces the
+    official code's UCAG output: ReLU, min-max, blur in the model's input frame, then the resize (no second
+    min-max, as there). ``antialias``: see :func:`resize_maps`.
     """
     maps = maps.float()
     if relu:
         maps = maps.clamp(min=0)
-    if blur:
-        maps = official_blur(min_max(maps))
+    if blur is not None:
+        maps = blur(min_max(maps))
         return resize_maps(maps, size, antialias) if size else maps
     if size:
         maps = resize_maps(maps, size, antialias)

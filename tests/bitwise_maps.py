@@ -59,7 +59,7 @@ def fingerprint(tensor: torch.Tensor) -> dict:
 def compute(methods=None) -> dict[str, torch.Tensor]:
     """{'<method>/<variant>/<row>/<raw|final|ranking>': map} for every registered method."""
     import visualization
-    from app.cli import build_setup
+    from app.setup import build_setup
     from methods import available_methods
     from methods.postprocess import official_ranking_maps
     from methods.transformer import METHODS as TRANSFORMER_METHODS

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.cli import UsageError, check_geometry
+from app.flags import UsageError
+from app.setup import check_geometry
 from methods import build_explainer, finalize_maps
 from methods.errors import MethodError
 from methods.postprocess import zero_maps

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import insdel
-import ucag.framework as framework
+import ucag.protocol as protocol_module
 import visualization
 from common.images import load_rgb
 from common.render import overlay
@@ -71,7 +71,7 @@ def test_the_constant_blend_is_the_papers_fold_exactly(size, crop, n):
     grid = PatchGrid(*size, crop=crop, n=n)
     partial = torch.randn(3 * grid.num_patches, *grid.crop_size)
     assert torch.equal(blend_fold(grid, partial), grid.fold(partial) / grid.duplication())
-    assert torch.equal(blend_fold(grid, partial, "constant", official=True),
+    assert torch.equal(blend_fold(grid, partial, "constant", gamma_offset=1),
                        grid.fold(partial) / (grid.duplication() + 1))
     if 0 < grid.stride[0] < grid.crop_size[0] // 2:  # crops overlapping much: the two blends differ
         assert not torch.allclose(blend_fold(grid, partial, "gaussian"), blend_fold(grid, partial), atol=1e-3)
@@ -85,7 +85,7 @@ def spy_on_the_fold(monkeypatch):
         seen.append((grid, partial.clone()))
         return blend_fold(grid, partial, *args, **kwargs)
 
-    monkeypatch.setattr(framework, "blend_fold", spy)
+    monkeypatch.setattr(protocol_module, "blend_fold", spy)
     return seen
 
 
@@ -160,14 +160,14 @@ def test_the_gaussian_blend_has_no_seams_where_crops_start_or_end(size, crop, n,
 
 def test_bad_blends_are_refused():
     stub = PatchStub(random_logits)
-    with pytest.raises(ValueError, match="unknown blend"):
+    with pytest.raises(ValueError, match="blend must be one of constant, gaussian, got"):
         UCAG(stub, blend="cubic")
     with pytest.raises(ValueError, match="official"):
         UCAG(stub, official=True, blend="gaussian")
     official = make_ucag(stub, official=True, crop=112, n=3, alpha=1.0)
     with pytest.raises(ValueError, match="official"):
         official.explain_blends(torch.rand(1, 3, 16, 16), [1], ("constant", "gaussian"))
-    with pytest.raises(ValueError, match="unknown blend"):
+    with pytest.raises(ValueError, match="blend must be one of constant, gaussian, got"):
         blend_fold(PatchGrid(16, 16, crop=112, n=3), torch.zeros(9, 8, 8), "median")
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import visualization
-from app.cli import run_cli
+from app.lifecycle import run_cli
 from common.images import load_rgb
 from tests.conftest import EXAMPLES, REPO
 
@@ -170,14 +170,15 @@ def test_script_as_a_subprocess_exits_2_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "visualization.py: error: -n/--num-patches must be at least 2 (got 1)"]
+        "visualization.py: error: -n/--num-patches must be an integer of at least 2 (got 1)"]
 
 
 def test_method_options_reach_the_explainer_and_stray_flags_warn(tmp_path):
     import argparse
     import warnings as _warnings
 
-    from app.cli import Parser, add_common_flags, explainer_options
+    from app.flags import Parser, add_common_flags
+    from app.setup import explainer_options
     parser = Parser(prog="t")
     add_common_flags(parser)
     args = parser.parse_args(["lrp", "--rule", "epsilon", "--steps", "8"])
@@ -260,7 +261,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monk
 @pytest.mark.parametrize(("given", "expected"), [(None, 0), (3, 3), (0, 0)])
 def test_decoding_workers_default_to_none_on_a_cpu(given, expected):
     """On a CPU the decoders would take the model's cores (and copy the pages it writes after the fork)."""
-    from app.cli import build_setup
+    from app.setup import build_setup
     argv = ["gradcam", "--device", "cpu"] + ([] if given is None else ["--workers", str(given)])
     args = visualization.build_parser().parse_args(argv)
     build_setup(args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import insdel
-from app.cli import run_cli
+from app.lifecycle import run_cli
 from common.determinism import CUBLAS_VARIABLE, DeterminismError, explain_refusal, make_deterministic
 from evaluation.errors import StoreError
 from tests.conftest import EXAMPLES

@@ -10,7 +10,7 @@ import torch
 
 import density
 import insdel
-from app.cli import run_cli
+from app.lifecycle import run_cli
 from tests.conftest import EXAMPLES, REPO
 
 FAST = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu"]
@@ -165,7 +165,7 @@ def official_args(official: bool):
 def test_official_baseline_runs_the_explainer_on_the_upscaled_image(lite, photo_batch):
     import torch.nn.functional as F
 
-    from app.cli import build_setup
+    from app.setup import build_setup
     from methods import finalize_maps
     from ucag import UpscaledInput
 

@@ -13,8 +13,8 @@ import insdel
 import pointing_game
 import segmentation
 import visualization
-from app.cli import run_cli
 from app.evaluation_run import output_folders
+from app.lifecycle import run_cli
 from common.images import find_images, load_rgb
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import COCO2014, VOC2007, boxes_mask

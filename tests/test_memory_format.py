@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import visualization
-from app.cli import MEMORY_FORMATS
+from app.flags import MEMORY_FORMATS
 from methods import available_methods, build_explainer
 from methods.transformer import METHODS as TRANSFORMER
 from models import load_model
@@ -78,7 +78,7 @@ def test_scripts_set_the_memory_format(layout, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("method", "expected"), [("gradcam", torch.channels_last), ("lrp", torch.contiguous_format)])
 def test_the_default_layout_is_the_methods_own(method, expected):
-    from app.cli import build_setup
+    from app.setup import build_setup
     args = visualization.build_parser().parse_args([method, "--name", "resnet18", "--weights", "random",
                                                     "--device", "cpu"])
     setup = build_setup(args)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import visualization
-from app.cli import run_cli
+from app.lifecycle import run_cli
 from methods import build_explainer
 from methods.errors import MethodError
 from methods.options import choice, flag, in_interval, integer, positive_int, positive_ints
@@ -150,7 +150,7 @@ def test_each_option_has_a_flag_whose_help_names_methods_and_default(option, met
     assert action.default is None  # None: not given, so not recorded and the method's default applies
     assert action.help.startswith(f"{', '.join(methods)}: ") and f"(default {option.default_text()})" in action.help
     args = parser.parse_args([methods[0], option.flag, *GOOD[option.name][0]])
-    from app.cli import explainer_options
+    from app.setup import explainer_options
     value = explainer_options(args, methods[0])[option.name]
     assert value == GOOD[option.name][1]
 
@@ -180,7 +180,7 @@ def test_each_option_given_is_recorded_in_the_run_identity(option, methods, resn
     """run.json's method_options: the options given (tuples as lists), nothing for an option not given."""
     import json
 
-    from app.cli import build_setup
+    from app.setup import build_setup
     from methods.transformer import METHODS as TRANSFORMER_METHODS
     from tests.vit_fixtures import tiny_vit_spec
     method = methods[0]

@@ -14,7 +14,7 @@ import pytest
 
 import insdel
 import visualization
-from app.cli import run_cli
+from app.lifecycle import run_cli
 from common import render
 from common.files import save_png
 from common.images import load_rgb

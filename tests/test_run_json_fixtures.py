@@ -60,7 +60,7 @@ if __name__ == "__main__":  # write the fixtures from this release's runs
     import tempfile
     import warnings
 
-    from app.cli import run_cli
+    from app.lifecycle import run_cli
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

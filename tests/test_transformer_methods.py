@@ -412,7 +412,8 @@ def test_builders_refuse_models_that_are_not_vit_style():
 
 
 def test_rollout_flags_reach_the_builder():
-    from app.cli import Parser, add_common_flags, explainer_options
+    from app.flags import Parser, add_common_flags
+    from app.setup import explainer_options
     parser = Parser(prog="t")
     add_common_flags(parser)
     args = parser.parse_args(["rollout", "--head-fusion", "max", "--discard-ratio", "0.9"])

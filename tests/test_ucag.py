@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from methods import Explainer, Explanation, build_explainer, finalize_maps
-from ucag import UCAG, PatchGrid, patch_confidence
+from ucag import OFFICIAL, UCAG, PatchGrid, patch_confidence
 
 
 class PatchStub(Explainer):
@@ -131,7 +131,7 @@ def test_finalize_guards_constant_maps_and_official_blur_stays_in_range():
     assert torch.equal(finalize_maps(constant, (20, 20)), torch.zeros(2, 1, 20, 20))
     negative = -torch.rand(1, 1, 7, 7)
     assert torch.equal(finalize_maps(negative), torch.zeros(1, 1, 7, 7))  # ReLU leaves nothing: no NaN
-    blurred = finalize_maps(torch.randn(1, 1, 32, 32), (64, 48), blur=True)
+    blurred = OFFICIAL.finalize(torch.randn(1, 1, 32, 32), (64, 48))
     assert blurred.shape == (1, 1, 64, 48) and 0 <= float(blurred.min()) and float(blurred.max()) <= 1
 
 
@@ -233,7 +233,7 @@ def test_crop_input_resizes_every_crop_to_the_models_fixed_size():
 def test_fixed_input_models_get_crop_input_and_a_warning():
     from argparse import Namespace
 
-    from app.cli import fixed_crop_input
+    from app.setup import fixed_crop_input
     from models import ModelSpec
 
     args = Namespace(crop_size=124, num_patches=6, alpha=2.6)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ucag.errors import SettingError, UCAGError
 from ucag.geometry import PatchGrid
 
 BLENDS = ("constant", "gaussian")
@@ -37,8 +38,9 @@ SIGMA_FRACTION = 0.125
 
 
 def check_blend(blend: str) -> str:
+    """One of BLENDS (which of them a protocol allows: :meth:`ucag.protocol.Protocol.check_blend`)."""
     if blend not in BLENDS:
-        raise ValueError(f"unknown blend {blend!r}: use one of {', '.join(BLENDS)}")
+        raise SettingError("blend", f"one of {', '.join(BLENDS)}", blend)
     return blend
 
 
@@ -47,7 +49,7 @@ def gaussian_window(crop_size: tuple[int, int], sigma_fraction: float = SIGMA_FR
     """(ch, cw) separable Gaussian window w = g_h g_w^T, each factor exp(-(i - (side-1)/2)^2 / (2 sigma^2))
     with sigma = sigma_fraction * side: 1 at the centre (odd sides), symmetric, never zero."""
     if not sigma_fraction > 0:
-        raise ValueError(f"sigma_fraction must be positive, got {sigma_fraction}")
+        raise SettingError("sigma_fraction", "positive", sigma_fraction)
 
     def factor(side: int) -> torch.Tensor:
         offsets = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
@@ -56,23 +58,22 @@ def gaussian_window(crop_size: tuple[int, int], sigma_fraction: float = SIGMA_FR
     rows, cols = (factor(side) for side in crop_size)
     window = (rows[:, None] * cols[None, :]).to(device=device, dtype=dtype)
     if not bool(window.min() > 0):  # the divisor sum_s w must not vanish where one crop alone covers a pixel
-        raise ValueError(f"sigma_fraction={sigma_fraction} is too small: the window underflows to 0 in {dtype}")
+        raise UCAGError(f"sigma_fraction={sigma_fraction} is too small: the window underflows to 0 in {dtype}")
     return window
 
 
-def blend_fold(grid: PatchGrid, partial: torch.Tensor, blend: str = "constant", official: bool = False,
+def blend_fold(grid: PatchGrid, partial: torch.Tensor, blend: str = "constant", gamma_offset: int = 0,
                sigma_fraction: float = SIGMA_FRACTION) -> torch.Tensor:
     """Fold (B * n * n, ch, cw) partial maps M_s into (B, 1, H, W) maps M with ``blend`` (see the module).
 
-    constant: V(M_s, Gamma) = fold(M_s) / Gamma (official: / (Gamma + 1), the official code's count).
+    constant: V(M_s, Gamma) = fold(M_s) / (Gamma + gamma_offset); the offset is the protocol's
+    (:attr:`ucag.protocol.Protocol.gamma_offset`: 0 for the paper, 1 for the official code's count).
     gaussian: fold(w * M_s) / fold(w), one window for every crop (built once, broadcast, no loop over crops);
-    not defined with ``official`` (the official code is the constant fold)."""
+    only a protocol without an offset allows it (:meth:`ucag.protocol.Protocol.fold` checks the blend)."""
     check_blend(blend)
     if blend == "constant":
         gamma = grid.duplication(partial.device, partial.dtype)
-        return grid.fold(partial) / (gamma + 1 if official else gamma)
-    if official:
-        raise ValueError("the gaussian blend is not part of the official code: use blend='constant' with official")
+        return grid.fold(partial) / (gamma + gamma_offset if gamma_offset else gamma)
     window = gaussian_window(grid.crop_size, sigma_fraction, partial.device, partial.dtype)
     return grid.fold(partial * window) / window_sum(grid, window)
 

@@ -8,13 +8,12 @@ For an input I and target k:
   M   = V(M_s, Gamma)                            folded, divided by the duplication     (Eq. 6)
 (``blend="gaussian"``: M = sum w M_s / sum w with a Gaussian window w per crop instead, see ucag.blending.)
 The result is raw and signed like any explainer's; :meth:`UCAG.finalize` applies the final ReLU, resize
-and min-max (plus the official blur in ``official`` mode).
+and min-max (plus the official blur under the OFFICIAL protocol). The settings are a frozen
+:class:`ucag.config.UCAGConfig`; what the official code does differently is :mod:`ucag.protocol`'s.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -31,35 +30,13 @@ from methods.base import (
     widen_half,
 )
 from methods.batching import batch_for_memory, even_chunks, run_chunks
-from methods.errors import MethodError
 from methods.hooks import restored_state
-from methods.options import positive_int
-from methods.postprocess import finalize_maps, finalize_signed, official_blur
 from methods.targets import target_probabilities
-from ucag.blending import blend_fold, check_blend
-from ucag.geometry import REFERENCE_SIDE, PatchGrid
+from ucag.config import UCAGConfig, check_alpha
+from ucag.errors import SettingError, UCAGError
+from ucag.geometry import PatchGrid
+from ucag.protocol import Protocol, protocol_for
 from ucag.upscaling import UpscaledCrops
-
-
-def check_alpha(alpha) -> float:
-    """alpha: a finite number > 0 (as the scripts' -a/--alpha)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not (math.isfinite(alpha) and alpha > 0):
-        raise MethodError(f"alpha must be positive and finite, got {alpha!r}")
-    return float(alpha)
-
-
-def check_crop(crop) -> float:
-    """c: the crop side in the 224-px frame, in (0, 224] (as -c/--crop-size)."""
-    if isinstance(crop, bool) or not isinstance(crop, Real) or not (math.isfinite(crop) and 0 < crop <= REFERENCE_SIDE):
-        raise MethodError(f"crop must be in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame), got {crop!r}")
-    return crop
-
-
-def check_n(n) -> int:
-    """n: crops per side, an integer >= 2 (as -n/--num-patches)."""
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < 2:
-        raise MethodError(f"n must be an integer of at least 2, got {n!r}")
-    return int(n)
 
 
 @torch.no_grad()
@@ -108,13 +85,14 @@ class UpscaledInput(Explainer):
 class UCAG(Explainer):
     """Wraps ``explainer`` (any registered method) into Unfold and Conquer Attribution Guidance.
 
+    config: a :class:`ucag.config.UCAGConfig`; or its settings as keywords (the same names and defaults):
     crop: c, crop side in the 224 frame (rho = c/224). n: crops per side. alpha: upscaling factor.
     patch_batch: crops explained per call (the memory bound; None: as many as half the device's free memory
-    holds, :func:`methods.batching.batch_for_memory`). confidence: weight partial maps by Y.
-    official: reproduce the official code (divide by Gamma + 1, blur the final map, and no confidence
-    weighting unless ``confidence`` is passed explicitly). multilabel: sigmoid instead of softmax in Y.
-    blend: "constant" (the paper's V(., Gamma)) or "gaussian" (Gaussian-windowed overlap-add, no crop grid
-    in the map; not with ``official``), see :mod:`ucag.blending`.
+    holds, :func:`methods.batching.batch_for_memory`). confidence: weight partial maps by Y (None: the
+    protocol's default). protocol: ucag.protocol.PAPER (default) or OFFICIAL; ``official=True`` picks
+    OFFICIAL (divide by Gamma + 1, blur the final map, no confidence weighting unless asked).
+    multilabel: sigmoid instead of softmax in Y. blend: "constant" (the paper's V(., Gamma)) or "gaussian"
+    (Gaussian-windowed overlap-add, no crop grid in the map; not with OFFICIAL), see :mod:`ucag.blending`.
     crop_input: (h, w) each crop is resized to instead of alpha * (ch, cw), for models that take one input size
     only (a ViT without position-embedding interpolation); None: Psi(., alpha) as the paper.
     """
@@ -124,20 +102,56 @@ class UCAG(Explainer):
     def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
                  patch_batch: int | None = None, confidence: bool | None = None, official: bool = False,
                  progress: bool = False, multilabel: bool = False, blend: str = "constant",
-                 crop_input: tuple[int, int] | None = None):
+                 crop_input: tuple[int, int] | None = None, protocol: Protocol | None = None,
+                 config: UCAGConfig | None = None):
         super().__init__(explainer.model)
-        alpha, crop, n = check_alpha(alpha), check_crop(crop), check_n(n)
-        patch_batch = positive_int("patch_batch", patch_batch, optional=True)
-        self.explainer, self.crop, self.n, self.alpha = explainer, crop, n, alpha
-        self.patch_batch, self.official, self.progress = patch_batch, official, progress
-        self.confidence = (not official) if confidence is None else confidence
-        self.multilabel = multilabel
-        self.blend = check_blend(blend)
-        if crop_input is not None and not (len(crop_input) == 2 and min(crop_input) >= 1):
-            raise ValueError(f"crop_input must be a (height, width) pair of positive sides, got {crop_input}")
-        self.crop_input = None if crop_input is None else (int(crop_input[0]), int(crop_input[1]))
-        if official and blend != "constant":
-            raise ValueError(f"blend={blend!r} is not the official code's fold: official needs blend='constant'")
+        if config is None:
+            config = UCAGConfig(crop=crop, n=n, alpha=alpha, blend=blend, confidence=confidence,
+                                crop_input=crop_input, multilabel=multilabel, patch_batch=patch_batch,
+                                protocol=protocol_for(official) if protocol is None else protocol)
+        elif not isinstance(config, UCAGConfig):
+            raise SettingError("config", "a ucag.config.UCAGConfig or None", config)
+        self.explainer, self.config, self.progress = explainer, config, progress
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.config.protocol
+
+    @property
+    def official(self) -> bool:
+        return self.config.official
+
+    @property
+    def crop(self) -> float:
+        return self.config.crop
+
+    @property
+    def n(self) -> int:
+        return self.config.n
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def blend(self) -> str:
+        return self.config.blend
+
+    @property
+    def confidence(self) -> bool:
+        return self.config.confidence
+
+    @property
+    def crop_input(self) -> tuple[int, int] | None:
+        return self.config.crop_input
+
+    @property
+    def multilabel(self) -> bool:
+        return self.config.multilabel
+
+    @property
+    def patch_batch(self) -> int | None:
+        return self.config.patch_batch
 
     @property
     def signed(self) -> bool:
@@ -172,11 +186,9 @@ class UCAG(Explainer):
             with outside_inference(x, targets, logits) as (x, targets, logits):
                 return self.explain_blends(x, targets, blends, logits)
         for blend in blends:
-            check_blend(blend)
-            if self.official and blend != "constant":
-                raise ValueError(f"blend={blend!r} is not the official code's fold")
+            self.protocol.check_blend(blend)
         if logits is not None and (logits.dim() != 2 or logits.shape[0] != x.shape[0]):
-            raise ValueError(f"logits of shape {tuple(logits.shape)} do not belong to a batch of {x.shape[0]} images")
+            raise UCAGError(f"logits of shape {tuple(logits.shape)} do not belong to a batch of {x.shape[0]} images")
         return self._explain(x, as_targets(targets, x.shape[0], x.device), tuple(blends), logits)
 
     def _explain(self, x: torch.Tensor, targets: torch.Tensor | None, blends: tuple[str, ...],
@@ -190,8 +202,9 @@ class UCAG(Explainer):
         crops = UpscaledCrops(x, grid, scaled)                   # B*n*n crops at alpha * (ch, cw), by chunk
         crop_targets = targets.repeat_interleave(grid.num_patches)
         partial = torch.empty(len(crops), *grid.crop_size, device=x.device, dtype=torch.float32)
-        # official: Y_s / max_s Y_s per image, applied to the resized partial maps (the official code's score)
-        official_weights = torch.ones(len(crops), device=x.device) if self.official and self.confidence else None
+        # Y_s / max_s Y_s per image, applied to the resized partial maps (the official code's score)
+        resized_weights = (torch.ones(len(crops), device=x.device)
+                           if self.confidence and self.protocol.confidence_after_resize else None)
         patch_batch = self.patch_batch or even_chunks(len(crops), batch_for_memory(self.model, scaled, x.device,
                                                                                   gradients=True))
 
@@ -200,32 +213,29 @@ class UCAG(Explainer):
             maps = maps.float()
             if self.confidence:
                 weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
-                if official_weights is None:
+                if resized_weights is None:
                     maps = maps * weights.view(-1, 1, 1, 1)
                 else:
-                    official_weights[start:stop] = weights
-            shrinking = maps.shape[-2] > grid.crop_size[0] and not self.official
+                    resized_weights[start:stop] = weights
+            shrinking = maps.shape[-2] > grid.crop_size[0] and self.protocol.antialias
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
 
         with tqdm(total=len(crops), desc="UCAG patches", leave=False, disable=not self.progress) as bar:
             key = ("ucag", self.explainer.name, scaled, str(x.device))  # the chunk that fit after an OOM, kept
             run_chunks(len(crops), patch_batch, explain_chunk, self.model, key, "UCAG crops", bar.update)
-        if official_weights is not None:
-            per_image = official_weights.view(batch, -1)
-            partial *= (per_image / per_image.max(dim=1, keepdim=True).values).view(-1, 1, 1)
+        if resized_weights is not None:
+            partial *= self.protocol.normalise_confidence(resized_weights, batch).view(-1, 1, 1)
         logits = widen_half(logits)  # bf16 autocast: float32, as Explainer.__call__ gives
-        return {blend: Explanation(blend_fold(grid, partial, blend, self.official), logits) for blend in blends}
+        return {blend: Explanation(self.protocol.fold(grid, partial, blend), logits) for blend in blends}
 
     def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None, antialias: bool = True) -> torch.Tensor:
-        """Final [0, 1] UCAG maps: ReLU, resize, min-max (official mode: blur as the official code)."""
-        return finalize_maps(maps, size, blur=self.official, antialias=antialias)
+        """Final [0, 1] UCAG maps: ReLU, resize, min-max (the protocol's: OFFICIAL blurs as the official code)."""
+        return self.protocol.finalize(maps, size, antialias)
 
     def finalize_signed(self, maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Final [-1, 1] UCAG maps of a signed explainer (red/blue pictures); official mode blurs first."""
-        if self.official:
-            maps = official_blur(maps.float())
-        return finalize_signed(maps, size)
+        """Final [-1, 1] UCAG maps of a signed explainer (red/blue pictures); OFFICIAL blurs first."""
+        return self.protocol.finalize_signed(maps, size)
 
     def __repr__(self) -> str:
         crop_input = "" if self.crop_input is None else f", crop_input={self.crop_input}"

@@ -6,19 +6,36 @@ border, so every pixel is covered. Patch (i, j) is number i*n + j (row-major), a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 
+from ucag.errors import SettingError, UCAGError
+
 REFERENCE_SIDE = 224  # c is given in a 224-pixel frame (paper: rho = c / 224)
+
+
+def check_crop(crop) -> float:
+    """c (rho * 224): the crop side in the 224-px frame, a finite number in (0, 224] (as -c/--crop-size)."""
+    if isinstance(crop, bool) or not isinstance(crop, Real) or not (math.isfinite(crop) and 0 < crop <= REFERENCE_SIDE):
+        raise SettingError("crop", f"in (0, {REFERENCE_SIDE}] (the crop side in the 224-px frame)", crop)
+    return crop
+
+
+def check_n(n) -> int:
+    """n: crops per side, an integer >= 2 (as -n/--num-patches)."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 2:
+        raise SettingError("n", "an integer of at least 2", n)
+    return int(n)
 
 
 def crop_starts(size: int, crop: int, n: int) -> list[int]:
     """First row (or column) of each of the n crops along an axis of ``size`` pixels."""
     if not 1 <= crop <= size:
-        raise ValueError(f"crop of {crop} px does not fit an axis of {size} px")
+        raise UCAGError(f"crop of {crop} px does not fit an axis of {size} px")
     stride = (size - crop) // (n - 1)
     starts = [stride * i for i in range(n)]
     starts[-1] = size - crop
@@ -35,12 +52,10 @@ class PatchGrid:
     n: int = 6
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, Integral) or self.n < 2:
-            raise ValueError(f"n must be an integer of at least 2, got {self.n!r}")
-        if not 0 < self.crop <= REFERENCE_SIDE:
-            raise ValueError(f"crop size c must be in (0, {REFERENCE_SIDE}], got {self.crop}")
+        check_n(self.n)
+        check_crop(self.crop)
         if self.crop_size[0] < 1 or self.crop_size[1] < 1:
-            raise ValueError(f"crop size c={self.crop} gives an empty crop on a {self.height}x{self.width} input")
+            raise UCAGError(f"crop size c={self.crop} gives an empty crop on a {self.height}x{self.width} input")
 
     @property
     def crop_size(self) -> tuple[int, int]:
