@@ -20,7 +20,7 @@ from models import ModelSpec, load_model
 from ucag import UCAG, UpscaledInput
 from ucag.config import UCAGConfig
 from ucag.errors import BlendRefused, SettingError, UCAGError
-from ucag.geometry import PatchGrid
+from ucag.geometry import CropGrid
 from ucag.protocol import protocol_for
 
 # Decoding processes on a GPU run. On a CPU they take cores from the model and every page the main process
@@ -84,7 +84,7 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> UCAGConfig:
     for a fixed-input model, whose crops are resized to its input size)."""
     config = ucag_config(args)
     try:
-        grid = PatchGrid(*spec.input_size, crop=config.crop, n=config.n)
+        grid = CropGrid(*spec.input_size, crop=config.crop, n=config.n)
     except UCAGError as exc:  # c too small for the model's input: an empty crop
         raise UsageError(f"-c/--crop-size: {exc}") from None
     if spec.extra.get("fixed_input"):
@@ -106,7 +106,7 @@ def fixed_crop_input(args: argparse.Namespace, spec: ModelSpec) -> tuple[int, in
     that says so; None for every model that takes alpha * c crops."""
     if not spec.extra.get("fixed_input"):
         return None
-    grid = PatchGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
+    grid = CropGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
     height, width = spec.input_size
     warnings.warn(f"{spec.name} takes {height}x{width} inputs only: UCAG's crops are resized to {height}x{width} "
                   f"instead of alpha * crop = {int(grid.crop_size[0] * args.alpha)}x"

@@ -30,7 +30,7 @@ from benchmarks.harness import CpuTime, add_run_flags, start, timed  # noqa: E40
 from common.images import find_images, load_rgb  # noqa: E402
 from methods.batching import batch_for_memory  # noqa: E402
 from models import preprocess  # noqa: E402
-from ucag.geometry import PatchGrid  # noqa: E402
+from ucag.geometry import CropGrid  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -80,7 +80,7 @@ def main() -> None:
 
         spec = run.model(args.name, args.weights)
         x = preprocess([load_rgb(p) for p in sorted(many.iterdir())[2:]], spec, run.device)
-        grid = PatchGrid(*x.shape[-2:], crop=124, n=6)
+        grid = CropGrid(*x.shape[-2:], crop=124, n=6)
         scaled = (int(grid.crop_size[0] * 2.6), int(grid.crop_size[1] * 2.6))
         crops = F.interpolate(grid.unfold(x), size=scaled, mode="bicubic", align_corners=False)
         chunk = batch_for_memory(spec.model, scaled, run.device, gradients=True)

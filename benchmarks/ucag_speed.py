@@ -104,7 +104,7 @@ def bench_model(name: str, args, run: Run, n: int, alpha: float) -> None:
     memory = peak_memory(device, in_precision(lambda: ucag(x)))
     ours = clock.split()
     with torch.no_grad():
-        crop_targets = spec.model(x).argmax(dim=1).repeat_interleave(grid.num_patches)
+        crop_targets = spec.model(x).argmax(dim=1).repeat_interleave(grid.num_crops)
     peer_s = (peer_seconds(spec, crops, crop_targets, explainer.name, chunk, args.repeats, device)
               if not args.no_peer else None)
     per = lambda s: f"{1000 * s / args.images:8.1f} ms"  # noqa: E731

@@ -18,7 +18,7 @@ from models import load_model
 from models.spec import ModelSpec
 from models.timm_models import read_weights, timm_spec
 from tests.vit_fixtures import tiny_vit
-from ucag import UCAG, PatchGrid, UpscaledInput
+from ucag import UCAG, CropGrid, UpscaledInput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,7 +141,7 @@ def test_upscaled_input_checks_alpha_at_construction(alpha, resnet18):
 
 def test_patch_grid_refuses_a_fractional_n():
     with pytest.raises(ValueError, match="n must be an integer of at least 2, got 2.5"):
-        PatchGrid(224, 224, 124, 2.5)
+        CropGrid(224, 224, 124, 2.5)
 
 
 def test_upper_case_safetensors_suffix_is_read_as_safetensors(tmp_path):

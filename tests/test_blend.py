@@ -20,7 +20,7 @@ from tests.test_cli import run as run_visualization
 from tests.test_eval_scripts import run
 from tests.test_resume import QUICK, STEP, one_line_error
 from tests.test_ucag import PatchStub, make_ucag
-from ucag import UCAG, PatchGrid
+from ucag import UCAG, CropGrid
 from ucag.blending import SIGMA_FRACTION, blend_fold, gaussian_window, window_sum
 
 # (H, W), c, n: the paper's geometry, non-square inputs, strides that do not divide (last crop flush with
@@ -29,7 +29,7 @@ GEOMETRIES = [((224, 224), 124, 6), ((230, 301), 124, 6), ((97, 50), 60, 4), ((2
               ((224, 224), 224, 3), ((64, 200), 150, 2), ((123, 77), 100, 5)]
 
 
-def per_crop_constants(grid: PatchGrid, values: torch.Tensor) -> torch.Tensor:
+def per_crop_constants(grid: CropGrid, values: torch.Tensor) -> torch.Tensor:
     """(B * n * n, ch, cw) partial maps, each crop constant at its value."""
     return values.view(-1, 1, 1).expand(-1, *grid.crop_size).clone()
 
@@ -38,9 +38,9 @@ def per_crop_constants(grid: PatchGrid, values: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("size,crop,n", GEOMETRIES)
 def test_a_constant_partial_map_folds_to_that_constant(blend, size, crop, n):
     torch.manual_seed(0)
-    grid = PatchGrid(*size, crop=crop, n=n)
+    grid = CropGrid(*size, crop=crop, n=n)
     levels = torch.tensor([3.7, -0.25])  # one constant per image of a batch of two
-    partial = per_crop_constants(grid, levels.repeat_interleave(grid.num_patches))
+    partial = per_crop_constants(grid, levels.repeat_interleave(grid.num_crops))
     folded = blend_fold(grid, partial, blend)
     assert folded.shape == (2, 1, *size)
     assert torch.allclose(folded, levels.view(2, 1, 1, 1).expand_as(folded), rtol=1e-5, atol=0)
@@ -49,7 +49,7 @@ def test_a_constant_partial_map_folds_to_that_constant(blend, size, crop, n):
 @pytest.mark.parametrize("size,crop,n", GEOMETRIES)
 @pytest.mark.parametrize("fraction", [SIGMA_FRACTION, 0.125, 0.1])
 def test_the_folded_window_is_positive_everywhere(size, crop, n, fraction):
-    grid = PatchGrid(*size, crop=crop, n=n)
+    grid = CropGrid(*size, crop=crop, n=n)
     window = gaussian_window(grid.crop_size, fraction)
     total = window_sum(grid, window)
     assert total.shape == (1, 1, *size)
@@ -68,8 +68,8 @@ def test_a_window_that_underflows_is_refused():
 @pytest.mark.parametrize("size,crop,n", GEOMETRIES)
 def test_the_constant_blend_is_the_papers_fold_exactly(size, crop, n):
     torch.manual_seed(1)
-    grid = PatchGrid(*size, crop=crop, n=n)
-    partial = torch.randn(3 * grid.num_patches, *grid.crop_size)
+    grid = CropGrid(*size, crop=crop, n=n)
+    partial = torch.randn(3 * grid.num_crops, *grid.crop_size)
     assert torch.equal(blend_fold(grid, partial), grid.fold(partial) / grid.duplication())
     assert torch.equal(blend_fold(grid, partial, "constant", gamma_offset=1),
                        grid.fold(partial) / (grid.duplication() + 1))
@@ -150,9 +150,9 @@ def test_the_gaussian_blend_has_no_seams_where_crops_start_or_end(size, crop, n,
     largest step is a small fraction of the constant fold's; with far-apart crops (stride 17 px, sigma
     6.75 px) the Gaussian transitions between crop centres are steeper, still well below."""
     torch.manual_seed(4)
-    grid = PatchGrid(*size, crop=crop, n=n)
+    grid = CropGrid(*size, crop=crop, n=n)
     for _ in range(5):
-        partial = per_crop_constants(grid, torch.rand(grid.num_patches))
+        partial = per_crop_constants(grid, torch.rand(grid.num_crops))
         constant = max_neighbour_jump(blend_fold(grid, partial, "constant"))
         gaussian = max_neighbour_jump(blend_fold(grid, partial, "gaussian"))
         assert gaussian < bound * constant, (gaussian, constant)
@@ -168,7 +168,7 @@ def test_bad_blends_are_refused():
     with pytest.raises(ValueError, match="official"):
         official.explain_blends(torch.rand(1, 3, 16, 16), [1], ("constant", "gaussian"))
     with pytest.raises(ValueError, match="blend must be one of constant, gaussian, got"):
-        blend_fold(PatchGrid(16, 16, crop=112, n=3), torch.zeros(9, 8, 8), "median")
+        blend_fold(CropGrid(16, 16, crop=112, n=3), torch.zeros(9, 8, 8), "median")
 
 
 # ---- the flag, the run identity, visualization's default --------------------------------------------------

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from ucag import PatchGrid
+from ucag import CropGrid
 from ucag.geometry import crop_starts
 
 
 def test_paper_geometry_224():
-    grid = PatchGrid(224, 224, crop=124, n=6)
+    grid = CropGrid(224, 224, crop=124, n=6)
     assert grid.crop_size == (124, 124)
     assert grid.stride == (20, 20)
     assert grid.row_starts == [0, 20, 40, 60, 80, 100]
@@ -19,7 +19,7 @@ def test_paper_geometry_224():
 
 
 def test_unfold_matches_tensor_unfold_and_box_slices():
-    grid = PatchGrid(224, 224, crop=124, n=6)
+    grid = CropGrid(224, 224, crop=124, n=6)
     x = torch.randn(2, 3, 224, 224)
     crops = grid.unfold(x).view(2, 36, 3, 124, 124)
     reference = x.unfold(2, 124, 20).unfold(3, 124, 20)  # (B, C, 6, 6, 124, 124)
@@ -30,7 +30,7 @@ def test_unfold_matches_tensor_unfold_and_box_slices():
 
 
 def test_duplication_matrix_corners_and_centre():
-    gamma = PatchGrid(224, 224, crop=124, n=6).duplication()[0, 0]
+    gamma = CropGrid(224, 224, crop=124, n=6).duplication()[0, 0]
     for corner in [(0, 0), (0, 223), (223, 0), (223, 223)]:
         assert gamma[corner] == 1
     # rows/cols 100..123 are inside every crop of both axes
@@ -44,7 +44,7 @@ def test_duplication_matrix_corners_and_centre():
 
 
 def test_fold_equals_torch_fold_when_stride_divides():
-    grid = PatchGrid(224, 224, crop=124, n=6)
+    grid = CropGrid(224, 224, crop=124, n=6)
     patches = torch.randn(2 * 36, 124, 124)
     ours = grid.fold(patches)
     columns = patches.view(2, 36, 124 * 124).transpose(1, 2)
@@ -55,7 +55,7 @@ def test_fold_equals_torch_fold_when_stride_divides():
 @pytest.mark.parametrize("size,crop,n", [((224, 224), 124, 6), ((230, 301), 124, 6), ((97, 50), 60, 4),
                                          ((299, 299), 124, 6), ((224, 224), 224, 3)])
 def test_fold_of_unfold_divided_by_count_is_identity(size, crop, n):
-    grid = PatchGrid(*size, crop=crop, n=n)
+    grid = CropGrid(*size, crop=crop, n=n)
     x = torch.randn(3, 1, *size)
     crops = grid.unfold(x)[:, 0]
     restored = grid.fold(crops) / grid.duplication()
@@ -63,7 +63,7 @@ def test_fold_of_unfold_divided_by_count_is_identity(size, crop, n):
 
 
 def test_non_divisible_size_covers_every_pixel():
-    grid = PatchGrid(230, 301, crop=124, n=6)
+    grid = CropGrid(230, 301, crop=124, n=6)
     assert grid.crop_size == (127, 166)
     gamma = grid.duplication()
     assert gamma.min() >= 1
@@ -79,8 +79,8 @@ def test_crop_starts_and_bad_parameters():
     with pytest.raises(ValueError):
         crop_starts(10, 11, 2)
     with pytest.raises(ValueError):
-        PatchGrid(224, 224, crop=124, n=1)
+        CropGrid(224, 224, crop=124, n=1)
     with pytest.raises(ValueError):
-        PatchGrid(224, 224, crop=300, n=6)
+        CropGrid(224, 224, crop=300, n=6)
     with pytest.raises(ValueError):
-        PatchGrid(224, 224, crop=0.5, n=6)
+        CropGrid(224, 224, crop=0.5, n=6)

@@ -255,9 +255,9 @@ def test_torchvision_vit_reads_its_last_block_as_tokens_and_takes_its_own_size_o
                                   "timm:swin_tiny_patch4_window7_224"])
 def test_ucag_on_transformers_keeps_the_paper_fold(name, specs):
     """UCAG's crops reach the transformer at alpha * crop (322 px), and the map is the paper's fold of the
-    per-crop maps: computed here crop by crop, from F.interpolate and PatchGrid, independently of UCAG's
+    per-crop maps: computed here crop by crop, from F.interpolate and CropGrid, independently of UCAG's
     batching and its CPU upscaling."""
-    from ucag import UCAG, PatchGrid, patch_confidence
+    from ucag import UCAG, CropGrid, crop_confidence
 
     spec = specs(name)
     explainer = build_explainer("gradcam", spec)
@@ -272,12 +272,12 @@ def test_ucag_on_transformers_keeps_the_paper_fold(name, specs):
     finally:
         handle.remove()
     assert (322, 322) in seen and maps.shape == (1, 1, 224, 224)
-    grid = PatchGrid(224, 224, 124, 2)
+    grid = CropGrid(224, 224, 124, 2)
     folded = torch.zeros(1, 1, 224, 224)
     for top, left, bottom, right in grid.boxes():
         crop = F.interpolate(x[..., top:bottom, left:right], size=(322, 322), mode="bicubic", align_corners=False)
         crop_map, logits = explainer(crop, target)
-        weight = patch_confidence(logits, torch.tensor([target]))
+        weight = crop_confidence(logits, torch.tensor([target]))
         folded[..., top:bottom, left:right] += F.interpolate(crop_map * weight, size=(124, 124), mode="bilinear",
                                                              align_corners=False, antialias=True)
     expected = folded / grid.duplication()

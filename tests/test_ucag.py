@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from methods import Explainer, Explanation, build_explainer, finalize_maps
-from ucag import OFFICIAL, UCAG, PatchGrid, patch_confidence
+from ucag import OFFICIAL, UCAG, CropGrid, crop_confidence
 
 
 class PatchStub(Explainer):
@@ -41,13 +41,13 @@ def test_patch_confidence_is_exp_softmax():
     logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
     targets = torch.tensor([1, 0])
     expected = torch.softmax(logits, 1)[[0, 1], [1, 0]].exp()
-    assert torch.allclose(patch_confidence(logits, targets), expected)
+    assert torch.allclose(crop_confidence(logits, targets), expected)
 
 
 def test_two_patches_follow_exp_softmax_weights_exactly():
     # alpha = 1: crops reach the explainer unscaled, so each partial map is the crop's mean value
     height, width, crop = 8, 8, 168  # crop side int(168 * 8 / 224) = 6 -> starts 0 and 2 on each axis
-    grid = PatchGrid(height, width, crop=crop, n=2)
+    grid = CropGrid(height, width, crop=crop, n=2)
     assert grid.crop_size == (6, 6) and grid.row_starts == [0, 2]
     x = torch.zeros(1, 3, height, width)
     x[..., :, :4] = 1.0  # left half bright
@@ -77,7 +77,7 @@ def test_two_patches_follow_exp_softmax_weights_exactly():
 def test_no_confidence_and_official_divisor():
     x = torch.rand(1, 3, 16, 16)
     stub_logits = lambda crops: torch.randn(crops.shape[0], 2)  # noqa: E731 - random confidences
-    grid = PatchGrid(16, 16, crop=112, n=3)
+    grid = CropGrid(16, 16, crop=112, n=3)
     crops = grid.unfold(x)
     values = crops.mean(dim=(1, 2, 3)).view(-1, 1, 1).expand(-1, *grid.crop_size)
     uniform = make_ucag(PatchStub(stub_logits), crop=112, n=3, alpha=1.0, confidence=False)(x, [1]).maps
@@ -109,7 +109,7 @@ def test_input_resolution_maps_are_folded_too():
     stub = PatchStub(lambda crops: torch.zeros(crops.shape[0], 2), map_size=None)
     stub.map_size = (40, 50)  # larger than the crop: shrunk back like an input-level relevance map
     maps = make_ucag(stub, crop=150, n=3, alpha=1.5, confidence=False)(x, [0, 1]).maps
-    grid = PatchGrid(30, 40, crop=150, n=3)
+    grid = CropGrid(30, 40, crop=150, n=3)
     scaled = torch.nn.functional.interpolate(grid.unfold(x), size=(30, 39), mode="bicubic", align_corners=False)
     values = scaled.mean(dim=(1, 2, 3)).view(-1, 1, 1).expand(-1, *grid.crop_size)
     assert maps.shape == (2, 1, 30, 40)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ucag.geometry import PatchGrid
+from ucag.geometry import CropGrid
 from ucag.upscaling import UpscaledCrops, _axis_weights
 
 GEOMETRIES = [  # (batch, H, W, c, n, alpha)
@@ -31,7 +31,7 @@ def scaled(grid, alpha):
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_equals_the_bicubic_kernel_in_float64(batch, height, width, crop, n, alpha, chunk):
     x = torch.randn(batch, 3, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    grid = PatchGrid(height, width, crop, n)
+    grid = CropGrid(height, width, crop, n)
     crops = UpscaledCrops(x, grid, scaled(grid, alpha))
     assert (crops.separable or crops.identity) and len(crops) == batch * n * n
     got = chunked(crops, chunk)
@@ -41,7 +41,7 @@ def test_equals_the_bicubic_kernel_in_float64(batch, height, width, crop, n, alp
 @pytest.mark.parametrize("batch,height,width,crop,n,alpha", GEOMETRIES[:3])
 def test_float32_is_at_least_as_close_to_exact_as_the_kernel(batch, height, width, crop, n, alpha):
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
-    grid = PatchGrid(height, width, crop, n)
+    grid = CropGrid(height, width, crop, n)
     size = scaled(grid, alpha)
     exact = kernel_crops(x.double(), grid, size)
     ours = chunked(UpscaledCrops(x, grid, size), 8)
@@ -61,7 +61,7 @@ def test_axis_weights_are_the_kernels_and_interpolate():
 
 def test_autocast_does_not_lower_the_crops_precision():
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    grid = PatchGrid(224, 224)
+    grid = CropGrid(224, 224)
     plain = chunked(UpscaledCrops(x, grid, (322, 322)), 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = chunked(UpscaledCrops(x, grid, (322, 322)), 8)
@@ -70,7 +70,7 @@ def test_autocast_does_not_lower_the_crops_precision():
 
 def test_other_devices_use_the_kernel_itself():
     x = torch.rand(1, 3, 224, 224, device="meta")
-    crops = UpscaledCrops(x, PatchGrid(224, 224), (322, 322))
+    crops = UpscaledCrops(x, CropGrid(224, 224), (322, 322))
     assert not crops.separable and crops[0:8].shape == (8, 3, 322, 322) and crops[0:8].device.type == "meta"
 
 
@@ -79,7 +79,7 @@ def test_alpha_one_cuts_the_crops_without_interpolating():
     interpolation pass), on the CPU path and the kernel path alike."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 56, 56)
-    grid = PatchGrid(56, 56, 124, 2)
+    grid = CropGrid(56, 56, 124, 2)
     crops = UpscaledCrops(x, grid, grid.crop_size)
     assert crops.identity and crops._bands is None
     assert torch.equal(crops[0:len(crops)], grid.unfold(x))

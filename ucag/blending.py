@@ -12,7 +12,7 @@ With M_s the confidence-weighted partial maps already resized to their crops (pa
     crop side on each axis; the sum is divided by the folded windows (sum_s w, the weighted counterpart of
     Gamma) instead of Gamma. A partial map fades out towards its crop's border, so no crop edge makes a
     step: the overlap-add of sliding-window inference (e.g. MONAI's ``sliding_window_inference`` with
-    ``mode="gaussian"``; its default sigma, 0.125 of the patch side, is ours). The confidence weight Y_s is part
+    ``mode="gaussian"``; its default sigma, 0.125 of the window's side, is ours). The confidence weight Y_s is part
     of M_s under both blends: the window only decides how overlapping crops are averaged.
 
 Both are weighted means of the partial maps covering a pixel: a constant partial map folds to that constant.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ucag.errors import SettingError, UCAGError
-from ucag.geometry import PatchGrid
+from ucag.geometry import CropGrid
 
 BLENDS = ("constant", "gaussian")
 
@@ -62,7 +62,7 @@ def gaussian_window(crop_size: tuple[int, int], sigma_fraction: float = SIGMA_FR
     return window
 
 
-def blend_fold(grid: PatchGrid, partial: torch.Tensor, blend: str = "constant", gamma_offset: int = 0,
+def blend_fold(grid: CropGrid, partial: torch.Tensor, blend: str = "constant", gamma_offset: int = 0,
                sigma_fraction: float = SIGMA_FRACTION) -> torch.Tensor:
     """Fold (B * n * n, ch, cw) partial maps M_s into (B, 1, H, W) maps M with ``blend`` (see the module).
 
@@ -78,6 +78,6 @@ def blend_fold(grid: PatchGrid, partial: torch.Tensor, blend: str = "constant", 
     return grid.fold(partial * window) / window_sum(grid, window)
 
 
-def window_sum(grid: PatchGrid, window: torch.Tensor) -> torch.Tensor:
+def window_sum(grid: CropGrid, window: torch.Tensor) -> torch.Tensor:
     """(1, 1, H, W): sum of the windows of the crops covering each pixel (Gamma for a window of ones)."""
-    return grid.fold(window.expand(grid.num_patches, *window.shape))
+    return grid.fold(window.expand(grid.num_crops, *window.shape))

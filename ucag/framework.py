@@ -3,7 +3,7 @@
 For an input I and target k:
   I_s = Psi(U(I, rho, n), alpha)                 crops, bicubic upscaling by alpha      (Eq. 1)
   E_s = E(I_s, f, k)                             any explainer, raw partial maps        (Eq. 2-3)
-  Y_s = exp(softmax(f(I_s))_k)                   patch confidence                       (Eq. 4)
+  Y_s = exp(softmax(f(I_s))_k)                   crop confidence                        (Eq. 4)
   M_s = Psi(E_s * Y_s, beta)                     weighted and resized back to the crop  (Eq. 5)
   M   = V(M_s, Gamma)                            folded, divided by the duplication     (Eq. 6)
 (``blend="gaussian"``: M = sum w M_s / sum w with a Gaussian window w per crop instead, see ucag.blending.)
@@ -34,7 +34,7 @@ from methods.hooks import restored_state
 from methods.targets import target_probabilities
 from ucag.config import UCAGConfig, check_alpha
 from ucag.errors import SettingError, UCAGError
-from ucag.geometry import PatchGrid
+from ucag.geometry import CropGrid
 from ucag.protocol import Protocol, protocol_for
 from ucag.upscaling import UpscaledCrops
 
@@ -46,8 +46,8 @@ def image_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def patch_confidence(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
-    """Y = exp(softmax(logits)[target]) per patch (paper Eq. 4); exp(sigmoid(logit)) for multi-label models."""
+def crop_confidence(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """Y = exp(softmax(logits)[target]) per crop (paper Eq. 4); exp(sigmoid(logit)) for multi-label models."""
     return target_probabilities(logits, targets, multilabel).exp()
 
 
@@ -161,10 +161,10 @@ class UCAG(Explainer):
     def official_raw(self) -> bool:
         return self.explainer.official_raw
 
-    def grid(self, height: int, width: int) -> PatchGrid:
-        return PatchGrid(height, width, self.crop, self.n)
+    def grid(self, height: int, width: int) -> CropGrid:
+        return CropGrid(height, width, self.crop, self.n)
 
-    def scaled_size(self, grid: PatchGrid) -> tuple[int, int]:
+    def scaled_size(self, grid: CropGrid) -> tuple[int, int]:
         """(int(ch * alpha), int(cw * alpha)): the side of each crop given to the explainer (``crop_input``
         when the model takes one input size only)."""
         if self.crop_input is not None:
@@ -200,7 +200,7 @@ class UCAG(Explainer):
         targets = resolve_targets(targets, logits)               # range-checked once here, not per chunk
         scaled = self.scaled_size(grid)
         crops = UpscaledCrops(x, grid, scaled)                   # B*n*n crops at alpha * (ch, cw), by chunk
-        crop_targets = targets.repeat_interleave(grid.num_patches)
+        crop_targets = targets.repeat_interleave(grid.num_crops)
         partial = torch.empty(len(crops), *grid.crop_size, device=x.device, dtype=torch.float32)
         # Y_s / max_s Y_s per image, applied to the resized partial maps (the official code's score)
         resized_weights = (torch.ones(len(crops), device=x.device)
@@ -212,7 +212,7 @@ class UCAG(Explainer):
             maps, chunk_logits = self.explainer.explain_checked(crops[start:stop], crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
-                weights = patch_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
+                weights = crop_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)
                 if resized_weights is None:
                     maps = maps * weights.view(-1, 1, 1, 1)
                 else:
@@ -221,7 +221,7 @@ class UCAG(Explainer):
             partial[start:stop] = F.interpolate(maps, size=grid.crop_size, mode="bilinear",
                                                 align_corners=False, antialias=shrinking)[:, 0]
 
-        with tqdm(total=len(crops), desc="UCAG patches", leave=False, disable=not self.progress) as bar:
+        with tqdm(total=len(crops), desc="UCAG crops", leave=False, disable=not self.progress) as bar:
             key = ("ucag", self.explainer.name, scaled, str(x.device))  # the chunk that fit after an OOM, kept
             run_chunks(len(crops), patch_batch, explain_chunk, self.model, key, "UCAG crops", bar.update)
         if resized_weights is not None:

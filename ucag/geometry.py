@@ -2,7 +2,7 @@
 
 Crop size ch x cw = int(c*H/224) x int(c*W/224) (c in the 224-pixel frame, rho = c/224), stride
 (H - ch) // (n - 1) per axis; when that does not divide evenly the last crop is placed flush with the
-border, so every pixel is covered. Patch (i, j) is number i*n + j (row-major), as ``x.unfold``.
+border, so every pixel is covered. Crop (i, j) is number i*n + j (row-major), as ``x.unfold``.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def crop_starts(size: int, crop: int, n: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class PatchGrid:
+class CropGrid:
     """Geometry of UCAG's n x n crops of an (H, W) input; c is the crop size in the 224 frame."""
 
     height: int
@@ -77,11 +77,11 @@ class PatchGrid:
         return crop_starts(self.width, self.crop_size[1], self.n)
 
     @property
-    def num_patches(self) -> int:
+    def num_crops(self) -> int:
         return self.n * self.n
 
     def boxes(self) -> list[tuple[int, int, int, int]]:
-        """(top, left, bottom, right) of each patch, bottom/right exclusive, in patch order."""
+        """(top, left, bottom, right) of each crop, bottom/right exclusive, in crop order."""
         ch, cw = self.crop_size
         return [(top, left, top + ch, left + cw) for top in self.row_starts for left in self.col_starts]
 
@@ -100,20 +100,20 @@ class PatchGrid:
         rows = torch.tensor(self.row_starts, device=x.device)
         cols = torch.tensor(self.col_starts, device=x.device)
         crops = windows[:, rows[:, None], cols[None, :]]  # (B, n, n, C, ch, cw), contiguous
-        return crops.reshape(batch * self.num_patches, channels, ch, cw)
+        return crops.reshape(batch * self.num_crops, channels, ch, cw)
 
-    def fold(self, patches: torch.Tensor) -> torch.Tensor:
-        """Sum (B * n * n, ch, cw) patch maps back into (B, 1, H, W) (no division)."""
+    def fold(self, maps: torch.Tensor) -> torch.Tensor:
+        """Sum (B * n * n, ch, cw) crop maps back into (B, 1, H, W) (no division)."""
         ch, cw = self.crop_size
-        batch = patches.shape[0] // self.num_patches
-        rows, cols = self._indices(patches.device)
-        # linear pixel index of every patch pixel, in the same order as the patches
+        batch = maps.shape[0] // self.num_crops
+        rows, cols = self._indices(maps.device)
+        # linear pixel index of every crop pixel, in the same order as the crop maps
         index = (rows[:, None, :, None] * self.width + cols[None, :, None, :]).flatten()
-        out = torch.zeros(batch, self.height * self.width, device=patches.device, dtype=patches.dtype)
-        out.index_add_(1, index, patches.reshape(batch, -1))
+        out = torch.zeros(batch, self.height * self.width, device=maps.device, dtype=maps.dtype)
+        out.index_add_(1, index, maps.reshape(batch, -1))
         return out.view(batch, 1, self.height, self.width)
 
     def duplication(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Gamma: (1, 1, H, W) number of crops covering each pixel."""
-        ones = torch.ones(self.num_patches, *self.crop_size, device=device, dtype=dtype)
+        ones = torch.ones(self.num_crops, *self.crop_size, device=device, dtype=dtype)
         return self.fold(ones)

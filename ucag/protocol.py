@@ -23,7 +23,7 @@ from torchvision.transforms.functional import gaussian_blur
 from methods.postprocess import finalize_maps, finalize_signed
 from ucag.blending import BLENDS, blend_fold, check_blend
 from ucag.errors import BlendRefused, SettingError
-from ucag.geometry import PatchGrid
+from ucag.geometry import CropGrid
 
 
 def official_blur(maps: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class Protocol:
         per_image = weights.view(batch, -1)
         return (per_image / per_image.max(dim=1, keepdim=True).values).flatten()
 
-    def fold(self, grid: PatchGrid, partial: torch.Tensor, blend: str) -> torch.Tensor:
+    def fold(self, grid: CropGrid, partial: torch.Tensor, blend: str) -> torch.Tensor:
         """M = V(M_s, Gamma) with this protocol's divisor, or another blend it allows (ucag.blending)."""
         return blend_fold(grid, partial, self.check_blend(blend), self.gamma_offset)
 

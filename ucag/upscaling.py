@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ucag.geometry import PatchGrid
+from ucag.geometry import CropGrid
 
 # Output columns per block of the column pass: each block reads about block * (input / output) + 3 columns.
 COLUMN_BLOCK = 48
@@ -48,10 +48,10 @@ def _column_blocks(size_in: int, size_out: int) -> tuple[int, tuple[tuple[int, i
 
 class UpscaledCrops:
     """The n*n crops of every image of ``x`` (B, C, H, W), bicubic-resized to ``size`` = (int(ch*alpha),
-    int(cw*alpha)), in :meth:`PatchGrid.unfold` order (image-major, then row-major); ``crops[start:stop]``
+    int(cw*alpha)), in :meth:`CropGrid.unfold` order (image-major, then row-major); ``crops[start:stop]``
     computes only those crops, so a chunk at a time never holds all B*n*n upscaled crops."""
 
-    def __init__(self, x: torch.Tensor, grid: PatchGrid, size: tuple[int, int]):
+    def __init__(self, x: torch.Tensor, grid: CropGrid, size: tuple[int, int]):
         self.x, self.grid, self.size = x, grid, tuple(size)
         # alpha = 1 (size = the crop's): bicubic at scale 1 samples the pixel centres, the identity, so the
         # crops are cut and not interpolated
@@ -61,7 +61,7 @@ class UpscaledCrops:
         self._crops = None if self.separable else grid.unfold(x)
 
     def __len__(self) -> int:
-        return self.x.shape[0] * self.grid.num_patches
+        return self.x.shape[0] * self.grid.num_crops
 
     def _weights(self, size_in: int, size_out: int) -> torch.Tensor:
         return _axis_weights(size_in, size_out).to(self.x.dtype)
@@ -81,8 +81,8 @@ class UpscaledCrops:
         if not self.separable:
             return F.interpolate(self._crops[start:stop], size=self.size, mode="bicubic", align_corners=False)
         n, cw, out_width = self.grid.n, self.grid.crop_size[1], self.size[1]
-        patch = torch.arange(start, stop, device="cpu")
-        image, row, col = patch // (n * n), patch // n % n, patch % n
+        crop = torch.arange(start, stop, device="cpu")
+        image, row, col = crop // (n * n), crop // n % n, crop % n
         bands = self._bands[image, row]                                # (k, C, oh, W)
         weights = self._weights(cw, out_width)
         span, blocks = _column_blocks(cw, out_width)
