@@ -95,10 +95,8 @@ def load_multilabel(arch: str, categories: list[str], weights: str, device: str 
         check_fits(model, state_dict, f"a {num_classes}-class {arch}", weights)
         model.load_state_dict(state_dict)
     spec = ModelSpec(f"{arch}_{num_classes}", model.eval().to(device), target_layer or MULTILABEL_ARCHS[arch],
-                     list(categories), mean=mean, std=std, keep_aspect=True, multilabel=True)
+                     tuple(categories), mean=mean, std=std, keep_aspect=True, multilabel=True, weights=weights,
+                     caffe=caffe, resize_antialias=not caffe)  # TorchRay's Caffe transform: no anti-aliasing
     if target_layer:
         check_spatial_layer(spec.model, target_layer, spec.input_size)
-    spec.weights = weights
-    spec.extra["caffe"] = caffe
-    spec.extra["resize_antialias"] = not caffe  # TorchRay's Caffe transform: F.interpolate, no anti-aliasing
     return spec

@@ -49,9 +49,9 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = T
 
 
 def resize_mode(spec: ModelSpec) -> str:
-    """'bicubic' when the model's preprocessing says so (``spec.extra["resize_interpolation"]``, timm's
-    pretrained configs), else 'bilinear'."""
-    return "bicubic" if spec.extra.get("resize_interpolation") == "bicubic" else "bilinear"
+    """'bicubic' when the model's preprocessing says so (``spec.resize_interpolation``, timm's pretrained
+    configs), else 'bilinear'."""
+    return "bicubic" if spec.resize_interpolation == "bicubic" else "bilinear"
 
 
 def normalize(batch: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -76,13 +76,13 @@ def model_input_size(height: int, width: int, spec: ModelSpec) -> tuple[int, int
 def preprocess_one(image: np.ndarray, spec: ModelSpec, device: torch.device | str) -> torch.Tensor:
     """One uint8 RGB image -> a normalised (1, 3, h, w) batch at :func:`model_input_size`.
 
-    The resize is anti-aliased unless ``spec.extra["resize_antialias"]`` is False (TorchRay's Caffe
+    The resize is anti-aliased unless ``spec.resize_antialias`` is False (TorchRay's Caffe
     checkpoints, whose benchmark transform is plain bilinear interpolation of the [0, 1] image), and bicubic
     when :func:`resize_mode` says so.
     """
     size = model_input_size(*image.shape[:2], spec)
-    antialias = spec.extra.get("resize_antialias", True)
-    return normalize(resize_image(to_tensor(image, device), size, antialias, resize_mode(spec))[None], spec)
+    resized = resize_image(to_tensor(image, device), size, spec.resize_antialias, resize_mode(spec))
+    return normalize(resized[None], spec)
 
 
 def preprocess(images: Sequence[np.ndarray | torch.Tensor], spec: ModelSpec,

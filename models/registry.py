@@ -13,7 +13,7 @@ from models.errors import ModelError
 from models.names import TIMM_PREFIX, imagenet_categories
 from models.spec import ModelSpec
 from models.target_layer import check_spatial_layer, find_target_layer, get_layer
-from models.tokens import PatchTokens, TokenLayout
+from models.tokens import PatchTokens
 from models.weights import check_fits, load_into, read_state_dict, warn_random
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -73,16 +73,16 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, int]:
 
 def torchvision_transformer(name: str, model: nn.Module) -> dict:
     """ModelSpec fields of torchvision's transformers, which take their own input size only (ViT's position
-    embeddings, MaxViT's fixed partitions: ``extra["fixed_input"]``, so UCAG resizes its crops to it). ViT's
+    embeddings, MaxViT's fixed partitions: ``fixed_input``, so UCAG resizes its crops to it). ViT's
     CAM layer is the last encoder block's first LayerNorm, as for timm ViTs (:mod:`models.timm_models`: after
     the last block only the class token reaches the head), read through a token layout (one class token,
     the patch grid of ``conv_proj``). Swin needs nothing: its ``permute`` output is already (B, C, h, w)."""
     if name.startswith("vit_"):
         last = len(model.encoder.layers) - 1
         return dict(target_layer=f"encoder.layers.encoder_layer_{last}.ln_1",
-                    activation_post=PatchTokens(model.conv_proj, 1), extra={"fixed_input": True})
+                    activation_post=PatchTokens(model.conv_proj, 1), fixed_input=True)
     if name.startswith("maxvit_"):
-        return dict(extra={"fixed_input": True})
+        return dict(fixed_input=True)
     return {}
 
 
@@ -93,9 +93,9 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
     weights: 'default' (embedded ImageNet weights for efficientnet_lite0; torchvision's IMAGENET1K_V1,
     from the torch hub cache or downloaded; for ``timm:<name>`` timm's pretrained file from the local
     caches, see :mod:`models.timm_models`), 'random', or a path to a state_dict (timm: also .safetensors).
-    target_layer: overrides the CAM layer (dotted module name).
+    target_layer: overrides the CAM layer (dotted module name; :meth:`ModelSpec.with_layer`).
     """
-    categories = imagenet_categories()
+    categories = tuple(imagenet_categories())
     if name.startswith(TIMM_PREFIX):
         from models.timm_models import load_timm  # timm is imported only when a timm model is asked for
         spec = load_timm(name[len(TIMM_PREFIX):], weights)
@@ -109,24 +109,21 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "default", device: str 
         if state_dict is not None:
             check_fits(build_package_network(None), state_dict, name, weights)
         model = efficientnet_lite0(state_dict)
-        spec = ModelSpec(name, model, "head", categories)
+        spec = ModelSpec(name, model, "head", categories, weights=weights)
     elif name in torchvision_classifiers():
         model, side = _torchvision_model(name, weights)
         known = dict(PAPER_MODELS.get(name, {}))
         known.setdefault("min_side", MIN_SIDE.get(name, 32))
         known.update(torchvision_transformer(name, model))
-        spec = ModelSpec(name, model, known.pop("target_layer", ""), categories, input_size=(side, side), **known)
+        spec = ModelSpec(name, model, known.pop("target_layer", ""), categories, input_size=(side, side),
+                         weights=weights, **known)
     else:
         raise ModelError(f"unknown model '{name}'; valid names: {', '.join(available_models())}")
-    spec.weights = weights
     spec.model.eval().to(device)
-    layout = spec.activation_post if isinstance(spec.activation_post, TokenLayout) else None
     if target_layer:
-        spec.target_layer = target_layer
-        spec.activation_post = layout  # a token layout holds for every block of the model
-    if not spec.target_layer:
-        spec.target_layer = find_target_layer(spec.model, spec.input_size)
-    elif target_layer:
-        check_spatial_layer(spec.model, target_layer, spec.input_size, layout)
+        spec = spec.with_layer(target_layer)
+        check_spatial_layer(spec.model, target_layer, spec.input_size, spec.activation_post)
+    elif not spec.target_layer:
+        spec = spec.with_layer(find_target_layer(spec.model, spec.input_size))
     get_layer(spec.model, spec.target_layer)
     return spec

@@ -21,7 +21,7 @@ CAM layers and token layouts (:mod:`models.tokens`):
 ViT, DeiT and Swin are built with ``dynamic_img_size=True`` (position embeddings resampled, attention masks
 built per input), and their patch embedding ignores the last rows/columns of an input whose side is not a
 multiple of the patch size (as a strided convolution does), so UCAG's 322-px crops work:
-``spec.extra["fixed_input"]`` says whether a model takes only ``spec.input_size``.
+``spec.fixed_input`` says whether a model takes only ``spec.input_size``.
 """
 from __future__ import annotations
 
@@ -335,27 +335,24 @@ def cnn_target_layer(model: nn.Module, input_size: tuple[int, int]) -> tuple[str
     return name, None
 
 
-def timm_spec(model: nn.Module, name: str) -> ModelSpec:
-    """ModelSpec of a timm classifier ``model`` (weights already in): preprocessing from its pretrained
-    config, CAM layer and token layout, any-size inputs where the architecture allows."""
+def timm_spec(model: nn.Module, name: str, weights: str = "default") -> ModelSpec:
+    """ModelSpec of a timm classifier ``model`` (weights already in, from ``weights``): preprocessing from its
+    pretrained config, CAM layer and token layout, any-size inputs where the architecture allows."""
     data = resolve_data_config({}, model=model)
     size = tuple(int(v) for v in data["input_size"][-2:])
     multiple = make_any_size(model)
     feature_info = getattr(model, "feature_info", None)
     min_side = int(feature_info[-1].get("reduction", 32)) if feature_info else 32
     layer, layout = token_target(model) or cnn_target_layer(model, size)
-    spec = ModelSpec(name, model, layer, categories_for(model), input_size=size, mean=tuple(data["mean"]),
-                     std=tuple(data["std"]), activation_post=layout, min_side=min_side)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    spec.extra.update(timm_model=f"{cfg.get('architecture', name)}{'.' + cfg['tag'] if cfg.get('tag') else ''}",
-                      resize_interpolation=data.get("interpolation", "bilinear"), crop_pct=data.get("crop_pct"),
-                      fixed_input=not takes_any_size(model))
-    if multiple is not None:
-        spec.extra["input_multiple"] = multiple
-    return spec
+    return ModelSpec(name, model, layer, tuple(categories_for(model)), input_size=size, mean=tuple(data["mean"]),
+                     std=tuple(data["std"]), activation_post=layout, min_side=min_side, weights=weights,
+                     timm_model=f"{cfg.get('architecture', name)}{'.' + cfg['tag'] if cfg.get('tag') else ''}",
+                     resize_interpolation=data.get("interpolation", "bilinear"), crop_pct=data.get("crop_pct"),
+                     fixed_input=not takes_any_size(model), input_multiple=multiple)
 
 
 def load_timm(name: str, weights: str) -> ModelSpec:
     """``timm:<name>`` (the prefix stripped) as a ModelSpec on the CPU."""
     check_timm_name(name)
-    return timm_spec(build(name, weights), TIMM_PREFIX + name)
+    return timm_spec(build(name, weights), TIMM_PREFIX + name, weights)

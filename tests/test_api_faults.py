@@ -156,7 +156,7 @@ def geometry(alpha, crop=124.0, n=6):
 
 
 def test_alpha_caps_skip_fixed_input_models_only():
-    fixed = ModelSpec("fixed", torch.nn.Identity(), "", [], extra={"fixed_input": True})
+    fixed = ModelSpec("fixed", torch.nn.Identity(), "", [], fixed_input=True)
     dynamic = ModelSpec("dynamic", torch.nn.Identity(), "", [])
     check_geometry(geometry(alpha=100.0), fixed)       # 124 * 100 px: no crop of that size is ever made
     check_geometry(geometry(alpha=0.01), fixed)        # 1 px crops: not made either

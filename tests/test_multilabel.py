@@ -43,7 +43,7 @@ def test_torchray_checkpoint_loads_into_the_caffe_architecture(arch, tmp_path):
     path = tmp_path / f"{arch}_voc.pth.tar"
     torch.save(torchray_layout(arch, reference.state_dict()), path)
     spec = load_multilabel(arch, VOC_CLASSES, str(path))
-    assert spec.extra["caffe"] and spec.mean == CAFFE_MEAN and spec.keep_aspect and spec.multilabel
+    assert spec.caffe and not spec.resize_antialias and spec.mean == CAFFE_MEAN and spec.keep_aspect and spec.multilabel
     x = torch.randn(1, 3, 224, 250)
     with torch.no_grad():
         assert torch.allclose(spec.model(x), reference(x), atol=1e-4)
@@ -58,7 +58,7 @@ def test_torchvision_layout_checkpoint_and_errors(tmp_path):
     path = tmp_path / "resnet50_coco.pth"
     torch.save({"state_dict": model.state_dict()}, path)
     spec = load_multilabel("resnet50", [f"c{i}" for i in range(80)], str(path))
-    assert not spec.extra["caffe"] and spec.target_layer == "layer4"
+    assert not spec.caffe and spec.resize_antialias and spec.target_layer == "layer4"
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(spec.model(x), model(x), atol=1e-5)

@@ -7,6 +7,7 @@ masks, points and image sizes; agreement must be exact.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import math
 import warnings
@@ -153,11 +154,8 @@ def test_center_baseline_points_where_torchray_points():
 
 
 def keep_aspect_spec(caffe: bool = False) -> ModelSpec:
-    spec = ModelSpec("toy", nn.Identity(), "", list(VOC_CLASSES), keep_aspect=True, multilabel=True)
-    if caffe:
-        spec.mean, spec.std = CAFFE_MEAN, CAFFE_STD
-        spec.extra["resize_antialias"] = False
-    return spec
+    statistics = dict(mean=CAFFE_MEAN, std=CAFFE_STD, resize_antialias=False) if caffe else {}
+    return ModelSpec("toy", nn.Identity(), "", tuple(VOC_CLASSES), keep_aspect=True, multilabel=True, **statistics)
 
 
 @pytest.mark.parametrize("height,width", [(375, 500), (500, 375), (333, 500), (281, 500), (500, 301), (224, 224),
@@ -176,7 +174,7 @@ def test_caffe_input_is_torchrays_voc_transform(height, width):
     expected = get_transform(dataset="voc_2007", size=224)(Image.fromarray(image))
     spec = keep_aspect_spec(caffe=True)
     assert torch.equal(preprocess_one(image, spec, "cpu")[0], expected)
-    spec.extra["resize_antialias"] = True  # what the Caffe models got before: not TorchRay's input when shrinking
+    spec = dataclasses.replace(spec, resize_antialias=True)  # what the Caffe models got before: not TorchRay's input
     if min(height, width) > 224:
         assert not torch.allclose(preprocess_one(image, spec, "cpu")[0], expected, atol=1.0)
 

@@ -49,7 +49,7 @@ def test_examples_load_with_random_weights_and_find_their_layer(name, specs):
     spec = specs(name)
     assert (spec.target_layer, spec.token_layout) == EXAMPLES[name]
     assert spec.name == name and spec.num_classes == 1000 and spec.categories[285] == "Egyptian cat"
-    assert spec.input_size == (224, 224) and spec.extra["fixed_input"] is False
+    assert spec.input_size == (224, 224) and spec.fixed_input is False
     assert not spec.model.training
 
 
@@ -57,7 +57,7 @@ def test_examples_load_with_random_weights_and_find_their_layer(name, specs):
 def test_transformers_take_other_input_sizes(name, specs):
     spec = specs(name)
     patch = 4 if "swin" in name else 16
-    assert spec.extra["input_multiple"] == patch
+    assert spec.input_multiple == patch
     maps_side = {4: 32, 16: 16}[patch]
     explainer = build_explainer("gradcam", spec)
     for size in [(322, 322), (224, 320)]:
@@ -69,10 +69,10 @@ def test_transformers_take_other_input_sizes(name, specs):
 def test_preprocessing_comes_from_the_pretrained_config(specs):
     vit = specs("timm:vit_base_patch16_224.augreg_in21k_ft_in1k")
     assert vit.mean == (0.5, 0.5, 0.5) and vit.std == (0.5, 0.5, 0.5) and vit.input_size == (224, 224)
-    assert vit.extra["resize_interpolation"] == "bicubic" and vit.extra["crop_pct"] == 0.9
+    assert vit.resize_interpolation == "bicubic" and vit.crop_pct == 0.9
     deit = specs("timm:deit_small_patch16_224")
-    assert deit.mean == (0.485, 0.456, 0.406) and deit.extra["resize_interpolation"] == "bicubic"
-    assert deit.extra["timm_model"] == "deit_small_patch16_224.fb_in1k"
+    assert deit.mean == (0.485, 0.456, 0.406) and deit.resize_interpolation == "bicubic"
+    assert deit.timm_model == "deit_small_patch16_224.fb_in1k"
 
 
 def test_bicubic_resize_only_where_the_config_says_so():
@@ -80,7 +80,7 @@ def test_bicubic_resize_only_where_the_config_says_so():
     pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     plain = ModelSpec("m", torch.nn.Identity(), "", [], input_size=(32, 32), mean=(0, 0, 0), std=(1, 1, 1))
     bicubic = ModelSpec("m", torch.nn.Identity(), "", [], input_size=(32, 32), mean=(0, 0, 0), std=(1, 1, 1),
-                        extra={"resize_interpolation": "bicubic"})
+                        resize_interpolation="bicubic")
     bilinear = F.interpolate(pixels[None], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
     cubic = F.interpolate(pixels[None], size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
     assert torch.equal(preprocess_one(image, plain, "cpu"), bilinear)
@@ -246,7 +246,7 @@ def test_gradcam_on_transformers_equals_pytorch_grad_cam(name, reshape, specs):
 def test_torchvision_vit_reads_its_last_block_as_tokens_and_takes_its_own_size_only(specs):
     spec = specs("vit_b_16")
     assert spec.target_layer == "encoder.layers.encoder_layer_11.ln_1" and spec.token_layout == "tokens"
-    assert spec.extra["fixed_input"] is True
+    assert spec.fixed_input is True
     maps, logits = build_explainer("gradcam", spec)(torch.randn(1, 3, 224, 224), 3)
     assert maps.shape == (1, 1, 14, 14) and logits.shape == (1, 1000) and bool(maps.isfinite().all())
 

@@ -237,7 +237,7 @@ def test_fixed_input_models_get_crop_input_and_a_warning():
     from models import ModelSpec
 
     args = Namespace(crop_size=124, num_patches=6, alpha=2.6)
-    spec = ModelSpec("vit_b_16", torch.nn.Identity(), "", ["a"], extra={"fixed_input": True})
+    spec = ModelSpec("vit_b_16", torch.nn.Identity(), "", ["a"], fixed_input=True)
     with pytest.warns(UserWarning, match="takes 224x224 inputs only.*instead of alpha \\* crop = 322x322"):
         assert fixed_crop_input(args, spec) == (224, 224)
     assert fixed_crop_input(args, ModelSpec("resnet50", torch.nn.Identity(), "", ["a"])) is None
