@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from app.evaluation_run import image_metric_parser, run_image_metric
 from app.flags import Parser
 from app.lifecycle import run_cli
-from evaluation.driver import running_means
 from evaluation.map_density import map_density
 from evaluation.reports import write_density_report
 
@@ -32,7 +31,7 @@ def densities(model, images, maps, targets):
 
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_image_metric(args, "density", densities, FIELDS, {}, write_density_report, running_means(FIELDS, 2),
+    return run_image_metric(args, "density", densities, FIELDS, {}, write_density_report, 2,
                             on_batch)
 
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from app.evaluation_run import image_metric_parser, run_image_metric
 from app.flags import Parser, UsageError
 from app.lifecycle import run_cli
-from evaluation.driver import running_means
 from evaluation.insertion_deletion import auc, game_curves, numpy_sort_identity
 from evaluation.reports import write_insdel_report
 
@@ -49,7 +48,7 @@ def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
     ties = "numpy" if args.official else "raster"
     settings = {"step": args.step, "tie_order": ties, **(numpy_sort_identity() if ties == "numpy" else {})}
     return run_image_metric(args, "insdel", games(args.step, args.score_batch, ties), FIELDS, settings,
-                            write_insdel_report, running_means(FIELDS, 1), on_batch, official_ranking=args.official,
+                            write_insdel_report, 1, on_batch, official_ranking=args.official,
                             lists=("deletion_curve", "insertion_curve"))
 
 

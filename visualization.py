@@ -33,7 +33,7 @@ from common.files import save_npy, write_text
 from common.images import display_path, find_images, load_rgb
 from common.render import overlay, save_panels, signed_overlay
 from evaluation.data import ImageRecord, image_batches, start_batches
-from evaluation.driver import Row
+from evaluation.rows import Row, batch_targets, explain_rows
 from evaluation.store import check_output_folder
 from methods.targets import target_probabilities
 from models import preprocess
@@ -91,23 +91,17 @@ def picture_blend(args, setup: Setup) -> str | None:
 def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None, blend: str | None = None):
     """Raw maps of every row (the method; with --ucag the method with UCAG) for a batch of decoded images as
     (row, maps for the .npy, maps for the picture), with the explained classes and their probabilities.
+    ``target``: a class index, None for the prediction (x's logits of one no-grad forward, reused by the UCAG
+    row).
     ``blend``: the UCAG picture's fold; when it is not the .npy's, the crops are explained once and folded
     both ways."""
     x = preprocess([record.input for record in records], setup.spec, setup.device)
-    targets = None if target is None else torch.full((len(records),), target, device=setup.device)
-    baseline, *others = setup.rows()
-    first = baseline.explainer(x, targets)
-    targets = first.logits.argmax(dim=1) if targets is None else targets
-    maps = [(baseline, first.maps, first.maps)]
-    for row in others:
-        if row.ucag:  # the base row's logits are x's: UCAG skips its own forward of the images
-            blends = (row.explainer.blend,) if blend in (None, row.explainer.blend) else (row.explainer.blend, blend)
-            folded = row.explainer.explain_blends(x, targets, blends, logits=first.logits)
-            maps.append((row, folded[blends[0]].maps, folded[blends[-1]].maps))
-        else:
-            raw = row.explainer(x, targets).maps
-            maps.append((row, raw, raw))
-    return maps, targets, target_probabilities(first.logits, targets, setup.spec.multilabel)
+    given = None if target is None else torch.full((len(records),), target, device=setup.device)
+    targets, logits = batch_targets(setup.spec.model, x, given)
+    explained = list(explain_rows(setup.rows(), x, targets, logits, also=blend))
+    maps = [(row, explanation.maps, shown.maps) for row, explanation, shown in explained]
+    # the probabilities of the base row's logits (x's, the contract's), as the release computed them
+    return maps, targets, target_probabilities(explained[0][1].logits, targets, setup.spec.multilabel)
 
 
 def ucag_title(setup: Setup, args, blend: str) -> str:
@@ -177,15 +171,12 @@ def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path,
     class_name = setup.spec.categories[target] if target < setup.spec.num_classes else str(target)
     panels = [(record.image, "input")]
     for row, raw, shown in maps:
-        explainer = row.explainer
-        signed = explainer.signed
-        finalize = explainer.finalize_signed if signed else explainer.finalize
-        final = finalize(raw, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+        final = row.final(raw, (height, width))[0, 0].cpu().numpy().astype(np.float32)
         save_npy(Path(f"{stem}_ucag.npy" if row.ucag else f"{stem}.npy"), final)
         if shown is not None:
-            final = finalize(shown, (height, width))[0, 0].cpu().numpy().astype(np.float32)
-        title = ucag_title(setup, args, blend or explainer.blend) if row.ucag else setup.method
-        panels.append(((signed_overlay if signed else overlay)(record.image, final), title))
+            final = row.final(shown, (height, width))[0, 0].cpu().numpy().astype(np.float32)
+        title = ucag_title(setup, args, blend or row.explainer.blend) if row.ucag else setup.method
+        panels.append(((signed_overlay if row.explainer.signed else overlay)(record.image, final), title))
     header = f"{display_path(record.path.name)}: {class_name} (class {target}), p={prob:.3f}"
     save_panels(Path(f"{stem}.png"), panels, header=header)
     return {"file": display_path(record.path), "target": target, "class": class_name,

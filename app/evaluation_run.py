@@ -1,11 +1,15 @@
 """How every metric script runs: flags -> output folder check, device, model, rows, lock, run identity
 (resume check) -> the one evaluation driver (:func:`evaluation.driver.run_task`). A script contributes its
-parser, a function that builds its :class:`evaluation.driver.Task` and the settings its numbers depend on."""
+parser and one call: :func:`run_image_metric` (insdel.py, density.py), :func:`run_pointing_game` or
+:func:`run_segmentation`, each building the script's :class:`evaluation.task.Task` and the settings its
+numbers depend on."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from app.flags import Parser, UsageError, add_common_flags, add_eval_flags
 from app.setup import Setup, build_setup
@@ -13,8 +17,13 @@ from common.images import display_path
 from evaluation import distributed
 from evaluation.datasets import discover
 from evaluation.distributed import Dist
-from evaluation.driver import ImageMetric, ImageMetricTask, RunningText, Task, run_task
+from evaluation.driver import run_task
 from evaluation.errors import StoreError
+from evaluation.image_metric import ImageMetric, ImageMetricTask, ReportWriter
+from evaluation.imagenet_seg import ImageNetSegmentation
+from evaluation.localization_data import open_dataset, read_difficult_list
+from evaluation.pointing_task import PointingGameTask
+from evaluation.segmentation_task import SegmentationTask
 from evaluation.store import (
     ABOUT,
     METRIC_VERSIONS,
@@ -23,7 +32,9 @@ from evaluation.store import (
     check_output_folder,
     file_sha256,
 )
+from evaluation.task import Task
 from models import ModelSpec
+from models.multilabel import load_multilabel
 
 # make_task(setup, rank info) -> (the task, the settings its numbers depend on beyond the model and method; an
 # 'about' entry in them is recorded in run.json but is not part of the run's identity)
@@ -147,6 +158,11 @@ def results_folder(script: str, args: argparse.Namespace) -> Callable[[Setup], P
     return lambda setup: Path("results") / script / f"{args.name}_{setup.method}{'_ucag' if args.ucag else ''}"
 
 
+def described(setup: Setup) -> str:
+    """The progress bar's label: the method, '+ UCAG' with it."""
+    return f"{setup.method}{' + UCAG' if setup.ucag else ''}"
+
+
 def image_metric_parser(prog: str, description: str) -> Parser:
     """The flags of insdel.py and density.py: the common ones plus the dataset flags."""
     parser = Parser(prog=prog, description=description)
@@ -157,12 +173,12 @@ def image_metric_parser(prog: str, description: str) -> Parser:
 
 
 def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric, fields: Sequence[str],
-                     settings: dict, write: Callable[[Path, Collection[dict], list[dict], dict], None],
-                     running: RunningText, on_batch: Callable[[int], None] | None = None,
+                     settings: dict, write: ReportWriter, digits: int, on_batch: Callable[[int], None] | None = None,
                      official_ranking: bool = False, lists: Sequence[str] = ()) -> int:
     """insdel.py and density.py: a per-image metric over ImageNet-style data (class folders, a flat folder with
     labels, or any folder explained for the predicted class). ``settings``: the metric's own (an 'about' entry
-    is recorded, not compared). ``official_ranking``, ``lists``: see :class:`evaluation.driver.ImageMetricTask`."""
+    is recorded, not compared); ``digits``: the progress bar's running means. ``official_ranking``, ``lists``:
+    see :class:`evaluation.image_metric.ImageMetricTask`."""
     settings = dict(settings)
     about = settings.pop(ABOUT, {})
 
@@ -173,12 +189,62 @@ def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric,
                                                 need_labels=args.target == "gt", outputs=outputs, limit=args.limit))
         target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
         header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, **settings}
-        job = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header,
-                              official_ranking, lists)
-        desc = f"{setup.method}{' + UCAG' if setup.ucag else ''}"
+        task = ImageMetricTask(samples, setup.spec, setup.device, setup.rows(), metric, fields, target_mode, header,
+                               official_ranking, lists, report=write, digits=digits, description=described(setup))
         labels = labels_identity(args.labels)
-        return job.task(write, running, desc), {"target": target_mode,
-                                                 "img_path": str(Path(args.img_path).resolve()),
-                                                 **labels, **settings, ABOUT: {**labels[ABOUT], **about}}
+        return task, {"target": target_mode,
+                      "img_path": str(Path(args.img_path).resolve()),
+                      **labels, **settings, ABOUT: {**labels[ABOUT], **about}}
 
     return run_evaluation(args, results_folder(script, args), make_task, on_batch, metric=script)
+
+
+def run_pointing_game(args: argparse.Namespace, on_batch: Callable[[int], None] | None = None) -> int:
+    """pointing_game.py: the pointing and energy games (:class:`evaluation.pointing_task.PointingGameTask`) on
+    VOC07 or COCO14, rows center, the method and with --ucag the method with UCAG, with the dataset's
+    multi-label model."""
+    if args.tolerance < 0:
+        raise UsageError(f"--tolerance must be 0 or more (got {args.tolerance})")
+    check_out(args)
+    dataset = open_dataset(args.dataset, args.data_root)
+    flags = read_difficult_list(args.difficult_list, len(dataset.categories)) if args.difficult_list else None
+
+    def make_task(setup: Setup, info: Dist) -> tuple[Task, dict]:
+        entries = dataset.entries[:args.limit] if args.limit else dataset.entries
+        task = PointingGameTask(dataset, entries, setup.rows(center=True), setup.spec, setup.device,
+                                {"dataset": args.dataset, "model": args.name, "method": setup.method},
+                                args.tolerance, args.aggregation, args.unlisted, flags,
+                                description=f"pointing {described(setup)}")
+        missing = task.unlisted_count()
+        if missing:
+            subset = "in 'all' and in the difficult subset" if args.unlisted == "difficult" else "in 'all' only"
+            tqdm.write(f"note: {missing} image(s) are not in {args.difficult_list}; their pairs count {subset} "
+                       f"(--unlisted {args.unlisted})")
+        difficult_hash, difficult_path = hashed_file(args.difficult_list)
+        return task, {"dataset": args.dataset, "data_root": str(Path(args.data_root).resolve()),
+                      "tolerance": args.tolerance, "difficult_list": difficult_hash,
+                      "aggregation": args.aggregation, "unlisted": args.unlisted,
+                      ABOUT: {"difficult_list": difficult_path}}
+
+    def default_out(setup: Setup) -> Path:
+        return Path(f"results/pointing/{args.dataset}_{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")
+
+    return run_evaluation(args, default_out, make_task, on_batch, load_spec=lambda device: load_multilabel(
+        args.name, dataset.categories, args.weights, device, args.target_layer), metric="pointing_game")
+
+
+def run_segmentation(args: argparse.Namespace, on_batch: Callable[[int], None] | None = None) -> int:
+    """segmentation.py: ImageNet segmentation (:class:`evaluation.segmentation_task.SegmentationTask`) of the
+    gtsegs_ijcv.mat file, rows the method and with --ucag the method with UCAG."""
+    check_out(args)
+    dataset = ImageNetSegmentation(args.data)
+
+    def make_task(setup: Setup, info: Dist) -> tuple[Task, dict]:
+        keys = dataset.keys()[:args.limit] if args.limit else dataset.keys()
+        task = SegmentationTask(dataset, keys, setup.rows(), setup.spec, setup.device,
+                                {"model": args.name, "method": setup.method}, args.ap,
+                                description=f"segmentation {setup.method}")
+        # the .mat file's content hash: a file replaced under the same path is not resumed into the old records
+        return task, {"data": str(Path(args.data).resolve()), "data_hash": file_sha256(args.data), "ap": args.ap}
+
+    return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch, metric="segmentation")

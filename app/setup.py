@@ -13,7 +13,7 @@ import torch
 from app.flags import MEMORY_FORMATS, UsageError
 from common.determinism import make_deterministic
 from common.precision import Precision
-from evaluation.driver import Row
+from evaluation.rows import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
 from methods.registry import declared_options
 from models import ModelSpec, load_model
@@ -87,7 +87,7 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> UCAGConfig:
         grid = CropGrid(*spec.input_size, crop=config.crop, n=config.n)
     except UCAGError as exc:  # c too small for the model's input: an empty crop
         raise UsageError(f"-c/--crop-size: {exc}") from None
-    if spec.extra.get("fixed_input"):
+    if spec.fixed_input:
         return config  # its crops are resized to its input size (fixed_crop_input): alpha sets no crop size to check
     side = min(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
     largest = max(int(grid.crop_size[0] * args.alpha), int(grid.crop_size[1] * args.alpha))
@@ -101,10 +101,10 @@ def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> UCAGConfig:
 
 
 def fixed_crop_input(args: argparse.Namespace, spec: ModelSpec) -> tuple[int, int] | None:
-    """The model's own input size when it takes no other (``spec.extra["fixed_input"]``: a ViT without
+    """The model's own input size when it takes no other (``spec.fixed_input``: a ViT without
     position-embedding interpolation): UCAG's crops are then resized to it instead of by alpha, with a warning
     that says so; None for every model that takes alpha * c crops."""
-    if not spec.extra.get("fixed_input"):
+    if not spec.fixed_input:
         return None
     grid = CropGrid(*spec.input_size, crop=args.crop_size, n=args.num_patches)
     height, width = spec.input_size
@@ -199,8 +199,8 @@ def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], Mo
     settings = {"model": spec.name, "weights": spec.weights, "layer": spec.target_layer, "method": method,
                 "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())},
                 "official": config.official}
-    if spec.extra.get("timm_model"):  # the pretrained tag timm resolved a bare name to (it may change with timm)
-        settings["timm_model"] = spec.extra["timm_model"]
+    if spec.timm_model:  # the pretrained tag timm resolved a bare name to (it may change with timm)
+        settings["timm_model"] = spec.timm_model
     baseline = explainer
     if config.protocol.baseline_is_upscaled(config.alpha):
         baseline = UpscaledInput(explainer, config.alpha)

@@ -31,9 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.allocator import keep_freed_memory  # noqa: E402
 from evaluation.distributed import Dist  # noqa: E402
-from evaluation.driver import Row, RunningMeans, Task, row_means, run_task  # noqa: E402
+from evaluation.driver import run_task  # noqa: E402
+from evaluation.image_metric import row_means  # noqa: E402
 from evaluation.reports import write_insdel_report  # noqa: E402
+from evaluation.rows import Row  # noqa: E402
 from evaluation.store import ResultStore  # noqa: E402
+from evaluation.task import RunningMeans, Task  # noqa: E402
 
 ROWS = ("gradcam", "gradcam*")
 FIELDS = ("deletion", "insertion")
@@ -57,25 +60,44 @@ def fabricated(key: str, rng: np.random.Generator) -> dict:
     return {"key": key, "file": f"val/{key}.JPEG", "target": int(rng.integers(1000)), "rows": rows}
 
 
-def task_of(keys: list[str], times: list[float]) -> Task:
-    rng = np.random.default_rng(0)
-    rows: list[Row] = [_Named(name) for name in ROWS]  # type: ignore[list-item]
+class FabricatedTask(Task):
+    """insdel's records fabricated (no model): the driver's and the store's own cost."""
 
-    def process(batch: list[dict]) -> list[dict]:
-        return [fabricated(r["key"], rng) for r in batch]
+    description = "driver"
 
-    def summarize(records) -> dict:
+    def __init__(self, keys: list[str], times: list[float]):
+        self.keys, self.times = keys, times
+        self.rng = np.random.default_rng(0)
+        self.rows: list[Row] = [_Named(name) for name in ROWS]  # type: ignore[list-item]
+
+    @property
+    def items(self) -> list[str]:
+        return self.keys
+
+    def key(self, item: str) -> str:
+        return item
+
+    def load(self, item: str) -> dict:
+        return {"key": item}
+
+    def process(self, batch: list[dict]) -> list[dict]:
+        return [fabricated(r["key"], self.rng) for r in batch]
+
+    def summarize(self, records) -> dict:
         return {"model": "resnet50", "method": "gradcam", "target": "gt", "step": 1792, "n_images": len(records),
-                "rows": row_means(records, rows, FIELDS)}
+                "rows": row_means(records, self.rows, FIELDS)}
 
-    def write(out, records, skipped, summary) -> None:
+    def write(self, out, records, skipped, summary) -> None:
         stamp = time.perf_counter()
         write_insdel_report(out, records, skipped, summary)
-        times.append(time.perf_counter() - stamp)
+        self.times.append(time.perf_counter() - stamp)
 
-    return Task(keys, str, lambda key: {"key": key}, process, summarize, write, RunningMeans(FIELDS, 1),
-                "driver", {"rows": list(ROWS), "fields": FIELDS, "lists": ("deletion_curve", "insertion_curve"),
-                           "keys": ("file", "target")})
+    def running(self) -> RunningMeans:
+        return RunningMeans(FIELDS, 1)
+
+    def shape(self) -> dict:
+        return {"rows": list(ROWS), "fields": FIELDS, "lists": ("deletion_curve", "insertion_curve"),
+                "keys": ("file", "target")}
 
 
 def child(scenario: str, size: int, folder: Path, batch_size: int) -> dict:
@@ -85,7 +107,7 @@ def child(scenario: str, size: int, folder: Path, batch_size: int) -> dict:
     if scenario == "resume":
         keys += [f"new/{i:08d}" for i in range(batch_size)]
     report_times: list[float] = []
-    task = task_of(keys, report_times)
+    task = FabricatedTask(keys, report_times)
     store = ResultStore(folder)
     stamps = [time.perf_counter()]
     started = time.perf_counter()

@@ -19,12 +19,14 @@ from common.images import MAX_PIXELS, display_path, find_images, load_rgb
 from evaluation.data import ImageFiles
 from evaluation.datasets import discover
 from evaluation.distributed import Dist
-from evaluation.driver import Task, load_sample, run_task
+from evaluation.driver import run_task
 from evaluation.errors import DataError, EvaluationError
+from evaluation.image_metric import load_sample
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import COCO2014, VOC2007, load_entry, read_difficult_list
 from evaluation.reports import write_skipped
 from evaluation.store import ResultStore
+from evaluation.task import Task
 from tests.conftest import EXAMPLES
 from tests.localization_fixtures import coco_dataset, segmentation_file, voc_dataset
 
@@ -37,17 +39,36 @@ def tiny(path: Path, size=(6, 4)) -> Path:
     return path
 
 
+class _LoadOnly(Task):
+    """A task that only loads its items (each result an empty record) and writes skipped.txt."""
+
+    def __init__(self, items, key, load):
+        self._items, self._key, self._load = list(items), key, load
+
+    @property
+    def items(self):
+        return self._items
+
+    def key(self, item):
+        return self._key(item)
+
+    def load(self, item):
+        return self._load(item)
+
+    def process(self, batch):
+        return [{"key": r["key"], "rows": {}} for r in batch]
+
+    def summarize(self, records):
+        return {}
+
+    def write(self, out, records, skipped, summary):
+        write_skipped(out / "skipped.txt", skipped)
+
+
 def skipped_txt(out: Path, items, key, load, workers: int = 0) -> dict[str, str]:
     """Run ``load`` over ``items`` through the evaluation driver (DataLoader workers, store, skipped.txt) and
     return skipped.txt as {key: reason}."""
-
-    def process(batch):
-        return [{"key": r["key"], "rows": {}} for r in batch]
-
-    def write(folder, results, skipped, summary):
-        write_skipped(folder / "skipped.txt", skipped)
-
-    task = Task(items, key, load, process, lambda records: {}, write)
+    task = _LoadOnly(items, key, load)
     try:
         run_task(task, ResultStore(out), Dist(), batch_size=2, workers=workers)
     except EvaluationError:

@@ -24,10 +24,12 @@ from torch import nn
 from torchvision.models.vgg import VGG, make_layers
 
 from evaluation.datasets import Sample
-from evaluation.driver import ImageMetricTask, Row
+from evaluation.image_metric import ImageMetricTask
 from evaluation.insertion_deletion import auc, game_curves, insertion_substrate
 from evaluation.map_density import map_density
 from evaluation.pointing import energy_score, explainer_point, map_point, pointing_hit
+from evaluation.reports import write_density_report
+from evaluation.rows import Row
 from evaluation.segmentation_metrics import average_precision, image_scores, pixel_counts, threshold_maps
 from methods import available_methods, build_explainer, finalize_maps, finalize_signed
 from methods.base import Explainer, Explanation
@@ -303,7 +305,7 @@ def test_preprocessing_and_the_evaluation_driver(lite0, device):
         rows = [Row("gradcam", build_explainer("gradcam", spec)),
                 Row("gradcam*", UCAG(build_explainer("gradcam", spec), crop=150, n=2, alpha=1.2), ucag=True)]
         records = {mode: ImageMetricTask([], spec, device, rows, density, ("positive", "negative"),
-                                         mode).process(batch) for mode in ("gt", "pred")}
+                                         mode, report=write_density_report).process(batch) for mode in ("gt", "pred")}
         return preprocess(photos, spec, device), preprocess_one(photos[0], spec, device), records
     *_, records = same_under_meta_default(run)
     assert [r["target"] for r in records["gt"]] == [3, 7]

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.datasets import Sample
-from evaluation.driver import ImageMetricTask, Row
+from evaluation.image_metric import ImageMetricTask
 from evaluation.insertion_deletion import game_curves, insertion_substrate, saliency_order
+from evaluation.reports import write_insdel_report
+from evaluation.rows import Row
 from insdel import games
 from methods.base import Explainer, Explanation
 from models.spec import ModelSpec
@@ -210,12 +212,12 @@ def test_official_insdel_pipeline_equals_the_transcription(monkeypatch):
     spec = spec_of(model, side)
     torch.manual_seed(3)
     images = torch.randn(2, 3, side, side)
-    monkeypatch.setattr("evaluation.driver.preprocess", lambda pixels, spec, device: torch.stack(pixels))
+    monkeypatch.setattr("evaluation.image_metric.preprocess", lambda pixels, spec, device: torch.stack(pixels))
     raw = FixedMaps(model)
     tied = QuantizedMaps(model)
     rows = [Row("fixed", raw), Row("quantized", tied)]
     job = ImageMetricTask([], spec, torch.device("cpu"), rows, games(step, None, "numpy"), ("deletion", "insertion"),
-                          "gt", official_ranking=True)
+                          "gt", official_ranking=True, report=write_insdel_report)
     records = job.process(batch_of(images))
     targets = torch.tensor([0, 1])
     raw_maps = F.interpolate(raw(images, targets).maps, size=(side, side), mode="bilinear", align_corners=False)
@@ -227,7 +229,8 @@ def test_official_insdel_pipeline_equals_the_transcription(monkeypatch):
             got = np.array([r["rows"][name][field] for r in records]) / 100
             assert np.allclose(got, expected, atol=1e-6), (name, field)
     # the default (raster ties, [0, 1] maps everywhere) differs on these maps
-    plain = ImageMetricTask([], spec, torch.device("cpu"), rows, games(step, None), ("deletion", "insertion"), "gt")
+    plain = ImageMetricTask([], spec, torch.device("cpu"), rows, games(step, None), ("deletion", "insertion"), "gt",
+                            report=write_insdel_report)
     default = plain.process(batch_of(images))
     assert any(abs(a["rows"][n][f] - b["rows"][n][f]) > 0.1 for a, b in zip(records, default, strict=True)
                for n in ("fixed", "quantized") for f in ("deletion", "insertion"))
@@ -253,9 +256,10 @@ def test_official_ucag_of_a_raw_method_is_the_official_raw_fold(score):
     assert torch.allclose(ours, expected, atol=2e-5 * float(expected.abs().max()))
     assert float(ours.min()) < 0  # signed: no ReLU
     job = ImageMetricTask([], spec_of(model, side), torch.device("cpu"), [Row("fixed*", ucag, ucag=True)],
-                          None, (), "gt", official_ranking=True)
+                          None, (), "gt", official_ranking=True, report=write_insdel_report)
     assert torch.equal(job.final_maps(job.rows[0], ours, (side, side)), ours)  # no ReLU, min-max, blur
-    ranked_default = ImageMetricTask([], spec_of(model, side), torch.device("cpu"), job.rows, None, (), "gt")
+    ranked_default = ImageMetricTask([], spec_of(model, side), torch.device("cpu"), job.rows, None, (), "gt",
+                                     report=write_insdel_report)
     assert not torch.equal(ranked_default.final_maps(job.rows[0], ours, (side, side)), ours)
 
 
@@ -269,7 +273,7 @@ def test_official_baseline_of_a_raw_method_is_its_raw_map_resized():
     assert baseline.official_raw
     maps = baseline(images, [0, 1]).maps
     job = ImageMetricTask([], spec_of(model, side), torch.device("cpu"), [Row("fixed", baseline)], None, (), "gt",
-                          official_ranking=True)
+                          official_ranking=True, report=write_insdel_report)
     expected = F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)
     assert torch.equal(job.final_maps(job.rows[0], maps, (side, side)), expected)
 

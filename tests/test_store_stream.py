@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.driver import RunningMeans
 from evaluation.errors import StoreError
 from evaluation.store import ResultStore, StoredRecords
+from evaluation.task import RunningMeans
 
 
 def record(key: str, **rows) -> dict:

@@ -201,7 +201,7 @@ def test_known_logits_skip_the_image_forward_and_change_nothing():
 
 
 def test_evaluation_rows_pass_the_first_rows_logits_to_ucag(lite, photo_batch):
-    from evaluation.driver import Row
+    from evaluation.rows import Row
 
     x = photo_batch[:2]
     base = Row("gradcam", build_explainer("gradcam", lite))

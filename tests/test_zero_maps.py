@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from evaluation.datasets import Sample
-from evaluation.driver import ImageMetricTask, Row
+from evaluation.image_metric import ImageMetricTask
+from evaluation.reports import write_insdel_report
+from evaluation.rows import Row
 from insdel import games
 from methods.base import Explainer, Explanation
 from models.spec import ModelSpec
@@ -30,13 +32,13 @@ def test_zero_final_maps_are_warned_about_once_and_counted(monkeypatch, capsys):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
     spec = ModelSpec(name="tiny", model=model, target_layer="1", categories=list("abcd"), input_size=(8, 8),
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    monkeypatch.setattr("evaluation.driver.preprocess", lambda pixels, spec, device: torch.stack(pixels))
+    monkeypatch.setattr("evaluation.image_metric.preprocess", lambda pixels, spec, device: torch.stack(pixels))
     images = torch.rand(3, 3, 8, 8)
     images[1, 0] = -images[1, 0] - 0.1  # all negative: nothing survives the ReLU
     batch = [{"key": f"img{i}", "sample": Sample(path=f"img{i}.png", key=f"img{i}", label=0), "image": None,
               "pixels": image} for i, image in enumerate(images)]
     job = ImageMetricTask([], spec, torch.device("cpu"), [Row("sign", SignOf(model))], games(16, None),
-                          ("deletion", "insertion"), "gt")
+                          ("deletion", "insertion"), "gt", report=write_insdel_report)
     records = job.process(batch)
     assert [r["rows"]["sign"]["zero_map"] for r in records] == [False, True, False]
     job.process(batch)  # a second batch with a zero map: no second warning
