@@ -11,6 +11,7 @@ from common.precision import PRECISIONS
 from methods.registry import declared_options
 from models import DEFAULT_MODEL
 from ucag.blending import BLENDS, SIGMA_FRACTION
+from ucag.config import UCAGConfig
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -40,10 +41,12 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     model.add_argument("--target-layer", default=None, help="CAM layer (dotted module name) instead of the default")
     ucag = parser.add_argument_group("UCAG (paper symbols in brackets)")
     ucag.add_argument("--ucag", action="store_true", help="also compute the UCAG version of the method")
-    ucag.add_argument("-a", "--alpha", type=float, default=2.6, help="[alpha] crop upscaling factor (default 2.6)")
-    ucag.add_argument("-c", "--crop-size", type=float, default=124,
-                      help="[rho*224] crop side in the 224-px frame (default 124, rho=0.555)")
-    ucag.add_argument("-n", "--num-patches", type=int, default=6, help="[n] crops per side, n*n in all (default 6)")
+    ucag.add_argument("-a", "--alpha", type=float, default=UCAGConfig.alpha,
+                      help=f"[alpha] crop upscaling factor (default {UCAGConfig.alpha:g})")
+    ucag.add_argument("-c", "--crop-size", type=float, default=UCAGConfig.crop,
+                      help=f"[rho*224] crop side in the 224-px frame (default {UCAGConfig.crop:g}, rho=0.555)")
+    ucag.add_argument("-n", "--num-patches", type=int, default=UCAGConfig.n,
+                      help=f"[n] crops per side, n*n in all (default {UCAGConfig.n})")
     ucag.add_argument("--patch-batch", type=int, default=None,
                       help="crops explained per forward/backward (default: as many as half the device's free "
                            "memory holds, at most 8 on a CPU and 1024 on a GPU)")

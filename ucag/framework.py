@@ -99,11 +99,11 @@ class UCAG(Explainer):
 
     name = "ucag"
 
-    def __init__(self, explainer: Explainer, crop: float = 124, n: int = 6, alpha: float = 2.6,
-                 patch_batch: int | None = None, confidence: bool | None = None, official: bool = False,
-                 progress: bool = False, multilabel: bool = False, blend: str = "constant",
-                 crop_input: tuple[int, int] | None = None, protocol: Protocol | None = None,
-                 config: UCAGConfig | None = None):
+    def __init__(self, explainer: Explainer, crop: float = UCAGConfig.crop, n: int = UCAGConfig.n,
+                 alpha: float = UCAGConfig.alpha, patch_batch: int | None = None, confidence: bool | None = None,
+                 official: bool = False, progress: bool = False, multilabel: bool = False,
+                 blend: str = UCAGConfig.blend, crop_input: tuple[int, int] | None = None,
+                 protocol: Protocol | None = None, config: UCAGConfig | None = None):
         super().__init__(explainer.model)
         if config is None:
             config = UCAGConfig(crop=crop, n=n, alpha=alpha, blend=blend, confidence=confidence,
