@@ -10,8 +10,8 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from methods.base import Explainer, Explanation, resolve_targets
-from methods.hooks import LayerCapture, Post, restored_state
+from methods.base import Explainer, Explanation
+from methods.hooks import LayerCapture, Post
 from methods.targets import target_gradients
 
 
@@ -23,11 +23,9 @@ class CAM(Explainer):
         self.layer = layer
         self.activation_post = activation_post
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        with restored_state(self.model), torch.enable_grad(), \
-                LayerCapture(self.layer, self.activation_post) as capture:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        with torch.enable_grad(), LayerCapture(self.layer, self.activation_post) as capture:
             logits = capture.forward(self.model, x)
-            targets = resolve_targets(targets, logits)
             (grads,) = target_gradients(logits, targets, capture.activation)
         self.check_gradients(grads, self.layer)
         activations = capture.activation.detach().float()  # combined in float32 (bf16 autocast: A and g bf16)
