@@ -16,14 +16,17 @@ from tqdm.auto import tqdm
 from methods.base import Explainer, Explanation
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post
-from methods.options import Option, flag, positive_ints
+from methods.options import Option, boolean_from_text, flag, positive_ints
 from methods.targets import target_gradients
 from models.spec import ModelSpec
 
 DEFAULT_RESOLUTIONS = tuple(range(224, 1000, 100))  # 224, 324, ..., 924: the official default
 RESOLUTIONS = Option("resolutions", "--resolutions", DEFAULT_RESOLUTIONS, positive_ints, "input sides fused",
                      type=int, nargs="+", shown="224 324 ... 924")
-CAMERAS_OPTIONS = (RESOLUTIONS,)
+NATIVE_FIRST = Option("native_first", "--native-first", True, flag,
+                      "the first pass on x unresized, as the official code (true, false)",
+                      parse=boolean_from_text, shown="true")
+CAMERAS_OPTIONS = (RESOLUTIONS, NATIVE_FIRST)
 
 
 class CAMERAS(Explainer):
@@ -57,11 +60,11 @@ class CAMERAS(Explainer):
     fusion_elements = 1 << 24
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None, *,
-                 resolutions: Iterable[int] = RESOLUTIONS.default, native_first: bool = True):
+                 resolutions: Iterable[int] = RESOLUTIONS.default, native_first: bool = NATIVE_FIRST.default):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
         self.resolutions = RESOLUTIONS.validate(resolutions)
-        self.native_first = flag("native_first", native_first)
+        self.native_first = NATIVE_FIRST.validate(native_first)
 
     @staticmethod
     def pass_size(height: int, width: int, resolution: int) -> tuple[int, int]:

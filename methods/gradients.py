@@ -46,7 +46,7 @@ from torch import nn
 
 from methods.base import Explainer, Explanation, Targets, check_batch
 from methods.hooks import LayerCapture
-from methods.options import choice
+from methods.options import Option, boolean_from_text, choice, flag, positive_real
 from methods.targets import target_gradients, target_scores
 from models.spec import ModelSpec
 
@@ -235,10 +235,21 @@ class FullGradTerms(NamedTuple):
     logit: torch.Tensor
 
 
+POSTPROCESS_EPS = Option("postprocess_eps", "--postprocess-eps", 1e-6, positive_real,
+                         "stabiliser of FullGrad's per-term min-max, (t - min) / (max + eps)", type=float)
+ALIGN_CORNERS = Option("align_corners", "--bias-align-corners", True, flag,
+                       "FullGrad's bilinear upsampling of the bias maps with align_corners (true, false)",
+                       parse=boolean_from_text, shown="true")
+CLIP_BIASES = Option("clip_biases", "--clip-biases", True, flag,
+                     "FullGrad also counts the implicit biases of ReLU6 / Hardtanh (true, false)",
+                     parse=boolean_from_text, shown="true")
+FULLGRAD_OPTIONS = (POSTPROCESS_EPS, ALIGN_CORNERS, CLIP_BIASES)
+
+
 class FullGrad(Explainer):
     """FullGrad saliency (Srinivas & Fleuret 2019), after the authors' ``saliency/fullgrad.py``.
 
-    eps: the authors' post-processing constant (1e-6). align_corners: their bilinear upsampling of the
+    postprocess_eps: the authors' post-processing constant eps (1e-6). align_corners: their bilinear upsampling of the
     bias maps uses ``align_corners=True``. clip_biases: also count the implicit biases of ``nn.Hardtanh``
     modules (``nn.ReLU6``: the constant 6 where it saturates) as bias terms, in the decomposition and, for
     spatial outputs, in the map. The authors' code has no such terms (its completeness check fails on
@@ -254,10 +265,12 @@ class FullGrad(Explainer):
     name = "fullgrad"
     mixed_precision = False  # its input-gradient term is pixel-level, as InputGradient's
 
-    def __init__(self, model: nn.Module, eps: float = 1e-6, align_corners: bool = True,
-                 clip_biases: bool = True):
+    def __init__(self, model: nn.Module, postprocess_eps: float = POSTPROCESS_EPS.default,
+                 align_corners: bool = ALIGN_CORNERS.default, clip_biases: bool = CLIP_BIASES.default):
         super().__init__(model)
-        self.eps, self.align_corners, self.clip_biases = eps, align_corners, clip_biases
+        self.postprocess_eps = POSTPROCESS_EPS.validate(postprocess_eps)
+        self.align_corners = ALIGN_CORNERS.validate(align_corners)
+        self.clip_biases = CLIP_BIASES.validate(clip_biases)
 
     def bias_layers(self) -> dict[str, nn.Module]:
         """Modules (by name) whose outputs carry a bias term: Conv2d / Linear with a bias, BatchNorm2d with
@@ -304,18 +317,19 @@ class FullGrad(Explainer):
     def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         input_term, terms, logits = self.decompose(x, targets)
         size = tuple(x.shape[-2:])
-        saliency = authors_postprocess(input_term, self.eps).sum(dim=1, keepdim=True)
+        saliency = authors_postprocess(input_term, self.postprocess_eps).sum(dim=1, keepdim=True)
         for module, term in terms:
             if isinstance(module, nn.Linear) or term.dim() != 4:
                 continue  # fully connected terms: in the decomposition, not in the map (as the authors)
             # summing channels before the (linear, per-channel) upsampling saves memory; same result
-            channels = authors_postprocess(term, self.eps).sum(dim=1, keepdim=True)
+            channels = authors_postprocess(term, self.postprocess_eps).sum(dim=1, keepdim=True)
             saliency = saliency + F.interpolate(channels, size=size, mode="bilinear",
                                                 align_corners=self.align_corners)
         return Explanation(saliency, logits)
 
     def __repr__(self) -> str:
-        return f"FullGrad(eps={self.eps}, align_corners={self.align_corners}, clip_biases={self.clip_biases})"
+        return (f"FullGrad(postprocess_eps={self.postprocess_eps}, align_corners={self.align_corners}, "
+                f"clip_biases={self.clip_biases})")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -323,7 +337,7 @@ class FullGrad(Explainer):
 
 
 def build_fullgrad(spec: ModelSpec, **options) -> FullGrad:
-    """FullGrad for ``spec.model``; options: eps (1e-6), align_corners (True), clip_biases (True)."""
+    """FullGrad for ``spec.model``; options: :data:`FULLGRAD_OPTIONS`."""
     return FullGrad(spec.model, **options)
 
 

@@ -47,7 +47,10 @@ BASELINE = Option("baseline", "--baseline", "black", check_baseline,
 # an image's 50 points stay in one batch; UCAG's 64 crops x 50 points would not fit at once
 PATH_BATCH = Option("path_batch", "--path-batch", 256, partial(positive_int, optional=True),
                     "path points per forward/backward, over all images", type=int)
-IGCAM_OPTIONS = (STEPS, BASELINE, PATH_BATCH)
+FORMULA = Option("formula", "--igcam-formula", "integrated", partial(choice, choices=IGCAM_FORMULAS),
+                 "the path sum M: integrated (Riemann sum of baseline-relative Grad-CAM terms, k = 1..m) or "
+                 "notebook (the authors' notebook: mean of relu(Grad-CAM) at k = 0..m-1)")
+IGCAM_OPTIONS = (STEPS, BASELINE, PATH_BATCH, FORMULA)
 
 
 class IntegratedGradCAM(Explainer):
@@ -96,12 +99,12 @@ class IntegratedGradCAM(Explainer):
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None, *,
                  mean: Sequence[float], std: Sequence[float], steps: int = STEPS.default,
                  baseline: Baseline = BASELINE.default, path_batch: int | None = PATH_BATCH.default,
-                 formula: str = "integrated"):
+                 formula: str = FORMULA.default):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
         self.steps = STEPS.validate(steps)
         self.path_batch = PATH_BATCH.validate(path_batch)
-        self.formula = choice("formula", formula, IGCAM_FORMULAS)
+        self.formula = FORMULA.validate(formula)
         if len(mean) != 3 or len(std) != 3 or any(float(s) == 0 for s in std):
             raise MethodError(f"mean and std must be 3 values each (std non-zero), got {mean!r}, {std!r}")
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -57,7 +57,7 @@ from methods.base import Explainer, Explanation
 from methods.batching import MASK_BATCH, batch_for_memory, run_chunks
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import choice
+from methods.options import Option, choice
 from methods.targets import target_log_probabilities, target_probabilities
 from models.efficientnet_lite import EfficientNetLite0
 from models.errors import ModelError
@@ -66,6 +66,16 @@ from models.target_layer import find_target_layer
 from models.tokens import TokenLayout
 
 FUSIONS = ("soft", "hard")
+
+
+def check_fusion(name: str, value) -> str | None:
+    """One of :data:`FUSIONS`, or None for the method's own (SISE: soft, Ada-SISE: hard)."""
+    return None if value is None else choice(name, value, FUSIONS)
+
+
+FUSION = Option("fusion", "--fusion", None, check_fusion,
+                "block fusion gate G: soft (Otsu sigmoid) or hard (Otsu threshold)",
+                shown="soft for sise, hard for adasise")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,12 +275,13 @@ class SISE(Explainer):
     progress_desc = "SISE masks"
 
     def __init__(self, model: nn.Module, layers: Sequence[str], posts: dict[str, Post] | None = None,
-                 mask_batch: int | None = MASK_BATCH.default, fusion: str | None = None, multilabel: bool = False):
+                 mask_batch: int | None = MASK_BATCH.default, fusion: str | None = FUSION.default,
+                 multilabel: bool = False):
         super().__init__(model)
         self.layers = _layer_names(model, layers)
         self.posts = dict(posts or {})
         self.mask_batch = MASK_BATCH.validate(mask_batch)  # None: from free memory
-        self.fusion = choice("fusion", self.default_fusion if fusion is None else str(fusion).lower(), FUSIONS)
+        self.fusion = FUSION.validate(self.default_fusion if fusion is None else str(fusion).lower())
         self.multilabel = multilabel
         self.last_selection: dict[str, torch.Tensor] = {}
 
@@ -447,7 +458,7 @@ def _builder(cls):
     return build
 
 
-SISE_OPTIONS = (MASK_BATCH,)  # SISE and Ada-SISE
+SISE_OPTIONS = (MASK_BATCH, FUSION)  # SISE and Ada-SISE
 build_sise = _builder(SISE)
 build_adasise = _builder(AdaSISE)
 
