@@ -11,8 +11,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from common.precision import full_precision
 from methods.errors import MethodError
+from methods.hooks import restored_state
 from methods.postprocess import finalize_maps, finalize_signed
 
 Targets = torch.Tensor | Sequence[int] | int | None
@@ -51,34 +51,19 @@ def as_targets(targets: Targets, batch: int, device: torch.device) -> torch.Tens
     return tensor
 
 
-# True while a wrapper runs an explainer on targets it has already range-checked (see Explainer.explain_checked)
-_TARGETS_CHECKED: ContextVar[bool] = ContextVar("targets_checked", default=False)
-
-
-@contextmanager
-def checked_targets() -> Iterator[None]:
-    """Within the block :func:`resolve_targets` trusts given targets: the caller checked their range once
-    for the whole user-facing call (the check reads the targets back from the device: one host sync)."""
-    token = _TARGETS_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _TARGETS_CHECKED.reset(token)
-
-
 def check_target_range(targets: torch.Tensor, num_classes: int) -> None:
-    """ValueError when a target is outside 0..num_classes-1 (a host sync: call it once per user-facing call)."""
+    """MethodError when a target is outside 0..K-1, K = ``num_classes`` (a host sync: the template calls it
+    once per user-facing call, never per chunk of a wrapper)."""
     if bool(((targets < 0) | (targets >= num_classes)).any()):
-        raise ValueError(f"target class out of range 0..{num_classes - 1}: {targets.tolist()}")
+        raise MethodError(f"target class out of range 0..{num_classes - 1}: {targets.tolist()}")
 
 
-def resolve_targets(targets: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
-    """Targets given, or the predicted classes; checks the range against the number of classes (unless a
-    wrapper already did, see :func:`checked_targets`)."""
+def targets_or_prediction(targets: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) targets for a batch whose (B, K) ``logits`` the caller holds: the given ones range-checked, or the
+    predicted classes (argmax). For entry points that have the image's logits anyway (UCAG's)."""
     if targets is None:
         return logits.argmax(dim=1)
-    if not _TARGETS_CHECKED.get():
-        check_target_range(targets, logits.shape[1])
+    check_target_range(targets, logits.shape[1])
     return targets
 
 
@@ -114,7 +99,13 @@ def outside_inference(*tensors) -> Iterator[tuple]:
 
 
 class Explainer(ABC):
-    """Base class: subclasses implement :meth:`explain` under the contract above."""
+    """Base class and template method: :meth:`__call__` checks the batch, leaves inference mode, normalises
+    and range-checks the targets once, restores the model's state and applies the precision; subclasses
+    implement only :meth:`explain`, the computation, which receives resolved (B,) int64 targets.
+
+    Wrappers that run an explainer on targets they hold already checked (UCAG's crops, the upscaled
+    baseline) call :meth:`explain_resolved` instead: the same state and precision handling, no check.
+    """
 
     name = "explainer"
     signed = False  # True for relevance maps whose sign carries meaning (thresholded at 0 by segmentation)
@@ -127,6 +118,7 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
         self._gradients_checked = False
+        self._classes: tuple[nn.Module, int] | None = None  # (model, K): the number of classes, once known
 
     def check_gradients(self, grads: torch.Tensor, layer: nn.Module) -> None:
         """Warn when dS/dA at ``layer`` is exactly zero for an image of the batch: its map is then all zero and
@@ -144,8 +136,15 @@ class Explainer(ABC):
                           "another --target-layer)", RuntimeWarning, stacklevel=3)
 
     @abstractmethod
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        """Maps and logits for ``x``; ``targets`` is a (B,) tensor or None for the predicted classes."""
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        """The computation: maps and logits for ``x`` and its (B,) int64 ``targets`` on x's device, already
+        range-checked (never None). Runs in eval mode and in the explainer's precision (see :meth:`computing`)."""
+
+    def explain_prediction(self, x: torch.Tensor, logits: torch.Tensor) -> Explanation:
+        """The maps when no target is given: :meth:`explain` for x's predicted classes, ``logits`` being the
+        model's no-grad (B, K) logits for ``x``. Methods whose protocol differs without a given target
+        (CAMERAS) or that can reuse these logits (UCAG) override it."""
+        return self.explain(x, logits.argmax(dim=1))
 
     def finalize(self, maps: torch.Tensor, size: tuple[int, int] | None = None, antialias: bool = True) -> torch.Tensor:
         """Raw (B, 1, h, w) maps -> final [0, 1] maps at ``size``: ReLU, resize, per-map min-max.
@@ -156,31 +155,67 @@ class Explainer(ABC):
         """Raw maps -> [-1, 1] maps at ``size`` with their sign kept (divided by the largest magnitude)."""
         return finalize_signed(maps, size)
 
-    def explain_checked(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
-        """Internal entry point for wrappers (UCAG) that call the explainer many times per user-facing call:
-        :meth:`explain` on a (B, 3, H, W) batch with (B,) int64 ``targets`` on x's device whose range the
-        wrapper has checked once, so no call re-checks them (that check is a host sync per call)."""
-        with checked_targets():
-            return self._explain_in_precision(x, targets)
-
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
-        """Check the batch and explain it (also inside ``torch.inference_mode()``, see :func:`outside_inference`)."""
+        """Explain ``x``: the batch checked, inference mode left (see :func:`outside_inference`), the targets
+        normalised (:func:`as_targets`) and range-checked once, the model's state restored and the precision
+        applied. ``targets=None`` explains the predicted classes, which costs one extra no-grad forward of
+        ``x`` (:meth:`predict`); the scripts always pass targets. Maps and logits come back at least float32."""
         check_batch(x, self.model)
         if torch.is_inference_mode_enabled():
             with outside_inference(x, targets) as (x, targets):
                 return self(x, targets)
-        return self._explain_in_precision(x, as_targets(targets, x.shape[0], x.device))
+        targets = as_targets(targets, x.shape[0], x.device)
+        with self.computing(x):
+            if targets is None:
+                result = self.explain_prediction(x, self.predict(x))
+            else:
+                check_target_range(targets, self.num_classes(x))
+                result = self.explain(x, targets)
+        return Explanation(widen_half(result.maps), widen_half(result.logits))
 
-    def _explain_in_precision(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        """:meth:`explain` in float32 for explainers that opt out of autocast (``mixed_precision = False``);
-        maps and logits computed in a half-precision autocast region (``common.precision``) come back as
-        float32."""
-        if self.mixed_precision:
+    def explain_resolved(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        """The one internal entry point for wrappers (UCAG, the upscaled baseline) that call the explainer
+        many times per user-facing call: :meth:`explain` on a checked (B, 3, H, W) batch with (B,) int64
+        ``targets`` on x's device whose range the wrapper has checked once (no check, no host sync), with the
+        state and precision handling of :meth:`__call__`."""
+        with self.computing(x):
             maps, logits = self.explain(x, targets)
-        else:
-            with full_precision(x.device.type):
-                maps, logits = self.explain(x, targets)
         return Explanation(widen_half(maps), widen_half(logits))
+
+    def resolve(self, x: torch.Tensor, targets: Targets) -> torch.Tensor:
+        """(B,) int64 targets for ``x``: the given ones, normalised and range-checked, or the predicted
+        classes (one no-grad forward). For a method's own extra entry points (FullGrad's
+        ``completeness_terms``); call it inside :meth:`computing`."""
+        targets = as_targets(targets, x.shape[0], x.device)
+        if targets is None:
+            return self.predict(x).argmax(dim=1)
+        check_target_range(targets, self.num_classes(x))
+        return targets
+
+    @contextmanager
+    def computing(self, x: torch.Tensor) -> Iterator[None]:
+        """The block runs with the model in eval mode, its train flags and ``requires_grad`` restored on exit
+        (:func:`methods.hooks.restored_state`), in float32 for explainers that opt out of autocast
+        (``mixed_precision = False``; :func:`common.precision.full_precision`)."""
+        precision = nullcontext() if self.mixed_precision else full_precision(x.device.type)
+        with restored_state(self.model), precision:
+            yield
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's (B, K) logits for ``x`` (no graph; inside :meth:`computing`, so in the explainer's own
+        precision); the number of classes K is remembered."""
+        with torch.no_grad():
+            logits = self.model(x)
+        self._classes = (self.model, logits.shape[1])
+        return logits
+
+    def num_classes(self, x: torch.Tensor) -> int:
+        """K, the model's number of classes: known after the first forward of :meth:`predict` (so a call
+        with given targets costs one extra forward once per explainer, not per call)."""
+        known = getattr(self, "_classes", None)
+        if known is None or known[0] is not self.model:
+            self.predict(x)
+        return self._classes[1]
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"

@@ -10,8 +10,9 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from methods.base import Explainer, Explanation, resolve_targets
-from methods.hooks import LayerCapture, Post, restored_state
+from methods.base import Explainer, Explanation
+from methods.hooks import LayerCapture, Post
+from methods.options import Option, non_negative_real
 from methods.targets import target_gradients
 
 
@@ -23,11 +24,9 @@ class CAM(Explainer):
         self.layer = layer
         self.activation_post = activation_post
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        with restored_state(self.model), torch.enable_grad(), \
-                LayerCapture(self.layer, self.activation_post) as capture:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        with torch.enable_grad(), LayerCapture(self.layer, self.activation_post) as capture:
             logits = capture.forward(self.model, x)
-            targets = resolve_targets(targets, logits)
             (grads,) = target_gradients(logits, targets, capture.activation)
         self.check_gradients(grads, self.layer)
         activations = capture.activation.detach().float()  # combined in float32 (bf16 autocast: A and g bf16)
@@ -59,40 +58,46 @@ class GradCAM(WeightedCAM):
         return grads.mean(dim=(2, 3))
 
 
+ALPHA_EPS = Option("alpha_eps", "--alpha-eps", 0.0, non_negative_real,
+                   "stabiliser added to the denominator of Grad-CAM++'s alpha_ij (0: the authors' code)", type=float)
+ACTIVATION_SUM_EPS = Option("activation_sum_eps", "--activation-sum-eps", 1e-7, non_negative_real,
+                            "stabiliser added to XGrad-CAM's normaliser sum_ij A_ij", type=float)
+
+
 class GradCAMPlusPlus(WeightedCAM):
     """Grad-CAM++ (Chattopadhyay et al. 2018): w_c = sum_ij alpha_ij relu(g_ij),
     alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab g_ij^3).
 
-    ``eps`` is added to the denominator (pytorch-grad-cam uses 1e-6); the default 0 follows the authors'
+    ``alpha_eps`` is added to the denominator (pytorch-grad-cam uses 1e-6); the default 0 follows the authors'
     code, which only guards zero denominators. With small gradients (g^2 near 1e-6, common at the last
     layer) the two differ noticeably.
     """
 
     name = "gradcam++"
 
-    def __init__(self, *args, eps: float = 0.0, **kwargs):
+    def __init__(self, *args, alpha_eps: float = ALPHA_EPS.default, **kwargs):
         super().__init__(*args, **kwargs)
-        self.eps = eps
+        self.alpha_eps = ALPHA_EPS.validate(alpha_eps)
 
     def channel_weights(self, activations, grads):
         grads2 = grads.pow(2)
-        denominator = 2 * grads2 + activations.sum(dim=(2, 3), keepdim=True) * grads2 * grads + self.eps
+        denominator = 2 * grads2 + activations.sum(dim=(2, 3), keepdim=True) * grads2 * grads + self.alpha_eps
         denominator = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
         alpha = torch.where(grads != 0, grads2 / denominator, torch.zeros_like(grads))
         return (alpha * grads.clamp(min=0)).sum(dim=(2, 3))
 
 
 class XGradCAM(WeightedCAM):
-    """XGrad-CAM (Fu et al. 2020): w_c = sum_ij g_ij A_ij / (sum_ij A_ij + eps)."""
+    """XGrad-CAM (Fu et al. 2020): w_c = sum_ij g_ij A_ij / (sum_ij A_ij + eps), eps: ``activation_sum_eps``."""
 
     name = "xgradcam"
 
-    def __init__(self, *args, eps: float = 1e-7, **kwargs):
+    def __init__(self, *args, activation_sum_eps: float = ACTIVATION_SUM_EPS.default, **kwargs):
         super().__init__(*args, **kwargs)
-        self.eps = eps
+        self.activation_sum_eps = ACTIVATION_SUM_EPS.validate(activation_sum_eps)
 
     def channel_weights(self, activations, grads):
-        return (grads * activations).sum(dim=(2, 3)) / (activations.sum(dim=(2, 3)) + self.eps)
+        return (grads * activations).sum(dim=(2, 3)) / (activations.sum(dim=(2, 3)) + self.activation_sum_eps)
 
 
 class WGradCAM(WeightedCAM):

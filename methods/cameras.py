@@ -13,17 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, resolve_targets
+from methods.base import Explainer, Explanation
 from methods.errors import MethodError
-from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import Option, flag, positive_ints
+from methods.hooks import LayerCapture, Post
+from methods.options import Option, boolean_from_text, flag, positive_ints
 from methods.targets import target_gradients
 from models.spec import ModelSpec
 
 DEFAULT_RESOLUTIONS = tuple(range(224, 1000, 100))  # 224, 324, ..., 924: the official default
 RESOLUTIONS = Option("resolutions", "--resolutions", DEFAULT_RESOLUTIONS, positive_ints, "input sides fused",
                      type=int, nargs="+", shown="224 324 ... 924")
-CAMERAS_OPTIONS = (RESOLUTIONS,)
+NATIVE_FIRST = Option("native_first", "--native-first", True, flag,
+                      "the first pass on x unresized, as the official code (true, false)",
+                      parse=boolean_from_text, shown="true")
+CAMERAS_OPTIONS = (RESOLUTIONS, NATIVE_FIRST)
 
 
 class CAMERAS(Explainer):
@@ -57,11 +60,11 @@ class CAMERAS(Explainer):
     fusion_elements = 1 << 24
 
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None, *,
-                 resolutions: Iterable[int] = RESOLUTIONS.default, native_first: bool = True):
+                 resolutions: Iterable[int] = RESOLUTIONS.default, native_first: bool = NATIVE_FIRST.default):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
         self.resolutions = RESOLUTIONS.validate(resolutions)
-        self.native_first = flag("native_first", native_first)
+        self.native_first = NATIVE_FIRST.validate(native_first)
 
     @staticmethod
     def pass_size(height: int, width: int, resolution: int) -> tuple[int, int]:
@@ -77,30 +80,35 @@ class CAMERAS(Explainer):
             sizes[0] = (height, width)
         return sizes
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        return self.fused(x, targets, filter_by_agreement=False)
+
+    def explain_prediction(self, x: torch.Tensor, logits: torch.Tensor) -> Explanation:
+        """No target given: only the resolutions whose top-1 class agrees with x's prediction are fused."""
+        return self.fused(x, logits.argmax(dim=1), filter_by_agreement=True)
+
+    def fused(self, x: torch.Tensor, targets: torch.Tensor, filter_by_agreement: bool) -> Explanation:
+        """The map M for (B,) ``targets``, each resolution weighted by its top-1 agreeing with ``targets``
+        when ``filter_by_agreement`` (the official code's rule without given targets), else all equally."""
         batch, _, height, width = x.shape
         sizes = self.pass_sizes(height, width)
-        filter_by_agreement = targets is None
         activations, gradients, agree = [], [], []
-        with restored_state(self.model):
-            logits_x = None
-            if sizes[0] != (height, width):               # no pass runs on x itself: its logits first
-                with torch.no_grad():
-                    logits_x = self.model(x)
-                targets = resolve_targets(targets, logits_x)
-            with torch.enable_grad(), LayerCapture(self.layer, self.activation_post) as capture:
-                for size in tqdm(sizes, desc="cameras resolutions", leave=False, disable=None):
-                    inputs = x if size == (height, width) else F.interpolate(
-                        x, size=size, mode="bicubic", align_corners=False)
-                    logits = capture.forward(self.model, inputs)
-                    if logits_x is None:                    # the first pass is x itself
-                        logits_x = logits.detach()
-                        targets = resolve_targets(targets, logits_x)
-                    (grads,) = target_gradients(logits, targets, capture.activation)
-                    self.check_gradients(grads, self.layer)  # the first pass only (see Explainer.check_gradients)
-                    activations.append(capture.activation.detach())
-                    gradients.append(grads)
-                    agree.append(logits.detach().argmax(dim=1) == targets)
+        logits_x = None
+        if sizes[0] != (height, width):               # no pass runs on x itself: its logits first
+            with torch.no_grad():
+                logits_x = self.model(x)
+        with torch.enable_grad(), LayerCapture(self.layer, self.activation_post) as capture:
+            for size in tqdm(sizes, desc="cameras resolutions", leave=False, disable=None):
+                inputs = x if size == (height, width) else F.interpolate(
+                    x, size=size, mode="bicubic", align_corners=False)
+                logits = capture.forward(self.model, inputs)
+                if logits_x is None:                    # the first pass is x itself
+                    logits_x = logits.detach()
+                (grads,) = target_gradients(logits, targets, capture.activation)
+                self.check_gradients(grads, self.layer)  # the first pass only (see Explainer.check_gradients)
+                activations.append(capture.activation.detach())
+                gradients.append(grads)
+                agree.append(logits.detach().argmax(dim=1) == targets)
         if filter_by_agreement:
             weights = torch.stack(agree).to(x.dtype)                       # (R, B)
             none = weights.sum(dim=0) == 0

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Explainer, Explanation, Targets, as_targets, resolve_targets
-from methods.hooks import LayerCapture, restored_state
-from methods.options import choice
+from methods.base import Explainer, Explanation, Targets, check_batch
+from methods.hooks import LayerCapture
+from methods.options import Option, boolean_from_text, choice, flag, positive_real
 from methods.targets import target_gradients, target_scores
 from models.spec import ModelSpec
 
@@ -143,19 +143,18 @@ class InputGradient(Explainer):
     # pixel gradients in bfloat16 are mostly rounding noise (measured on CPU: correlation 0.83 with float32)
     mixed_precision = False
 
-    def input_gradients(self, x: torch.Tensor, targets: torch.Tensor | None):
+    def input_gradients(self, x: torch.Tensor, targets: torch.Tensor):
         """The (modified) gradient of the target logits w.r.t. ``x``, (B, 3, H, W), and the logits."""
-        with restored_state(self.model), torch.enable_grad(), self._rules():
+        with torch.enable_grad(), self._rules():
             x = x.detach().requires_grad_(True)
             logits = self.model(x)
-            targets = resolve_targets(targets, logits)
             (grads,) = target_gradients(logits, targets, x)
         return grads, logits.detach()
 
     def _rules(self):
         return nullcontext() if self.rule is None else modified_relus(self.model, self.rule)
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         grads, logits = self.input_gradients(x, targets)
         return Explanation(grads.abs().amax(dim=1, keepdim=True), logits)
 
@@ -236,10 +235,21 @@ class FullGradTerms(NamedTuple):
     logit: torch.Tensor
 
 
+POSTPROCESS_EPS = Option("postprocess_eps", "--postprocess-eps", 1e-6, positive_real,
+                         "stabiliser of FullGrad's per-term min-max, (t - min) / (max + eps)", type=float)
+ALIGN_CORNERS = Option("align_corners", "--bias-align-corners", True, flag,
+                       "FullGrad's bilinear upsampling of the bias maps with align_corners (true, false)",
+                       parse=boolean_from_text, shown="true")
+CLIP_BIASES = Option("clip_biases", "--clip-biases", True, flag,
+                     "FullGrad also counts the implicit biases of ReLU6 / Hardtanh (true, false)",
+                     parse=boolean_from_text, shown="true")
+FULLGRAD_OPTIONS = (POSTPROCESS_EPS, ALIGN_CORNERS, CLIP_BIASES)
+
+
 class FullGrad(Explainer):
     """FullGrad saliency (Srinivas & Fleuret 2019), after the authors' ``saliency/fullgrad.py``.
 
-    eps: the authors' post-processing constant (1e-6). align_corners: their bilinear upsampling of the
+    postprocess_eps: the authors' post-processing constant eps (1e-6). align_corners: their bilinear upsampling of the
     bias maps uses ``align_corners=True``. clip_biases: also count the implicit biases of ``nn.Hardtanh``
     modules (``nn.ReLU6``: the constant 6 where it saturates) as bias terms, in the decomposition and, for
     spatial outputs, in the map. The authors' code has no such terms (its completeness check fails on
@@ -255,10 +265,12 @@ class FullGrad(Explainer):
     name = "fullgrad"
     mixed_precision = False  # its input-gradient term is pixel-level, as InputGradient's
 
-    def __init__(self, model: nn.Module, eps: float = 1e-6, align_corners: bool = True,
-                 clip_biases: bool = True):
+    def __init__(self, model: nn.Module, postprocess_eps: float = POSTPROCESS_EPS.default,
+                 align_corners: bool = ALIGN_CORNERS.default, clip_biases: bool = CLIP_BIASES.default):
         super().__init__(model)
-        self.eps, self.align_corners, self.clip_biases = eps, align_corners, clip_biases
+        self.postprocess_eps = POSTPROCESS_EPS.validate(postprocess_eps)
+        self.align_corners = ALIGN_CORNERS.validate(align_corners)
+        self.clip_biases = CLIP_BIASES.validate(clip_biases)
 
     def bias_layers(self) -> dict[str, nn.Module]:
         """Modules (by name) whose outputs carry a bias term: Conv2d / Linear with a bias, BatchNorm2d with
@@ -267,19 +279,18 @@ class FullGrad(Explainer):
                 if (isinstance(m, BIAS_LAYERS) and effective_bias(m) is not None)
                 or (self.clip_biases and isinstance(m, nn.Hardtanh))}
 
-    def decompose(self, x: torch.Tensor, targets: torch.Tensor | None):
+    def decompose(self, x: torch.Tensor, targets: torch.Tensor):
         """One forward and one backward pass: grad_x * x (B, 3, H, W), the list of (layer, grad_b * b)
-        terms (shaped like each layer's output), the logits and the targets."""
+        terms (shaped like each layer's output) and the logits. Inside :meth:`computing` (eval mode: the
+        effective biases are read there)."""
         layers = self.bias_layers()
         # every call of every bias layer recorded (a module run twice gives two terms), the graph kept to x
-        with restored_state(self.model), torch.enable_grad(), \
-                LayerCapture(layers, cut_graph=False, each_call=True) as capture:
+        with torch.enable_grad(), LayerCapture(layers, cut_graph=False, each_call=True) as capture:
             x = x.detach().requires_grad_(True)
             logits = capture.forward(self.model, x)
-            targets = resolve_targets(targets, logits)
             outputs = [output for _, output in capture.records]
             grads = target_gradients(logits, targets, [x] + outputs, allow_unused=True)
-            # effective biases are read in eval mode, inside restored_state
+            # effective biases are read in eval mode, inside computing()
             terms = []
             for (name, output), grad in zip(capture.records, grads[1:], strict=True):
                 module = layers[name]
@@ -289,31 +300,36 @@ class FullGrad(Explainer):
                     terms.append((module, _clip_bias_times_gradient(module, output, grad)))
                 else:
                     terms.append((module, _bias_times_gradient(module, effective_bias(module), grad)))
-        return grads[0] * x.detach(), terms, logits.detach(), targets
+        return grads[0] * x.detach(), terms, logits.detach()
 
     def completeness_terms(self, x: torch.Tensor, targets: Targets = None) -> FullGradTerms:
-        """Per-image raw sums of the decomposition; ``input_term + bias_term`` should equal ``logit``."""
-        input_term, terms, logits, targets = self.decompose(x, as_targets(targets, x.shape[0], x.device))
+        """Per-image raw sums of the decomposition; ``input_term + bias_term`` should equal ``logit``
+        (targets as :meth:`__call__` takes them)."""
+        check_batch(x, self.model)
+        with self.computing(x):
+            targets = self.resolve(x, targets)
+            input_term, terms, logits = self.decompose(x, targets)
         bias_term = torch.zeros(x.shape[0], dtype=input_term.dtype, device=x.device)
         for _, term in terms:
             bias_term = bias_term + term.flatten(1).sum(dim=1)
         return FullGradTerms(input_term.flatten(1).sum(dim=1), bias_term, target_scores(logits, targets))
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        input_term, terms, logits, _ = self.decompose(x, targets)
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        input_term, terms, logits = self.decompose(x, targets)
         size = tuple(x.shape[-2:])
-        saliency = authors_postprocess(input_term, self.eps).sum(dim=1, keepdim=True)
+        saliency = authors_postprocess(input_term, self.postprocess_eps).sum(dim=1, keepdim=True)
         for module, term in terms:
             if isinstance(module, nn.Linear) or term.dim() != 4:
                 continue  # fully connected terms: in the decomposition, not in the map (as the authors)
             # summing channels before the (linear, per-channel) upsampling saves memory; same result
-            channels = authors_postprocess(term, self.eps).sum(dim=1, keepdim=True)
+            channels = authors_postprocess(term, self.postprocess_eps).sum(dim=1, keepdim=True)
             saliency = saliency + F.interpolate(channels, size=size, mode="bilinear",
                                                 align_corners=self.align_corners)
         return Explanation(saliency, logits)
 
     def __repr__(self) -> str:
-        return f"FullGrad(eps={self.eps}, align_corners={self.align_corners}, clip_biases={self.clip_biases})"
+        return (f"FullGrad(postprocess_eps={self.postprocess_eps}, align_corners={self.align_corners}, "
+                f"clip_biases={self.clip_biases})")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -321,7 +337,7 @@ class FullGrad(Explainer):
 
 
 def build_fullgrad(spec: ModelSpec, **options) -> FullGrad:
-    """FullGrad for ``spec.model``; options: eps (1e-6), align_corners (True), clip_biases (True)."""
+    """FullGrad for ``spec.model``; options: :data:`FULLGRAD_OPTIONS`."""
     return FullGrad(spec.model, **options)
 
 

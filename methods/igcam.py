@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, resolve_targets
+from methods.base import Explainer, Explanation
 from methods.errors import MethodError
-from methods.hooks import LayerCapture, Post, restored_state
+from methods.hooks import LayerCapture, Post
 from methods.options import Option, choice, in_interval, positive_int
 from methods.targets import target_gradients
 from models.spec import ModelSpec
@@ -47,7 +47,10 @@ BASELINE = Option("baseline", "--baseline", "black", check_baseline,
 # an image's 50 points stay in one batch; UCAG's 64 crops x 50 points would not fit at once
 PATH_BATCH = Option("path_batch", "--path-batch", 256, partial(positive_int, optional=True),
                     "path points per forward/backward, over all images", type=int)
-IGCAM_OPTIONS = (STEPS, BASELINE, PATH_BATCH)
+FORMULA = Option("formula", "--igcam-formula", "integrated", partial(choice, choices=IGCAM_FORMULAS),
+                 "the path sum M: integrated (Riemann sum of baseline-relative Grad-CAM terms, k = 1..m) or "
+                 "notebook (the authors' notebook: mean of relu(Grad-CAM) at k = 0..m-1)")
+IGCAM_OPTIONS = (STEPS, BASELINE, PATH_BATCH, FORMULA)
 
 
 class IntegratedGradCAM(Explainer):
@@ -96,12 +99,12 @@ class IntegratedGradCAM(Explainer):
     def __init__(self, model: nn.Module, layer: nn.Module, activation_post: Post | None = None, *,
                  mean: Sequence[float], std: Sequence[float], steps: int = STEPS.default,
                  baseline: Baseline = BASELINE.default, path_batch: int | None = PATH_BATCH.default,
-                 formula: str = "integrated"):
+                 formula: str = FORMULA.default):
         super().__init__(model)
         self.layer, self.activation_post = layer, activation_post
         self.steps = STEPS.validate(steps)
         self.path_batch = PATH_BATCH.validate(path_batch)
-        self.formula = choice("formula", formula, IGCAM_FORMULAS)
+        self.formula = FORMULA.validate(formula)
         if len(mean) != 3 or len(std) != 3 or any(float(s) == 0 for s in std):
             raise MethodError(f"mean and std must be 3 values each (std non-zero), got {mean!r}, {std!r}")
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -132,44 +135,49 @@ class IntegratedGradCAM(Explainer):
             self._path_cache[key] = self.baseline_image(x), self.path_alphas(x)
         return self._path_cache[key]
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        return self.integrate(x, targets, None)
+
+    def explain_prediction(self, x: torch.Tensor, logits: torch.Tensor) -> Explanation:
+        """No target given: x's predicted classes, and ``logits`` (x's, no graph) returned as they are."""
+        return self.integrate(x, logits.argmax(dim=1), logits)
+
+    def integrate(self, x: torch.Tensor, targets: torch.Tensor, logits_x: torch.Tensor | None) -> Explanation:
+        """The map M for (B,) ``targets``; ``logits_x``: x's logits when known (else from the path rows at x,
+        or from a no-grad forward of x for the notebook formula, whose path does not reach x)."""
         batch, size = x.shape[0], x.shape[-2:]
         integrated = self.formula == "integrated"
         base, alphas = self.path_constants(x)
         rows = batch * self.steps                  # row r: step r // B (alpha = alphas[r // B]), image r % B
         chunk = rows if self.path_batch is None else self.path_batch
-        logits_x, x_logits, map_sum, base_act = None, [], None, None
-        with restored_state(self.model):
-            if targets is None or not integrated:  # targets before the first backward / x is off the path
-                with torch.no_grad():
-                    logits_x = self.model(x)
-                targets = resolve_targets(targets, logits_x)
-            with torch.enable_grad(), LayerCapture(self.layer, self.activation_post) as capture:
+        x_logits, map_sum, base_act = [], None, None
+        if logits_x is None and not integrated:  # x is off the notebook's path
+            with torch.no_grad():
+                logits_x = self.model(x)
+        with torch.enable_grad(), LayerCapture(self.layer, self.activation_post) as capture:
+            if integrated:
+                capture.forward(self.model, base.expand(1, -1, *size))
+                base_act = capture.activation.detach()
+            for start in tqdm(range(0, rows, chunk), desc="igcam path", leave=False, disable=None):
+                index = torch.arange(start, min(start + chunk, rows), device=x.device)
+                image, step = index % batch, index // batch
+                points = torch.lerp(base.expand(len(index), -1, *size), x[image],
+                                    alphas[step].view(-1, 1, 1, 1))  # weight 1 gives x exactly
+                logits = capture.forward(self.model, points)
+                (grads,) = target_gradients(logits, targets[image], capture.activation)
+                if integrated and start == 0:  # rows 0..B-1: x itself
+                    self.check_gradients(grads[:batch], self.layer)
+                activation = capture.activation.detach()
                 if integrated:
-                    capture.forward(self.model, base.expand(1, -1, *size))
-                    base_act = capture.activation.detach()
-                for start in tqdm(range(0, rows, chunk), desc="igcam path", leave=False, disable=None):
-                    index = torch.arange(start, min(start + chunk, rows), device=x.device)
-                    image, step = index % batch, index // batch
-                    points = torch.lerp(base.expand(len(index), -1, *size), x[image],
-                                        alphas[step].view(-1, 1, 1, 1))  # weight 1 gives x exactly
-                    logits = capture.forward(self.model, points)
-                    if start == 0:
-                        targets = resolve_targets(targets, logits)  # range check of given targets
-                    (grads,) = target_gradients(logits, targets[image], capture.activation)
-                    if integrated and start == 0:  # rows 0..B-1: x itself
-                        self.check_gradients(grads[:batch], self.layer)
-                    activation = capture.activation.detach()
-                    if integrated:
-                        activation = activation - base_act
-                    cams = (grads.mean(dim=(2, 3))[:, :, None, None] * activation).sum(dim=1, keepdim=True)
-                    if not integrated:
-                        cams = cams.clamp(min=0)
-                    if map_sum is None:
-                        map_sum = cams.new_zeros(batch, *cams.shape[1:])
-                    map_sum.index_add_(0, image, cams)
-                    if integrated and start < batch:  # rows 0..B-1 are x itself (k = m)
-                        x_logits.append(logits[:batch - start].detach())
+                    activation = activation - base_act
+                cams = (grads.mean(dim=(2, 3))[:, :, None, None] * activation).sum(dim=1, keepdim=True)
+                if not integrated:
+                    cams = cams.clamp(min=0)
+                if map_sum is None:
+                    map_sum = cams.new_zeros(batch, *cams.shape[1:])
+                map_sum.index_add_(0, image, cams)
+                if integrated and start < batch:  # rows 0..B-1 are x itself (k = m)
+                    x_logits.append(logits[:batch - start].detach())
         if logits_x is None:
             logits_x = torch.cat(x_logits)
         return Explanation(map_sum / self.steps, logits_x)

@@ -55,6 +55,13 @@ def positive_real(name: str, value) -> float:
     return float(value)
 
 
+def non_negative_real(name: str, value) -> float:
+    """A finite real number >= 0 (a stabiliser that may be switched off)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        _refuse(name, "a non-negative number", value)
+    return float(value)
+
+
 def in_interval(name: str, value, low: float = 0.0, high: float = 1.0, *, open_low: bool = False,
                 open_high: bool = False) -> float:
     """A real number in the interval from ``low`` to ``high``, each end open or closed (a probability:
@@ -71,6 +78,13 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         _refuse(name, "True or False", value)
     return value
+
+
+def boolean_from_text(text: str) -> bool | str:
+    """A true/false flag's text (``--clip-biases false``): true, false, yes, no, on, off, 1 or 0 as a bool;
+    any other text is returned as it is, for the option's :func:`flag` check to refuse with its name."""
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    return words.get(str(text).strip().lower(), text)
 
 
 def choice(name: str, value, choices: Sequence[str], optional: bool = False) -> str | None:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, resolve_targets
+from methods.base import Explainer, Explanation
 from methods.batching import MASK_BATCH, batch_for_memory, run_chunks
-from methods.hooks import LayerCapture, Post, restored_state
+from methods.hooks import LayerCapture, Post
 from methods.options import Option, in_interval, integer, positive_int
 from methods.targets import target_probabilities
 from models.spec import ModelSpec
@@ -45,34 +45,32 @@ class ScoreCAM(Explainer):
         self.multilabel = multilabel
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         batch, _, height, width = x.shape
-        with restored_state(self.model):
-            # no graph (no gradients here); the capture keeps A intact past in-place ops
-            with LayerCapture(self.layer, self.activation_post, cut_graph=False) as capture:
-                logits = capture.forward(self.model, x)
-            activations = capture.activation.detach()             # (B, C, h, w)
-            targets = resolve_targets(targets, logits)
-            channels = activations.shape[1]
-            flat = activations.flatten(0, 1)[:, None]              # (B*C, 1, h, w)
-            varying = flat.amax(dim=(1, 2, 3)) > flat.amin(dim=(1, 2, 3))
-            pairs = varying.nonzero().squeeze(1)                   # (image, channel) pairs to score
-            scores = torch.zeros(batch * channels, device=x.device)
-            mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
+        # no graph (no gradients here); the capture keeps A intact past in-place ops
+        with LayerCapture(self.layer, self.activation_post, cut_graph=False) as capture:
+            logits = capture.forward(self.model, x)
+        activations = capture.activation.detach()             # (B, C, h, w)
+        channels = activations.shape[1]
+        flat = activations.flatten(0, 1)[:, None]              # (B*C, 1, h, w)
+        varying = flat.amax(dim=(1, 2, 3)) > flat.amin(dim=(1, 2, 3))
+        pairs = varying.nonzero().squeeze(1)                   # (image, channel) pairs to score
+        scores = torch.zeros(batch * channels, device=x.device)
+        mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
 
-            def score(start: int, stop: int) -> None:
-                index = pairs[start:stop]
-                image = torch.div(index, channels, rounding_mode="floor")
-                masks = F.interpolate(flat[index], size=(height, width), mode="bilinear", align_corners=False)
-                low = masks.amin(dim=(2, 3), keepdim=True)
-                span = masks.amax(dim=(2, 3), keepdim=True) - low
-                masks = torch.where(span > 0, (masks - low) / span.clamp(min=torch.finfo(span.dtype).tiny), 0)
-                scores[index] = target_probabilities(self.model(x[image] * masks.to(x.dtype)), targets[image],
-                                                   self.multilabel)
+        def score(start: int, stop: int) -> None:
+            index = pairs[start:stop]
+            image = torch.div(index, channels, rounding_mode="floor")
+            masks = F.interpolate(flat[index], size=(height, width), mode="bilinear", align_corners=False)
+            low = masks.amin(dim=(2, 3), keepdim=True)
+            span = masks.amax(dim=(2, 3), keepdim=True) - low
+            masks = torch.where(span > 0, (masks - low) / span.clamp(min=torch.finfo(span.dtype).tiny), 0)
+            scores[index] = target_probabilities(self.model(x[image] * masks.to(x.dtype)), targets[image],
+                                               self.multilabel)
 
-            with _bar(len(pairs), "Score-CAM masks") as bar:
-                run_chunks(len(pairs), mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
-                           "Score-CAM masked images", bar.update)
+        with _bar(len(pairs), "Score-CAM masks") as bar:
+            run_chunks(len(pairs), mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
+                       "Score-CAM masked images", bar.update)
         weights = scores.view(batch, channels, 1, 1)
         return Explanation((weights * activations.float()).sum(dim=1, keepdim=True), logits.detach())
 
@@ -163,29 +161,27 @@ class RISE(Explainer):
         return rows[row_idx] @ grids[index] @ cols[col_idx].transpose(1, 2)
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         batch, _, height, width = x.shape
         n = self.n_masks
         saliency = torch.zeros(batch, height * width, device=x.device)
-        with restored_state(self.model):
-            logits = self.model(x)
-            targets = resolve_targets(targets, logits)
-            pairs = torch.arange(batch * n, device=x.device)      # image-major (image, mask) pairs
-            mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
+        logits = self.model(x)
+        pairs = torch.arange(batch * n, device=x.device)      # image-major (image, mask) pairs
+        mask_batch = self.mask_batch or batch_for_memory(self.model, (height, width), x.device, gradients=False)
 
-            def score(start: int, stop: int) -> None:  # the sum is added only once a chunk's forward is done
-                index = pairs[start:stop]
-                image = torch.div(index, n, rounding_mode="floor")
-                masks = self.masks(height, width, x.device, index - image * n)
-                probs = target_probabilities(self.model(x[image] * masks[:, None].to(x.dtype)), targets[image],
-                                           self.multilabel)
-                weights = torch.zeros(batch, len(index), device=x.device)
-                weights[image, torch.arange(len(index), device=x.device)] = probs
-                saliency.add_(weights @ masks.flatten(1))
+        def score(start: int, stop: int) -> None:  # the sum is added only once a chunk's forward is done
+            index = pairs[start:stop]
+            image = torch.div(index, n, rounding_mode="floor")
+            masks = self.masks(height, width, x.device, index - image * n)
+            probs = target_probabilities(self.model(x[image] * masks[:, None].to(x.dtype)), targets[image],
+                                       self.multilabel)
+            weights = torch.zeros(batch, len(index), device=x.device)
+            weights[image, torch.arange(len(index), device=x.device)] = probs
+            saliency.add_(weights @ masks.flatten(1))
 
-            with _bar(batch * n, "RISE masks") as bar:
-                run_chunks(batch * n, mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
-                           "RISE masked images", bar.update)
+        with _bar(batch * n, "RISE masks") as bar:
+            run_chunks(batch * n, mask_batch, score, self.model, ("forward", (height, width), str(x.device)),
+                       "RISE masked images", bar.update)
         maps = (saliency / (n * self.p)).view(batch, 1, height, width)
         return Explanation(maps, logits.detach())
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from methods import cameras, gradients, igcam, perturbation, sise
+from methods import cam, cameras, gradients, igcam, perturbation, sise
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -86,8 +86,9 @@ def _cam_builder(cls):
 
 
 register("gradcam", "grad-cam")(_cam_builder(GradCAM))
-register("gradcam++", "gradcampp", "gradcamplusplus", "grad-cam++")(_cam_builder(GradCAMPlusPlus))
-register("xgradcam", "xgrad-cam", "axiom")(_cam_builder(XGradCAM))
+register("gradcam++", "gradcampp", "gradcamplusplus", "grad-cam++", options=(cam.ALPHA_EPS,))(
+    _cam_builder(GradCAMPlusPlus))
+register("xgradcam", "xgrad-cam", "axiom", options=(cam.ACTIVATION_SUM_EPS,))(_cam_builder(XGradCAM))
 register("wgradcam", "wgrad-cam", "weighted-gradcam")(_cam_builder(WGradCAM))
 register("layercam", "layer-cam")(_cam_builder(LayerCAM))
 register("center")(lambda spec, **options: Center(spec.model))
@@ -117,8 +118,8 @@ def _seeded_builder(cls):
 
 
 register("lrp", options=LRP_OPTIONS)(_relevance_builder(LRP))
-register("clrp", "c-lrp")(_relevance_builder(CLRP))
-register("sglrp", "sg-lrp")(_relevance_builder(SGLRP))
+register("clrp", "c-lrp", options=LRP_OPTIONS)(_relevance_builder(CLRP))
+register("sglrp", "sg-lrp", options=LRP_OPTIONS)(_relevance_builder(SGLRP))
 register("rap")(_seeded_builder(RAP))
 register("rsp")(_seeded_builder(RSP))
 register("agf")(_seeded_builder(AGF))
@@ -126,7 +127,7 @@ register("agf")(_seeded_builder(AGF))
 
 register("scorecam", "score-cam", options=perturbation.SCORECAM_OPTIONS)(perturbation.build_scorecam)
 register("rise", options=perturbation.RISE_OPTIONS)(perturbation.build_rise)
-register("fullgrad", "full-grad")(gradients.build_fullgrad)
+register("fullgrad", "full-grad", options=gradients.FULLGRAD_OPTIONS)(gradients.build_fullgrad)
 register("gradient", "saliency", "vanilla")(gradients.build_gradient)
 register("guided", "guided-backprop", "guidedbackprop")(gradients.build_guided)
 register("deconv", "deconvnet")(gradients.build_deconv)

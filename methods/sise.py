@@ -53,11 +53,11 @@ from torch import nn
 from torchvision.models import VGG, DenseNet, ResNet
 from tqdm.auto import tqdm
 
-from methods.base import Explainer, Explanation, resolve_targets
+from methods.base import Explainer, Explanation
 from methods.batching import MASK_BATCH, batch_for_memory, run_chunks
 from methods.errors import MethodError
 from methods.hooks import LayerCapture, Post, restored_state
-from methods.options import choice
+from methods.options import Option, choice
 from methods.targets import target_log_probabilities, target_probabilities
 from models.efficientnet_lite import EfficientNetLite0
 from models.errors import ModelError
@@ -66,6 +66,16 @@ from models.target_layer import find_target_layer
 from models.tokens import TokenLayout
 
 FUSIONS = ("soft", "hard")
+
+
+def check_fusion(name: str, value) -> str | None:
+    """One of :data:`FUSIONS`, or None for the method's own (SISE: soft, Ada-SISE: hard)."""
+    return None if value is None else choice(name, value, FUSIONS)
+
+
+FUSION = Option("fusion", "--fusion", None, check_fusion,
+                "block fusion gate G: soft (Otsu sigmoid) or hard (Otsu threshold)",
+                shown="soft for sise, hard for adasise")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,12 +275,13 @@ class SISE(Explainer):
     progress_desc = "SISE masks"
 
     def __init__(self, model: nn.Module, layers: Sequence[str], posts: dict[str, Post] | None = None,
-                 mask_batch: int | None = MASK_BATCH.default, fusion: str | None = None, multilabel: bool = False):
+                 mask_batch: int | None = MASK_BATCH.default, fusion: str | None = FUSION.default,
+                 multilabel: bool = False):
         super().__init__(model)
         self.layers = _layer_names(model, layers)
         self.posts = dict(posts or {})
         self.mask_batch = MASK_BATCH.validate(mask_batch)  # None: from free memory
-        self.fusion = choice("fusion", self.default_fusion if fusion is None else str(fusion).lower(), FUSIONS)
+        self.fusion = FUSION.validate(self.default_fusion if fusion is None else str(fusion).lower())
         self.multilabel = multilabel
         self.last_selection: dict[str, torch.Tensor] = {}
 
@@ -286,12 +297,11 @@ class SISE(Explainer):
 
     # --- the pipeline -------------------------------------------------------------------------------
     def _activations_and_significance(self, x, targets):
-        for param in self.model.parameters():  # restored_state restores the flags
-            param.requires_grad_(False)       # only the block-end activations need gradients
+        for param in self.model.parameters():  # the template's restored_state restores the flags
+            param.requires_grad_(False)       # only the block-end activations need gradients (see computing())
         layers = {name: self.model.get_submodule(name) for name in self.layers}
         with torch.enable_grad(), LayerCapture(layers, self.posts) as capture:
             logits = capture.forward(self.model, x)
-            targets = resolve_targets(targets, logits)
             order = [name for name, _ in capture.records]
             acts = [act for _, act in capture.records]
             for name, act in capture.records:
@@ -302,25 +312,24 @@ class SISE(Explainer):
             grads = torch.autograd.grad(log_probs.sum(), acts, allow_unused=True)
         significance = [torch.zeros(a.shape[:2], device=a.device) if g is None else g.float().mean(dim=(2, 3))
                         for a, g in zip(acts, grads, strict=True)]
-        return order, [a.detach() for a in acts], significance, logits.detach(), targets
+        return order, [a.detach() for a in acts], significance, logits.detach()
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        with restored_state(self.model):
-            order, acts, significance, logits, targets = self._activations_and_significance(x, targets)
-            selection, pairs = {}, []
-            for name, act, sig in zip(order, acts, significance, strict=True):
-                keep = self.select_channels(sig)
-                selection[name] = keep
-                flat = act.flatten(2)
-                usable = keep & _varies(flat.amin(dim=2), flat.amax(dim=2))  # constant channels: no mask
-                pairs.append(usable.nonzero())                                 # (N, 2) image, channel
-            self.last_selection = selection
-            mask_batch = self.mask_batch or batch_for_memory(self.model, tuple(x.shape[-2:]), x.device,
-                                                             gradients=False)
-            masks = sum(len(p) for p in pairs)
-            with torch.no_grad(), tqdm(total=masks, desc=self.progress_desc, leave=False, disable=None) as bar:
-                layer_maps = [self._layer_map(x, act, index, targets, bar, mask_batch)
-                              for act, index in zip(acts, pairs, strict=True)]
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        order, acts, significance, logits = self._activations_and_significance(x, targets)
+        selection, pairs = {}, []
+        for name, act, sig in zip(order, acts, significance, strict=True):
+            keep = self.select_channels(sig)
+            selection[name] = keep
+            flat = act.flatten(2)
+            usable = keep & _varies(flat.amin(dim=2), flat.amax(dim=2))  # constant channels: no mask
+            pairs.append(usable.nonzero())                                 # (N, 2) image, channel
+        self.last_selection = selection
+        mask_batch = self.mask_batch or batch_for_memory(self.model, tuple(x.shape[-2:]), x.device,
+                                                         gradients=False)
+        masks = sum(len(p) for p in pairs)
+        with torch.no_grad(), tqdm(total=masks, desc=self.progress_desc, leave=False, disable=None) as bar:
+            layer_maps = [self._layer_map(x, act, index, targets, bar, mask_batch)
+                          for act, index in zip(acts, pairs, strict=True)]
         return Explanation(self._fuse(layer_maps)[:, None], logits)
 
     def _layer_map(self, x, act, index, targets, bar, mask_batch: int) -> torch.Tensor:
@@ -449,7 +458,7 @@ def _builder(cls):
     return build
 
 
-SISE_OPTIONS = (MASK_BATCH,)  # SISE and Ada-SISE
+SISE_OPTIONS = (MASK_BATCH, FUSION)  # SISE and Ada-SISE
 build_sise = _builder(SISE)
 build_adasise = _builder(AdaSISE)
 

@@ -62,7 +62,7 @@ def test_cam_maps_equal_pytorch_grad_cam(ours_cls, model_and_input):
 def test_gradcam_plus_plus_equals_pytorch_grad_cam_with_its_eps(model_and_input):
     spec, x = model_and_input
     peer, _, _ = peer_raw_maps(PeerGradCAMPlusPlus, spec.model, spec.layer, x, TARGETS)
-    maps, _ = GradCAMPlusPlus(spec.model, spec.layer, eps=1e-6)(x, TARGETS)
+    maps, _ = GradCAMPlusPlus(spec.model, spec.layer, alpha_eps=1e-6)(x, TARGETS)
     assert_close(maps[:, 0], peer)
 
 
@@ -96,7 +96,7 @@ def test_wgradcam_weights_gradients_by_the_feature_map(model_and_input):
     assert_close(maps[:, 0], (weights[:, :, None, None] * activations).sum(axis=1))
     a, g = torch.from_numpy(activations).double(), torch.from_numpy(grads).double()
     active = a.sum(dim=(2, 3)) > 0                       # XGrad-CAM's weight is 0/0 on dead channels
-    scaled = XGradCAM(spec.model, spec.layer, eps=0.0).channel_weights(a, g) * a.mean(dim=(2, 3))
+    scaled = XGradCAM(spec.model, spec.layer, activation_sum_eps=0.0).channel_weights(a, g) * a.mean(dim=(2, 3))
     ours = WGradCAM(spec.model, spec.layer).channel_weights(a, g)
     assert torch.allclose(ours[active], scaled[active], rtol=1e-10)
     assert (ours[~active] == 0).all()

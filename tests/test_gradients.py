@@ -183,8 +183,8 @@ def test_fullgrad_batch_equals_single_images_and_leaves_model_alone(spec, resnet
 
 
 def test_fullgrad_options():
-    explainer = build_fullgrad(SimpleNamespace(model=small_net()), eps=1e-3, align_corners=False)
-    assert (explainer.eps, explainer.align_corners) == (1e-3, False)
+    explainer = build_fullgrad(SimpleNamespace(model=small_net()), postprocess_eps=1e-3, align_corners=False)
+    assert (explainer.postprocess_eps, explainer.align_corners) == (1e-3, False)
     with pytest.raises(TypeError):
         build_fullgrad(SimpleNamespace(model=small_net()), bogus=1)
 

@@ -113,10 +113,14 @@ GOOD = {"rule": (["epsilon"], "epsilon"), "epsilon": (["0.5"], 0.5), "mask_batch
         "n_masks": (["100"], 100), "cell": (["5"], 5), "p": (["0.3"], 0.3), "seed": (["4"], 4),
         "steps": (["4"], 4), "baseline": (["0.5"], 0.5), "path_batch": (["16"], 16),
         "resolutions": (["224", "324"], [224, 324]), "head_fusion": (["max"], "max"),
-        "discard_ratio": (["0.5"], 0.5)}
+        "discard_ratio": (["0.5"], 0.5), "alpha_eps": (["1e-6"], 1e-6), "activation_sum_eps": (["0"], 0.0),
+        "postprocess_eps": (["1e-3"], 1e-3), "align_corners": (["false"], False), "clip_biases": (["off"], False),
+        "formula": (["notebook"], "notebook"), "native_first": (["false"], False), "fusion": (["hard"], "hard")}
 BAD = {"rule": ["nope"], "epsilon": ["nan"], "mask_batch": ["0"], "n_masks": ["0"], "cell": ["-1"], "p": ["0"],
        "seed": ["1.5"], "steps": ["0"], "baseline": ["7"], "path_batch": ["0"], "resolutions": ["224", "0"],
-       "head_fusion": ["median"], "discard_ratio": ["1"]}
+       "head_fusion": ["median"], "discard_ratio": ["1"], "alpha_eps": ["-1"], "activation_sum_eps": ["inf"],
+       "postprocess_eps": ["0"], "align_corners": ["maybe"], "clip_biases": ["2"], "formula": ["paper"],
+       "native_first": ["yes please"], "fusion": ["mean"]}
 
 
 def declarations():
@@ -195,14 +199,17 @@ def test_the_classes_keyword_defaults_are_the_declared_ones():
     """The Python API's defaults read the declarations: building by name or by class gives the same thing."""
     import inspect
 
+    from methods.cam import GradCAMPlusPlus, XGradCAM
     from methods.cameras import CAMERAS
+    from methods.gradients import FullGrad
     from methods.igcam import IntegratedGradCAM
     from methods.perturbation import RISE, ScoreCAM
-    from methods.relevance import LRP
+    from methods.relevance import CLRP, LRP, SGLRP
     from methods.sise import SISE, AdaSISE
     from methods.transformer import Rollout
     classes = {"lrp": LRP, "scorecam": ScoreCAM, "rise": RISE, "sise": SISE, "adasise": AdaSISE,
-               "igcam": IntegratedGradCAM, "cameras": CAMERAS, "rollout": Rollout}
+               "igcam": IntegratedGradCAM, "cameras": CAMERAS, "rollout": Rollout, "clrp": CLRP, "sglrp": SGLRP,
+               "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "fullgrad": FullGrad}
     seen = set()
     for option, methods in declarations():
         for method in methods:
@@ -213,11 +220,14 @@ def test_the_classes_keyword_defaults_are_the_declared_ones():
 
 
 # today's defaults, written out: the declarations must keep them (every number unchanged)
-TODAYS_DEFAULTS = {"lrp": {"rule": "zplus", "epsilon": 0.25}, "scorecam": {"mask_batch": None},
+TODAYS_DEFAULTS = {"lrp": {"rule": "zplus", "epsilon": 0.25}, "clrp": {"rule": "zplus", "epsilon": 0.25},
+                   "sglrp": {"rule": "zplus", "epsilon": 0.25}, "scorecam": {"mask_batch": None},
                    "rise": {"n_masks": 4000, "cell": 7, "p": 0.5, "seed": 0, "mask_batch": None},
-                   "sise": {"mask_batch": None}, "adasise": {"mask_batch": None},
-                   "igcam": {"steps": 50, "baseline": "black", "path_batch": 256},
-                   "cameras": {"resolutions": (224, 324, 424, 524, 624, 724, 824, 924)},
+                   "sise": {"mask_batch": None, "fusion": None}, "adasise": {"mask_batch": None, "fusion": None},
+                   "igcam": {"steps": 50, "baseline": "black", "path_batch": 256, "formula": "integrated"},
+                   "cameras": {"resolutions": (224, 324, 424, 524, 624, 724, 824, 924), "native_first": True},
+                   "gradcam++": {"alpha_eps": 0.0}, "xgradcam": {"activation_sum_eps": 1e-7},
+                   "fullgrad": {"postprocess_eps": 1e-6, "align_corners": True, "clip_biases": True},
                    "rollout": {"head_fusion": "mean", "discard_ratio": 0.0}}
 
 
@@ -227,7 +237,7 @@ def test_declared_defaults_are_todays():
     assert declared == TODAYS_DEFAULTS
 
 
-@pytest.mark.parametrize("method", ["lrp", "igcam", "rollout"])
+@pytest.mark.parametrize("method", ["lrp", "clrp", "igcam", "rollout", "gradcam++", "xgradcam", "fullgrad"])
 def test_default_options_give_the_maps_of_todays_explicit_defaults(method, resnet18_spec):
     from tests.vit_fixtures import tiny_vit_spec
     spec = tiny_vit_spec() if method == "rollout" else resnet18_spec
@@ -255,3 +265,25 @@ def test_lrp_epsilon_flag_changes_the_map(tmp_path, photos):
         assert stop.value.code == 0
         maps[len(epsilon)] = np.load(next(out.rglob("*_lrp.npy")))
     assert maps[0].shape == maps[2].shape and not np.array_equal(maps[0], maps[2])
+
+
+# the keywords a builder fills from the ModelSpec (the model, its layers, preprocessing, label kind), not options
+FROM_THE_SPEC = {"model", "layer", "activation_post", "multilabel", "mean", "std", "model_name", "bounds", "layers",
+                 "posts"}
+
+
+def test_every_keyword_of_every_registered_method_is_a_declared_option(resnet18_spec):
+    """Every keyword the registered classes take (beyond what the spec gives) is declared for that method, so
+    it has a flag (issue 21: every option reachable from the command line, LRP's epsilon included)."""
+    import inspect
+
+    from methods import available_methods
+    from methods.registry import method_options
+    from methods.transformer import METHODS as TRANSFORMER_METHODS
+    from tests.vit_fixtures import tiny_vit_spec
+    for method in available_methods():
+        spec = tiny_vit_spec() if method in TRANSFORMER_METHODS else resnet18_spec
+        cls = type(build_explainer(method, spec))
+        keywords = {name for name, parameter in inspect.signature(cls).parameters.items()
+                    if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)}
+        assert keywords - FROM_THE_SPEC == set(method_options(method)), method

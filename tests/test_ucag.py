@@ -167,7 +167,7 @@ def test_targets_are_range_checked_once_per_call_not_once_per_chunk(lite, monkey
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        Boom(lite.model).explain_checked(x, torch.tensor([3, 7]))
+        Boom(lite.model).explain_resolved(x, torch.tensor([3, 7]))
     with pytest.raises(ValueError, match="out of range"):  # the trust ends with each internal call
         gradcam(x, [3, 1000])
 

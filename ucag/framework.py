@@ -26,7 +26,7 @@ from methods.base import (
     as_targets,
     check_batch,
     outside_inference,
-    resolve_targets,
+    targets_or_prediction,
     widen_half,
 )
 from methods.batching import batch_for_memory, even_chunks, run_chunks
@@ -70,13 +70,12 @@ class UpscaledInput(Explainer):
     def official_raw(self) -> bool:
         return self.explainer.official_raw
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         height, width = x.shape[-2:]
-        logits = image_logits(self.model, x)  # the contract's logits are x's; targets default to x's prediction
-        targets = resolve_targets(targets, logits)
+        logits = image_logits(self.model, x)  # the contract's logits are x's
         scaled = F.interpolate(x, size=(int(height * self.alpha), int(width * self.alpha)), mode="bicubic",
                                align_corners=False)
-        return Explanation(self.explainer.explain_checked(scaled, targets).maps, logits)
+        return Explanation(self.explainer.explain_resolved(scaled, targets).maps, logits)
 
     def __repr__(self) -> str:
         return f"UpscaledInput({self.explainer!r}, alpha={self.alpha})"
@@ -172,8 +171,13 @@ class UCAG(Explainer):
         ch, cw = grid.crop_size
         return int(ch * self.alpha), int(cw * self.alpha)
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         return self._explain(x, targets, (self.blend,))[self.blend]
+
+    def __call__(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
+        """UCAG's one-blend case of :meth:`explain_blends`, which holds the image's logits anyway: the targets
+        are checked against them (or predicted from them) once, with no extra forward."""
+        return self.explain_blends(x, targets, (self.blend,))[self.blend]
 
     def explain_blends(self, x: torch.Tensor, targets: Targets, blends: Sequence[str],
                        logits: torch.Tensor | None = None) -> dict[str, Explanation]:
@@ -189,15 +193,17 @@ class UCAG(Explainer):
             self.protocol.check_blend(blend)
         if logits is not None and (logits.dim() != 2 or logits.shape[0] != x.shape[0]):
             raise UCAGError(f"logits of shape {tuple(logits.shape)} do not belong to a batch of {x.shape[0]} images")
-        return self._explain(x, as_targets(targets, x.shape[0], x.device), tuple(blends), logits)
+        if logits is None:
+            logits = image_logits(self.model, x)
+        targets = targets_or_prediction(as_targets(targets, x.shape[0], x.device), logits)  # once, not per chunk
+        return self._explain(x, targets, tuple(blends), logits)
 
-    def _explain(self, x: torch.Tensor, targets: torch.Tensor | None, blends: tuple[str, ...],
+    def _explain(self, x: torch.Tensor, targets: torch.Tensor, blends: tuple[str, ...],
                  logits: torch.Tensor | None = None) -> dict[str, Explanation]:
         batch, _, height, width = x.shape
         grid = self.grid(height, width)
         if logits is None:
             logits = image_logits(self.model, x)
-        targets = resolve_targets(targets, logits)               # range-checked once here, not per chunk
         scaled = self.scaled_size(grid)
         crops = UpscaledCrops(x, grid, scaled)                   # B*n*n crops at alpha * (ch, cw), by chunk
         crop_targets = targets.repeat_interleave(grid.num_crops)
@@ -209,7 +215,7 @@ class UCAG(Explainer):
                                                                                   gradients=True))
 
         def explain_chunk(start: int, stop: int) -> None:
-            maps, chunk_logits = self.explainer.explain_checked(crops[start:stop], crop_targets[start:stop])
+            maps, chunk_logits = self.explainer.explain_resolved(crops[start:stop], crop_targets[start:stop])
             maps = maps.float()
             if self.confidence:
                 weights = crop_confidence(chunk_logits, crop_targets[start:stop], self.multilabel)

@@ -152,10 +152,10 @@ def hidden_linear(op: AffineOp, x: torch.Tensor, raw_weight: torch.Tensor, relev
     return delta_shift(c, divide(m, sample_max(m)))
 
 
-def run_streams(net: RelevanceNet, x: torch.Tensor, targets_fn) -> tuple[torch.Tensor, torch.Tensor]:
+def run_streams(net: RelevanceNet, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Forward through the chain with autograd and backpropagate the sharpened target; every step then
     holds the gradient at its output (``output_gradient``) and at its input (``x.grad``, the image's
-    own gradient is never computed). Returns (logits, targets)."""
+    own gradient is never computed), for the (B,) resolved ``targets``. Returns the logits."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logits = net.chain.forward(leaf)
@@ -165,11 +165,10 @@ def run_streams(net: RelevanceNet, x: torch.Tensor, targets_fn) -> tuple[torch.T
                 kept[id(step.x)] = step.x
             if isinstance(step, Residual):
                 kept[id(step.total)] = step.total
-        targets = targets_fn(logits.detach())
         objective = sharpened_target(logits, targets).gather(1, targets[:, None]).sum()
         torch.autograd.backward(objective, inputs=list(kept.values()))
     net.chain.assign_output_gradients(None)
-    return logits.detach(), targets
+    return logits.detach()
 
 
 class ConvRule(Rule):

@@ -12,9 +12,8 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from methods.base import Explainer, Explanation, resolve_targets
+from methods.base import Explainer, Explanation
 from methods.errors import MethodError
-from methods.hooks import restored_state
 from methods.options import Option, positive_real
 from methods.relevance import agf, rap, rsp
 from methods.relevance.network import AvgPool, Composite, Conv, Dropout, Linear, MaxPool, RelevanceNet, ReLU, Residual
@@ -78,12 +77,10 @@ class LRP(Explainer):
     def combine(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return maps[0]
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        with restored_state(self.model):
-            net = RelevanceNet(self.model, self.composite)
-            logits = net.forward(x)
-            targets = resolve_targets(targets, logits)
-            maps = [net.relprop(r).sum(dim=1, keepdim=True) for r in self.initial_relevance(logits, targets)]
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        net = RelevanceNet(self.model, self.composite)
+        logits = net.forward(x)
+        maps = [net.relprop(r).sum(dim=1, keepdim=True) for r in self.initial_relevance(logits, targets)]
         return Explanation(self.combine(maps), logits)
 
 
@@ -142,7 +139,7 @@ class SeededPropagation(Explainer):
 
     @abstractmethod
     def seed(self, net: RelevanceNet, x: torch.Tensor,
-             targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+             targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         """(logits, seed relevance, end): runs the forward and gives the relevance at the output of
         ``net.chain.steps[:end]`` (None: the logits)."""
 
@@ -150,11 +147,10 @@ class SeededPropagation(Explainer):
         """The input relevance (B, 3, H, W) -> the map (B, 1, H, W)."""
         return relevance.sum(dim=1, keepdim=True)
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        with restored_state(self.model):
-            net = RelevanceNet(self.model, self.composite)
-            logits, relevance, end = self.seed(net, x, targets)
-            maps = self.finish(net.relprop(relevance, end))
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        net = RelevanceNet(self.model, self.composite)
+        logits, relevance, end = self.seed(net, x, targets)
+        maps = self.finish(net.relprop(relevance, end))
         return Explanation(maps, logits)
 
 
@@ -167,7 +163,6 @@ class RAP(SeededPropagation):
 
     def seed(self, net, x, targets):
         logits = net.forward(x)
-        targets = resolve_targets(targets, logits)
         return logits, torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0), None
 
 
@@ -180,7 +175,6 @@ class RSP(SeededPropagation):
 
     def seed(self, net, x, targets):
         logits = net.forward(x)
-        targets = resolve_targets(targets, logits)
         terms = rsp.gradcam_terms(net, targets)
         peak = terms.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
         return logits, terms / (peak + 1e-9), net.block_end
@@ -194,7 +188,7 @@ class AGF(SeededPropagation):
     composite = agf.COMPOSITE
 
     def seed(self, net, x, targets):
-        logits, targets = agf.run_streams(net, x, lambda out: resolve_targets(targets, out))
+        logits = agf.run_streams(net, x, targets)
         last = net.chain.steps[-1]
         return logits, last.x.detach() * last.x.grad, len(net.chain.steps) - 1
 

@@ -50,8 +50,7 @@ from collections.abc import Sequence
 
 import torch
 
-from methods.base import Explanation, checked_targets, resolve_targets, widen_half
-from methods.hooks import restored_state
+from methods.base import Explanation, widen_half
 from methods.targets import target_gradients
 from methods.transformer.vit import TransformerExplainer
 
@@ -74,23 +73,22 @@ class GradientWeightedAttention(TransformerExplainer):
     """Maps from R = R + Abar^(b) R (see the module docstring); subclasses give Abar's factors."""
 
     @abstractmethod
-    def terms(self, x: torch.Tensor, targets: torch.Tensor | None
+    def terms(self, x: torch.Tensor, targets: torch.Tensor
               ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """(logits, grad A^(b) per block, the values they weight per block)."""
 
-    def attention_gradients(self, x: torch.Tensor, targets: torch.Tensor | None, relevance_rules: bool = False
-                            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """One forward/backward: (logits, targets, A^(b), dS/dA^(b)), the gradient plain or, with
+    def attention_gradients(self, x: torch.Tensor, targets: torch.Tensor, relevance_rules: bool = False
+                            ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """One forward/backward: (logits, A^(b), dS/dA^(b)), the gradient plain or, with
         ``relevance_rules``, under the CP-LRP backward."""
-        with restored_state(self.model), torch.enable_grad(), self.capture(relevance_rules, True) as mode:
+        with torch.enable_grad(), self.capture(relevance_rules, True) as mode:
             logits = self.model(x)
             self.layout.check_captured(mode.attentions)
-            targets = resolve_targets(targets, logits)
             grads = target_gradients(logits, targets, mode.attentions)
         attentions = [widen_half(a.detach()) for a in mode.attentions]
-        return logits.detach(), targets, attentions, [widen_half(g) for g in grads]
+        return logits.detach(), attentions, [widen_half(g) for g in grads]
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         logits, grads, values = self.terms(x, targets)
         relevance = accumulate([positive_head_mean(g, v) for g, v in zip(grads, values, strict=True)])
         return Explanation(self.layout.patch_map(relevance[:, 0], *x.shape[-2:]), logits)
@@ -103,7 +101,7 @@ class GradRollout(GradientWeightedAttention):
     mixed_precision = True  # as Grad-CAM: one forward/backward, combined in float32
 
     def terms(self, x, targets):
-        logits, _, attentions, grads = self.attention_gradients(x, targets)
+        logits, attentions, grads = self.attention_gradients(x, targets)
         return logits, grads, attentions
 
 
@@ -116,8 +114,7 @@ class TransformerAttribution(GradientWeightedAttention):
     mixed_precision = False  # relevance propagation, in float32 as the LRP family
 
     def terms(self, x, targets):
-        logits, targets, _, grads = self.attention_gradients(x, targets)
-        with checked_targets():  # resolved and range-checked by the first pass
-            _, _, attentions, lrp_grads = self.attention_gradients(x, targets, relevance_rules=True)
+        logits, _, grads = self.attention_gradients(x, targets)
+        _, attentions, lrp_grads = self.attention_gradients(x, targets, relevance_rules=True)
         relevance = [0.5 * a * g for a, g in zip(attentions, lrp_grads, strict=True)]
         return logits, grads, relevance

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import Explanation, resolve_targets
+from methods.base import Explanation
 from methods.hooks import restored_state
 from methods.targets import target_gradients
 from methods.transformer.vit import TransformerExplainer
@@ -40,7 +40,7 @@ class CPLRP(TransformerExplainer):
     mixed_precision = False  # relevance propagation in float32, as the LRP family
     needs_class_token = False  # the relevance reaches the pixels whatever token the head reads
 
-    def relevance(self, x: torch.Tensor, targets: torch.Tensor | None, *constants: torch.Tensor
+    def relevance(self, x: torch.Tensor, targets: torch.Tensor, *constants: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logits, input relevance x * dS/dx (B, 3, H, W), [c * dS/dc for each of ``constants``]): the
         modified-gradient relevance at the input and at leaf tensors of the model such as the position
@@ -51,12 +51,11 @@ class CPLRP(TransformerExplainer):
                 constant.requires_grad_(True)  # a frozen one too; restored_state puts the flags back
             logits = self.model(inputs)
             self.layout.check_captured(mode.attentions)
-            targets = resolve_targets(targets, logits)
             grads = target_gradients(logits, targets, (inputs, *constants), allow_unused=True)
         shares = [c.detach() * g if g is not None else torch.zeros_like(c) for c, g in zip(constants, grads[1:],
                                                                                           strict=True)]
         return logits.detach(), inputs.detach() * grads[0], shares
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         logits, relevance, _ = self.relevance(x, targets)
         return Explanation(relevance.sum(dim=1, keepdim=True), logits)

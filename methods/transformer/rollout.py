@@ -27,7 +27,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from methods.base import Explanation, resolve_targets, widen_half
+from methods.base import Explanation, widen_half
 from methods.hooks import restored_state
 from methods.options import Option, choice, in_interval
 from methods.transformer.vit import TransformerExplainer
@@ -96,16 +96,15 @@ class Rollout(TransformerExplainer):
         super().__init__(model, model_name)
 
     def matrix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rollout Atilde (B, N, N), logits) for ``x``."""
+        """(rollout Atilde (B, N, N), logits) for ``x`` (the model's state restored: also called directly)."""
         with restored_state(self.model), torch.no_grad(), self.capture() as mode:
             logits = self.model(x)
         self.layout.check_captured(mode.attentions)
         attentions = [widen_half(a) for a in mode.attentions]
         return rollout_matrix(attentions, self.head_fusion, self.discard_ratio), logits
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
-        matrix, logits = self.matrix(x)
-        resolve_targets(targets, logits)  # the map is class-agnostic; bad targets are still refused
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
+        matrix, logits = self.matrix(x)  # class-agnostic; bad targets are still refused (by the template)
         return Explanation(self.layout.patch_map(matrix[:, 0], *x.shape[-2:]), logits)
 
     def __repr__(self) -> str:
