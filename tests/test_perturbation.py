@@ -93,10 +93,12 @@ def test_scorecam_equals_one_channel_at_a_time(mask_batch, multilabel, layer):
 def test_scorecam_skips_constant_channels():
     spec = tiny_spec()
     x = torch.randn(1, 3, 32, 32)
+    scorecam = ScoreCAM(spec.model, spec.layer, mask_batch=100)
+    scorecam.num_classes(x)  # the class count K for the range check: one forward, once per explainer
     calls = []
     handle = spec.model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     try:
-        ScoreCAM(spec.model, spec.layer, mask_batch=100)(x, [2])
+        scorecam(x, [2])
     finally:
         handle.remove()
     assert calls == [1, 4]  # the image, then only its 4 non-constant channels

@@ -86,6 +86,7 @@ def test_explain_rows_compute_xs_logits_once_and_give_every_row_the_targets(lite
     x = photo_batch[:2]
     rows = [Row("gradcam", build_explainer("gradcam", lite)),
             Row("gradcam*", UCAG(build_explainer("gradcam", lite), n=2, alpha=1.0), ucag=True)]
+    rows[0].explainer.num_classes(x)  # K for the range check of given targets: one forward, once per explainer
     calls, handle = full_size_forwards(lite.model, x.shape[-1])
     try:
         targets, logits = batch_targets(lite.model, x, None)  # the prediction: one no-grad forward
