@@ -81,11 +81,11 @@ def output_stems(files: Sequence[Path], root: Path, out: Path, method: str) -> d
 
 
 def picture_blend(args, setup: Setup) -> str | None:
-    """The UCAG fold the picture shows: --blend when given, else PICTURE_BLEND (constant under --official,
-    whose fold is the constant one); None without --ucag."""
+    """The UCAG fold the picture shows: --blend when given, else PICTURE_BLEND where the UCAG protocol allows it
+    (the official code's allows its constant fold only); None without --ucag."""
     if setup.ucag is None:
         return None
-    return args.blend or ("constant" if args.official else PICTURE_BLEND)
+    return args.blend or (PICTURE_BLEND if PICTURE_BLEND in setup.ucag.protocol.blends else "constant")
 
 
 def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None, blend: str | None = None):

@@ -78,6 +78,23 @@ FUSION = Option("fusion", "--fusion", None, check_fusion,
                 shown="soft for sise, hard for adasise")
 
 
+def check_layer_list(name: str, value) -> tuple[str, ...] | None:
+    """None (the block ends) or a non-empty sequence of distinct module names (a comma-separated string too);
+    whether each exists in the model is checked when the explainer is built."""
+    if value is None:
+        return None
+    names = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    if (isinstance(names, bytes) or not isinstance(names, Sequence) or not names
+            or not all(isinstance(item, str) and item for item in names) or len(set(names)) != len(names)):
+        raise MethodError(f"{name} must be a non-empty list of distinct module names, got {value!r}")
+    return tuple(names)
+
+
+LAYERS = Option("layers", "--sise-layers", None, check_layer_list,
+                "the layers whose feature maps are the masks (dotted module names)", nargs="+",
+                shown="the end of each convolutional block")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Layer selection
 # ----------------------------------------------------------------------------------------------------
@@ -448,7 +465,8 @@ def layer_posts(spec: ModelSpec, layers: Sequence[str]) -> dict[str, Post]:
 
 
 def _builder(cls):
-    def build(spec: ModelSpec, layers: None | str | Sequence[str] = None, **options) -> SISE:
+    def build(spec: ModelSpec, layers: None | str | Sequence[str] = LAYERS.default, **options) -> SISE:
+        layers = LAYERS.validate(layers)
         names = block_end_layers(spec.model, spec.input_size) if layers is None else _layer_names(spec.model, layers)
         return cls(spec.model, names, layer_posts(spec, names), multilabel=spec.multilabel, **options)
     build.__doc__ = (f"{cls.__name__} for ``spec``; options: mask_batch (default: from free memory), "
@@ -458,7 +476,7 @@ def _builder(cls):
     return build
 
 
-SISE_OPTIONS = (MASK_BATCH, FUSION)  # SISE and Ada-SISE
+SISE_OPTIONS = (MASK_BATCH, FUSION, LAYERS)  # SISE and Ada-SISE
 build_sise = _builder(SISE)
 build_adasise = _builder(AdaSISE)
 

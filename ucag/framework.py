@@ -81,6 +81,11 @@ class UpscaledInput(Explainer):
         return f"UpscaledInput({self.explainer!r}, alpha={self.alpha})"
 
 
+def _config_setting(name: str) -> property:
+    """A read-only attribute of UCAG that reads ``UCAGConfig.<name>``."""
+    return property(lambda self: getattr(self.config, name), doc=f"UCAGConfig.{name} (read-only)")
+
+
 class UCAG(Explainer):
     """Wraps ``explainer`` (any registered method) into Unfold and Conquer Attribution Guidance.
 
@@ -116,41 +121,16 @@ class UCAG(Explainer):
     def protocol(self) -> Protocol:
         return self.config.protocol
 
-    @property
-    def official(self) -> bool:
-        return self.config.official
-
-    @property
-    def crop(self) -> float:
-        return self.config.crop
-
-    @property
-    def n(self) -> int:
-        return self.config.n
-
-    @property
-    def alpha(self) -> float:
-        return self.config.alpha
-
-    @property
-    def blend(self) -> str:
-        return self.config.blend
-
-    @property
-    def confidence(self) -> bool:
-        return self.config.confidence
-
-    @property
-    def crop_input(self) -> tuple[int, int] | None:
-        return self.config.crop_input
-
-    @property
-    def multilabel(self) -> bool:
-        return self.config.multilabel
-
-    @property
-    def patch_batch(self) -> int | None:
-        return self.config.patch_batch
+    # the settings, read-only, from the frozen config (UCAGConfig is their one declaration)
+    official = _config_setting("official")
+    crop = _config_setting("crop")
+    n = _config_setting("n")
+    alpha = _config_setting("alpha")
+    blend = _config_setting("blend")
+    confidence = _config_setting("confidence")
+    crop_input = _config_setting("crop_input")
+    multilabel = _config_setting("multilabel")
+    patch_batch = _config_setting("patch_batch")
 
     @property
     def signed(self) -> bool:
