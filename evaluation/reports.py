@@ -209,16 +209,42 @@ def _cell(value) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.1f}"
 
 
+def _paper_pointing(dataset: str, model: str, row_name: str) -> str | None:
+    """The paper's Table 2 cell (all/difficult) for a row on ``dataset`` (voc07, coco14) and ``model``
+    (vgg16, resnet50); None where the paper has none (our UCAG rows other than Grad-CAM's, NormGrad on COCO)."""
+    table = PAPER["table2_pointing_game"]
+    column = f"{dataset}_{model}"
+    cells = table["rows"].get(row_name)
+    if column not in table["columns"] or cells is None or cells[table["columns"].index(column)] is None:
+        return None
+    every, difficult = cells[table["columns"].index(column)]
+    return f"{every}/{difficult}"
+
+
+def _paper_energy(dataset: str, model: str) -> str | None:
+    table = PAPER["table3_energy_pointing_game"]
+    family = {"vgg16": "vgg", "resnet50": "resnet"}.get(model)
+    key = f"{family}_{dataset}"
+    if key not in table["rows"]:
+        return None
+    return ", ".join(f"{name} {cell}" for name, cell in zip(table["columns"], table["rows"][key], strict=True))
+
+
 def pointing_tables(summary: dict) -> str:
-    """Tables 2 and 3's layouts: pointing accuracy all/difficult per row; energy all(difficult), without /
-    with UCAG."""
+    """Tables 2 and 3's layouts: pointing accuracy all/difficult per row beside the paper's numbers; energy
+    all(difficult), without / with UCAG, and the paper's."""
     column = f"{summary['dataset']} {summary['model']}"
+    paper = [_paper_pointing(summary["dataset"], summary["model"], row["name"]) for row in summary["rows"]]
+    with_paper = any(paper)
     over = {"torchray": "mean over all classes (TorchRay)",
             "evaluated-classes": "mean over the classes with pairs"}[summary.get("aggregation", "torchray")]
     lines = [f"Pointing game (layout of the paper's Table 2): accuracy %, all/difficult, {over}; "
              f"{summary['n_images']} images, tolerance {summary['tolerance']} px. `*` = with UCAG.", "",
-             f"| Methods | {column} |", "|---|---|"]
-    lines += [f"| {r['name']} | {_cell(r['pointing_all'])}/{_cell(r['pointing_difficult'])} |" for r in summary["rows"]]
+             f"| Methods | {column} |" + (" paper |" if with_paper else ""),
+             "|---|---|" + ("---|" if with_paper else "")]
+    for row, reference in zip(summary["rows"], paper, strict=True):
+        lines.append(f"| {row['name']} | {_cell(row['pointing_all'])}/{_cell(row['pointing_difficult'])} |"
+                     + (f" {reference or '-'} |" if with_paper else ""))
     plain = [row for row in summary["rows"] if not row["ucag"]]
     lines += ["", "Energy-based pointing game (layout of the paper's Table 3): all(difficult), without / with UCAG.",
               "", "| Model | Dataset | " + " | ".join(r["name"] for r in plain) + " |",
@@ -231,4 +257,7 @@ def pointing_tables(summary: dict) -> str:
             text += f"/{_cell(with_ucag['energy_all'])}({_cell(with_ucag['energy_difficult'])})"
         cells.append(text)
     lines.append(f"| {summary['model']} | {summary['dataset']} | " + " | ".join(cells) + " |")
+    energy = _paper_energy(summary["dataset"], summary["model"])
+    if energy:
+        lines += ["", f"Paper, {summary['model']} {summary['dataset']}: {energy}"]
     return "\n".join(lines) + "\n"

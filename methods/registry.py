@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from methods import cam, cameras, gradients, igcam, perturbation, sise
+from methods import cam, cameras, excitation, gradients, igcam, perturbation, sise
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -131,6 +131,9 @@ register("fullgrad", "full-grad", options=gradients.FULLGRAD_OPTIONS)(gradients.
 register("gradient", "saliency", "vanilla")(gradients.build_gradient)
 register("guided", "guided-backprop", "guidedbackprop")(gradients.build_guided)
 register("deconv", "deconvnet")(gradients.build_deconv)
+register("mwp", "excitation-backprop", "ebp", options=(excitation.SALIENCY_LAYER,))(excitation.build_mwp)
+register("cmwp", "c-mwp", "contrastive-excitation-backprop", "c-ebp", options=(excitation.SALIENCY_LAYER,))(
+    excitation.build_cmwp)
 
 register("igcam", "integrated-gradcam", options=igcam.IGCAM_OPTIONS)(igcam.build_igcam)
 register("cameras", options=cameras.CAMERAS_OPTIONS)(cameras.build_cameras)

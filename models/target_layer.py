@@ -26,8 +26,9 @@ def blank_forward(model: nn.Module, input_size: tuple[int, int]) -> None:
     was_training = model.training
     try:
         model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros(1, 3, *input_size, device=device))
+        parameter = next(model.parameters())
+        dtype = parameter.dtype if parameter.is_floating_point() else None
+        model(torch.zeros(1, 3, *input_size, device=parameter.device, dtype=dtype))
     finally:
         model.train(was_training)
 

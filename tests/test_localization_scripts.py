@@ -209,3 +209,30 @@ def test_pointing_subset_without_any_pair_is_one_line_error(tmp_path, capsys):
                                        "--data-root", str(root), "--weights", "random", "--limit", "1",
                                        "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "has a class to point at" in err and "Traceback" not in err
+
+
+# Table 2's rows added by issue 22, each with UCAG on both datasets; the paper's cells stand beside ours
+TABLE2_METHODS = {"mwp": [], "cmwp": []}
+
+
+@pytest.mark.parametrize("dataset", ["voc07", "coco14"])
+@pytest.mark.parametrize("method", sorted(TABLE2_METHODS))
+def test_table2_methods_with_ucag_fill_the_paper_rows(method, dataset, tmp_path, capsys):
+    root = voc_dataset(tmp_path / "data") if dataset == "voc07" else coco_dataset(tmp_path / "data")
+    name = "vgg16" if dataset == "voc07" else "resnet50"
+    out = tmp_path / "out"
+    code, _, err = run(pointing_game, [method, *FAST, *TABLE2_METHODS[method], "--dataset", dataset, "--data-root",
+                                       str(root), "--name", name, "--weights", "random", "--limit", "1",
+                                       "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["name"], r["ucag"]) for r in summary["rows"]] == [("center", False), (method, False),
+                                                                 (f"{method}*", True)]
+    table = (out / "table.md").read_text()
+    paper = json.loads((REPO / "evaluation" / "resources" / "paper_tables.json").read_text())["table2_pointing_game"]
+    every, difficult = paper["rows"][method][paper["columns"].index(f"{dataset}_{name}")]
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    ours = next(r for r in summary["rows"] if r["name"] == method)
+    assert lines[f"| {method}"].startswith(f"| {method} | {ours['pointing_all']:.1f}/")
+    assert lines[f"| {method}"].endswith(f"| {every}/{difficult} |")  # the paper's cell beside ours
+    assert lines[f"| {method}*"].endswith("| - |") and lines["| center"].endswith(" |")
