@@ -3,7 +3,8 @@ without UCAG, ``--official`` included: the maps :mod:`tests.test_bitwise_maps` c
 the ones recorded before the refactorings of issue 21 (``tests/fixtures/bitwise_maps.json``: each map's
 SHA-256 over its bytes, with its shape, dtype, sum and largest magnitude to say how far a changed map moved).
 
-Regenerate only when a number is meant to change: ``python -m tests.bitwise_maps --write``.
+Regenerate only when a number is meant to change: ``python -m tests.bitwise_maps --write``. A method new to the
+registry is recorded with ``python -m tests.bitwise_maps --add NAME ...``, which leaves every recorded map as it is.
 """
 from __future__ import annotations
 
@@ -97,11 +98,25 @@ def compute(methods=None) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", action="store_true", help=f"write {FIXTURE}")
-    if parser.parse_args().write:
-        import warnings
-        warnings.simplefilter("ignore")
+    parser.add_argument("--add", nargs="+", metavar="METHOD", help=f"record methods new to the registry in {FIXTURE}")
+    options = parser.parse_args()
+    import warnings
+    warnings.simplefilter("ignore")
+    if options.write:
         computed = compute()
         FIXTURE.parent.mkdir(exist_ok=True)
         recorded = {"platform": platform(), "maps": {key: fingerprint(value) for key, value in computed.items()}}
         FIXTURE.write_text(json.dumps(recorded, indent=0) + "\n")
         print(f"{len(computed)} maps, {FIXTURE.stat().st_size / 1e3:.0f} kB -> {FIXTURE}")
+    elif options.add:
+        recorded = json.loads(FIXTURE.read_text())
+        if recorded["platform"] != platform():
+            raise SystemExit(f"the fixture was recorded on {recorded['platform']}, this is {platform()}: "
+                             "add methods on the recording platform")
+        known = {key.split("/")[0] for key in recorded["maps"]}
+        if known & set(options.add):
+            raise SystemExit(f"already recorded: {sorted(known & set(options.add))} (use --write to change numbers)")
+        computed = compute(options.add)
+        recorded["maps"].update({key: fingerprint(value) for key, value in computed.items()})
+        FIXTURE.write_text(json.dumps(recorded, indent=0) + "\n")
+        print(f"added {len(computed)} maps of {', '.join(options.add)} -> {FIXTURE}")
