@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from methods import cam, cameras, excitation, gradients, igcam, perturbation, sise
+from methods import cam, cameras, excitation, gradients, igcam, normgrad, perturbation, sise
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -92,6 +92,7 @@ register("xgradcam", "xgrad-cam", "axiom", options=(cam.ACTIVATION_SUM_EPS,))(_c
 register("wgradcam", "wgrad-cam", "weighted-gradcam")(_cam_builder(WGradCAM))
 register("layercam", "layer-cam")(_cam_builder(LayerCAM))
 register("center")(lambda spec, **options: Center(spec.model))
+register("normgrad", "norm-grad", options=normgrad.NORMGRAD_OPTIONS)(normgrad.build_normgrad)
 
 
 def input_bounds(spec: ModelSpec) -> tuple:

@@ -116,13 +116,14 @@ GOOD = {"rule": (["epsilon"], "epsilon"), "epsilon": (["0.5"], 0.5), "mask_batch
         "discard_ratio": (["0.5"], 0.5), "alpha_eps": (["1e-6"], 1e-6), "activation_sum_eps": (["0"], 0.0),
         "postprocess_eps": (["1e-3"], 1e-3), "align_corners": (["false"], False), "clip_biases": (["off"], False),
         "formula": (["notebook"], "notebook"), "native_first": (["false"], False), "fusion": (["hard"], "hard"),
-        "layers": (["layer3", "layer4"], ["layer3", "layer4"]), "saliency_layer": (["layer2"], "layer2")}
+        "layers": (["layer3", "layer4"], ["layer3", "layer4"]), "saliency_layer": (["layer2"], "layer2"),
+        "normgrad_variant": (["selective"], "selective")}
 BAD = {"rule": ["nope"], "epsilon": ["nan"], "mask_batch": ["0"], "n_masks": ["0"], "cell": ["-1"], "p": ["0"],
        "seed": ["1.5"], "steps": ["0"], "baseline": ["7"], "path_batch": ["0"], "resolutions": ["224", "0"],
        "head_fusion": ["median"], "discard_ratio": ["1"], "alpha_eps": ["-1"], "activation_sum_eps": ["inf"],
        "postprocess_eps": ["0"], "align_corners": ["maybe"], "clip_biases": ["2"], "formula": ["paper"],
        "native_first": ["yes please"], "fusion": ["mean"], "layers": ["layer4", "layer4"],
-       "saliency_layer": [" "]}
+       "saliency_layer": [" "], "normgrad_variant": ["multilayer"]}
 
 
 def declarations():
@@ -206,6 +207,7 @@ def test_the_classes_keyword_defaults_are_the_declared_ones():
     from methods.excitation import ContrastiveExcitationBackprop, ExcitationBackprop
     from methods.gradients import FullGrad
     from methods.igcam import IntegratedGradCAM
+    from methods.normgrad import NormGrad
     from methods.perturbation import RISE, ScoreCAM
     from methods.relevance import CLRP, LRP, SGLRP
     from methods.sise import SISE, AdaSISE
@@ -213,7 +215,7 @@ def test_the_classes_keyword_defaults_are_the_declared_ones():
     classes = {"lrp": LRP, "scorecam": ScoreCAM, "rise": RISE, "sise": SISE, "adasise": AdaSISE,
                "igcam": IntegratedGradCAM, "cameras": CAMERAS, "rollout": Rollout, "clrp": CLRP, "sglrp": SGLRP,
                "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "fullgrad": FullGrad,
-               "mwp": ExcitationBackprop, "cmwp": ContrastiveExcitationBackprop}
+               "mwp": ExcitationBackprop, "cmwp": ContrastiveExcitationBackprop, "normgrad": NormGrad}
     seen = set()
     for option, methods in declarations():
         for method in methods:
@@ -236,7 +238,7 @@ TODAYS_DEFAULTS = {"lrp": {"rule": "zplus", "epsilon": 0.25}, "clrp": {"rule": "
                    "gradcam++": {"alpha_eps": 0.0}, "xgradcam": {"activation_sum_eps": 1e-7},
                    "fullgrad": {"postprocess_eps": 1e-6, "align_corners": True, "clip_biases": True},
                    "rollout": {"head_fusion": "mean", "discard_ratio": 0.0}, "mwp": {"saliency_layer": None},
-                   "cmwp": {"saliency_layer": None}}
+                   "cmwp": {"saliency_layer": None}, "normgrad": {"normgrad_variant": "identity"}}
 
 
 def test_declared_defaults_are_todays():
