@@ -22,7 +22,7 @@ from methods import build_explainer  # noqa: E402
 from ucag import UCAG  # noqa: E402
 
 METHODS = ["gradcam", "wgradcam", "gradient", "guided", "deconv", "fullgrad", "igcam", "cameras", "scorecam",
-           "rise", "sise", "adasise", "mwp", "cmwp"]
+           "rise", "sise", "adasise", "mwp", "cmwp", "normgrad"]
 
 
 def main() -> None:

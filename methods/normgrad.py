@@ -131,6 +131,9 @@ def check_conv_layer(layer: nn.Module, activation_post: Post | None) -> None:
     if not isinstance(layer, nn.Conv2d) or isinstance(activation_post, TokenLayout):
         raise MethodError(f"normgrad_variant 'conv' needs a Conv2d target layer (its own k x k aggregation), got "
                           f"{type(layer).__name__}: choose one with --target-layer (VGG16: features.28)")
+    if "StdConv" in type(layer).__name__:  # timm's StdConv2d / ScaledStdConv2d standardise their weight
+        raise MethodError(f"normgrad_variant 'conv' cannot read the patches of {type(layer).__name__} (a "
+                          "weight-standardising convolution): use the identity variant")
     if activation_post is not None:
         raise MethodError("normgrad_variant 'conv' takes the convolution's own output; this target layer has an "
                           "activation_post: choose the convolution with --target-layer")
