@@ -18,7 +18,8 @@ from tests.vit_fixtures import tiny_vit_spec
 
 RELEVANCE = {"lrp", "clrp", "sglrp", "rap", "rsp", "agf"}
 MASKED = {"scorecam", "sise", "adasise"}
-OPTIONS = {"rise": {"n_masks": 40}, "igcam": {"steps": 4}, "cameras": {"resolutions": (96, 128)}}
+OPTIONS = {"rise": {"n_masks": 40}, "igcam": {"steps": 4}, "cameras": {"resolutions": (96, 128)},
+           "extremal": {"max_iter": 3}}
 
 
 @pytest.fixture(scope="module")
