@@ -71,7 +71,7 @@ MAX_ITER = Option("max_iter", "--max-iter", 800, positive_int,
 MASK_STEP = Option("step", "--mask-step", 7, positive_int, "pixels between mask parameters (TorchRay's step)",
                    type=int)
 MASK_SIGMA = Option("sigma", "--mask-sigma", 21.0, positive_real,
-                    "radius of the smooth max's kernel in pixels (TorchRay's sigma)", type=float)
+                    "scale in pixels of the smooth max's kernel k(|u - c| / sigma) (TorchRay's sigma)", type=float)
 BLUR_LEVELS = Option("num_levels", "--blur-levels", 8, check_levels,
                      "levels L of the blur pyramid, sigma_l = 20 (1 - l / (L - 1))", type=int)
 MASK_SMOOTH = Option("smooth", "--mask-smooth", 0.09, non_negative_real,
