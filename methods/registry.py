@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from methods import cam, cameras, excitation, gradients, igcam, normgrad, perturbation, sise
+from methods import cam, cameras, excitation, extremal, gradients, igcam, normgrad, perturbation, sise
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -128,6 +128,8 @@ register("agf")(_seeded_builder(AGF))
 
 register("scorecam", "score-cam", options=perturbation.SCORECAM_OPTIONS)(perturbation.build_scorecam)
 register("rise", options=perturbation.RISE_OPTIONS)(perturbation.build_rise)
+register("extremal", "extremal-perturbation", "extremal_perturbation", options=extremal.EXTREMAL_OPTIONS)(
+    extremal.build_extremal)
 register("fullgrad", "full-grad", options=gradients.FULLGRAD_OPTIONS)(gradients.build_fullgrad)
 register("gradient", "saliency", "vanilla")(gradients.build_gradient)
 register("guided", "guided-backprop", "guidedbackprop")(gradients.build_guided)

@@ -20,7 +20,7 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bitwise_maps.json"
 # cheap settings for the methods that score many masked or rescaled copies (flags, as a user gives them)
 FAST = {"rise": ["--masks", "24", "--mask-batch", "10"], "scorecam": ["--mask-batch", "100"],
         "cameras": ["--resolutions", "40", "56"], "igcam": ["--steps", "4"], "sise": ["--mask-batch", "100"],
-        "adasise": ["--mask-batch", "100"]}
+        "adasise": ["--mask-batch", "100"], "extremal": ["--max-iter", "2"]}
 GEOMETRY = ["-a", "2", "-c", "124", "-n", "2"]
 # the UCAG variants: name -> flags
 VARIANTS = {"plain": [], "ucag": ["--ucag"], "gaussian": ["--ucag", "--blend", "gaussian"],

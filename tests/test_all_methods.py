@@ -17,7 +17,7 @@ from ucag import UCAG
 # cheap settings for the methods that score many masked or rescaled copies
 FAST = {"rise": {"n_masks": 24, "mask_batch": 10}, "scorecam": {"mask_batch": 100},
         "cameras": {"resolutions": (64, 96)}, "igcam": {"steps": 4}, "sise": {"mask_batch": 100},
-        "adasise": {"mask_batch": 100}}
+        "adasise": {"mask_batch": 100}, "extremal": {"max_iter": 3}}
 
 
 # RAP and AGF keep or drop terms on exact zeros, and a float32 convolution of a batch may round a near-zero

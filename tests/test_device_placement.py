@@ -47,7 +47,8 @@ MASK_SCORING = ("adasise", "scorecam", "sise")  # one forward per mask: run on r
 # cheap settings; every chunked loop still runs more than one chunk
 FAST = {"rise": {"n_masks": 6, "mask_batch": 4}, "scorecam": {"mask_batch": 24},
         "cameras": {"resolutions": (64, 80)}, "igcam": {"steps": 3, "path_batch": 2},
-        "sise": {"mask_batch": 24}, "adasise": {"mask_batch": 24}}
+        "sise": {"mask_batch": 24}, "adasise": {"mask_batch": 24},
+        "extremal": {"max_iter": 3, "jitter": "random"}}
 RESNET_LAYERS = {"sise": {"layers": ("relu", "layer1")}, "adasise": {"layers": ("relu", "layer1")}}
 RESNET_TARGET_LAYER = {"scorecam": "layer1"}  # 64 masks instead of layer4's 512
 

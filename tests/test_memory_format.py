@@ -21,7 +21,8 @@ MASKED = {"scorecam", "sise", "adasise"}
 # excitation backprop divides by W+ x at every layer; the embedded model feeds signed BatchNorm outputs into
 # its next convolution, where W+ x nears 0 and float32 rounding reaches ~1 % (float64: 1e-10): float64 ResNet
 EXCITATION = {"mwp", "cmwp"}
-OPTIONS = {"rise": {"n_masks": 40}, "igcam": {"steps": 4}, "cameras": {"resolutions": (96, 128)}}
+OPTIONS = {"rise": {"n_masks": 40}, "igcam": {"steps": 4}, "cameras": {"resolutions": (96, 128)},
+           "extremal": {"max_iter": 3}}
 
 
 @pytest.fixture(scope="module")

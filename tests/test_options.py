@@ -117,13 +117,17 @@ GOOD = {"rule": (["epsilon"], "epsilon"), "epsilon": (["0.5"], 0.5), "mask_batch
         "postprocess_eps": (["1e-3"], 1e-3), "align_corners": (["false"], False), "clip_biases": (["off"], False),
         "formula": (["notebook"], "notebook"), "native_first": (["false"], False), "fusion": (["hard"], "hard"),
         "layers": (["layer3", "layer4"], ["layer3", "layer4"]), "saliency_layer": (["layer2"], "layer2"),
-        "normgrad_variant": (["selective"], "selective")}
+        "normgrad_variant": (["selective"], "selective"),
+        "areas": (["0.1", "0.3"], [0.1, 0.3]), "max_iter": (["5"], 5), "step": (["4"], 4), "sigma": (["12"], 12.0),
+        "num_levels": (["4"], 4), "smooth": (["0"], 0.0), "jitter": (["random"], "random")}
 BAD = {"rule": ["nope"], "epsilon": ["nan"], "mask_batch": ["0"], "n_masks": ["0"], "cell": ["-1"], "p": ["0"],
        "seed": ["1.5"], "steps": ["0"], "baseline": ["7"], "path_batch": ["0"], "resolutions": ["224", "0"],
        "head_fusion": ["median"], "discard_ratio": ["1"], "alpha_eps": ["-1"], "activation_sum_eps": ["inf"],
        "postprocess_eps": ["0"], "align_corners": ["maybe"], "clip_biases": ["2"], "formula": ["paper"],
        "native_first": ["yes please"], "fusion": ["mean"], "layers": ["layer4", "layer4"],
-       "saliency_layer": [" "], "normgrad_variant": ["multilayer"]}
+       "saliency_layer": [" "], "normgrad_variant": ["multilayer"],
+       "areas": ["0.1", "1"], "max_iter": ["0"], "step": ["0"], "sigma": ["-2"], "num_levels": ["1"],
+       "smooth": ["-1"], "jitter": ["sometimes"]}
 
 
 def declarations():
@@ -205,6 +209,7 @@ def test_the_classes_keyword_defaults_are_the_declared_ones():
     from methods.cam import GradCAMPlusPlus, XGradCAM
     from methods.cameras import CAMERAS
     from methods.excitation import ContrastiveExcitationBackprop, ExcitationBackprop
+    from methods.extremal import ExtremalPerturbation
     from methods.gradients import FullGrad
     from methods.igcam import IntegratedGradCAM
     from methods.normgrad import NormGrad
@@ -215,7 +220,8 @@ def test_the_classes_keyword_defaults_are_the_declared_ones():
     classes = {"lrp": LRP, "scorecam": ScoreCAM, "rise": RISE, "sise": SISE, "adasise": AdaSISE,
                "igcam": IntegratedGradCAM, "cameras": CAMERAS, "rollout": Rollout, "clrp": CLRP, "sglrp": SGLRP,
                "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "fullgrad": FullGrad,
-               "mwp": ExcitationBackprop, "cmwp": ContrastiveExcitationBackprop, "normgrad": NormGrad}
+               "mwp": ExcitationBackprop, "cmwp": ContrastiveExcitationBackprop, "normgrad": NormGrad,
+               "extremal": ExtremalPerturbation}
     seen = set()
     for option, methods in declarations():
         for method in methods:
@@ -238,7 +244,9 @@ TODAYS_DEFAULTS = {"lrp": {"rule": "zplus", "epsilon": 0.25}, "clrp": {"rule": "
                    "gradcam++": {"alpha_eps": 0.0}, "xgradcam": {"activation_sum_eps": 1e-7},
                    "fullgrad": {"postprocess_eps": 1e-6, "align_corners": True, "clip_biases": True},
                    "rollout": {"head_fusion": "mean", "discard_ratio": 0.0}, "mwp": {"saliency_layer": None},
-                   "cmwp": {"saliency_layer": None}, "normgrad": {"normgrad_variant": "identity"}}
+                   "cmwp": {"saliency_layer": None}, "normgrad": {"normgrad_variant": "identity"},
+                   "extremal": {"areas": (0.025, 0.05, 0.1, 0.2), "max_iter": 800, "step": 7, "sigma": 21.0,
+                                "num_levels": 8, "smooth": 0.09, "jitter": "alternate", "seed": 0}}
 
 
 def test_declared_defaults_are_todays():
