@@ -105,7 +105,8 @@ N_MASKS = Option("n_masks", "--masks", 4000, positive_int, "number of random mas
 CELL = Option("cell", "--cell", 7, positive_int, "mask grid s x s", type=int)
 KEEP_PROB = Option("p", "--keep-prob", 0.5, partial(in_interval, low=0.0, high=1.0, open_low=True),
                    "probability p a cell is kept", type=float)
-SEED = Option("seed", "--seed", 0, integer, "mask seed", type=int)
+SEED = Option("seed", "--seed", 0, integer, "random seed (rise: its masks; extremal: the flips of --jitter random)",
+              type=int)
 RISE_OPTIONS = (N_MASKS, CELL, KEEP_PROB, SEED, MASK_BATCH)
 SCORECAM_OPTIONS = (MASK_BATCH,)
 
