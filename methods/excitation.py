@@ -45,7 +45,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from methods.base import Explainer, Explanation
 from methods.errors import MethodError
-from methods.hooks import LayerCapture
+from methods.hooks import LayerCapture, swapped_forwards
 from methods.options import Option
 from methods.sise import block_end_layers
 from methods.targets import target_gradients
@@ -223,19 +223,9 @@ def excitation_rules(model: nn.Module, contrast_weight: torch.Tensor | None = No
     split proportionally; ``contrast_weight``: the classifier weight that gets the contrastive rule). The
     blocks' ``forward`` attributes are restored on exit, also after an exception. Take the backward pass
     after the block: the rules are built during the forward."""
-    swapped = []
-    try:
-        for block, forward in _blocks(model):
-            swapped.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
-            block.forward = types.MethodType(forward, block)
-        with ExcitationRules(contrast_weight):
-            yield
-    finally:
-        for block, own, previous in reversed(swapped):
-            if own:
-                block.forward = previous
-            else:
-                del block.forward
+    canonized = [(block, types.MethodType(forward, block)) for block, forward in _blocks(model)]
+    with swapped_forwards(canonized), ExcitationRules(contrast_weight):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Explainer, Explanation, Targets, check_batch
-from methods.hooks import LayerCapture
+from methods.hooks import LayerCapture, swapped_forwards
 from methods.options import Option, boolean_from_text, choice, flag, positive_real
 from methods.targets import target_gradients, target_scores
 from models.spec import ModelSpec
@@ -112,20 +112,9 @@ def modified_relus(model: nn.Module, rule: str) -> Iterator[list[nn.Module]]:
     ('guided' or 'deconv'); the forward values are unchanged. The original ``forward`` attributes are put
     back on exit, also when an exception is raised. Functional ReLUs are not affected."""
     choice("rule", rule, RULES)
-    patched: list[tuple[nn.Module, bool, object]] = []
-    try:
-        for module in model.modules():
-            if isinstance(module, (nn.ReLU, nn.ReLU6)):
-                own = "forward" in module.__dict__
-                patched.append((module, own, module.__dict__.get("forward")))
-                module.forward = _patched_forward(module, rule)
-        yield [module for module, _, _ in patched]
-    finally:
-        for module, own, previous in reversed(patched):
-            if own:
-                module.forward = previous
-            else:
-                del module.forward
+    relus = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+    with swapped_forwards((module, _patched_forward(module, rule)) for module in relus) as patched:
+        yield patched
 
 
 # --------------------------------------------------------------------------------------------------------

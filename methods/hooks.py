@@ -1,7 +1,7 @@
 """Context managers that touch a model and always put it back: state restore and activation capture."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -34,6 +34,25 @@ def restored_state(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Modu
         for param, requires_grad in zip(params, flags, strict=True):
             if param.requires_grad != requires_grad:
                 param.requires_grad_(requires_grad)
+
+
+@contextmanager
+def swapped_forwards(forwards: Iterable[tuple[nn.Module, Callable]]) -> Iterator[list[nn.Module]]:
+    """Within the block each module of ``forwards`` runs the ``forward`` paired with it (set on the instance);
+    the instances' own ``forward`` attributes (or their absence) are put back on exit, also after an exception.
+    Yields the modules."""
+    swapped: list[tuple[nn.Module, bool, object]] = []
+    try:
+        for module, forward in forwards:
+            swapped.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+            module.forward = forward
+        yield [module for module, _, _ in swapped]
+    finally:
+        for module, own, previous in reversed(swapped):
+            if own:
+                module.forward = previous
+            else:
+                del module.forward
 
 
 class LayerCapture:

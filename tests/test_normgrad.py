@@ -188,25 +188,17 @@ def resnet50():
     return torchvision.models.resnet50(weights=None).eval()
 
 
-@pytest.mark.parametrize("variant,layer", [("identity", "features.29"), ("selective", "features.29"),
-                                           ("conv", "features.28")])
-def test_vgg16_equals_the_fork(vgg16, variant, layer):
-    module = vgg16.get_submodule(layer)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    maps, _ = NormGrad(vgg16, module, normgrad_variant=variant)(x, [7, 300])
-    for i, target in enumerate([7, 300]):  # the fork explains one image at a time
-        expected = fork_norm_grad(vgg16, module, x[i:i + 1], target, variant)
-        assert torch.allclose(maps[i:i + 1], expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
-
-
-@pytest.mark.parametrize("variant,layer", [("identity", "layer4"), ("selective", "layer4"),
-                                           ("conv", "layer4.2.conv3")])
-def test_resnet50_equals_the_fork(resnet50, variant, layer):
-    module = resnet50.get_submodule(layer)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    maps, _ = NormGrad(resnet50, module, normgrad_variant=variant)(x, [5, 999])
-    for i, target in enumerate([5, 999]):
-        expected = fork_norm_grad(resnet50, module, x[i:i + 1], target, variant)
+@pytest.mark.parametrize("model_name,variant,layer,targets,seed", [
+    ("vgg16", "identity", "features.29", [7, 300], 3), ("vgg16", "selective", "features.29", [7, 300], 3),
+    ("vgg16", "conv", "features.28", [7, 300], 3), ("resnet50", "identity", "layer4", [5, 999], 4),
+    ("resnet50", "selective", "layer4", [5, 999], 4), ("resnet50", "conv", "layer4.2.conv3", [5, 999], 4)])
+def test_equals_the_fork(model_name, variant, layer, targets, seed, request):
+    model = request.getfixturevalue(model_name)
+    module = model.get_submodule(layer)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    maps, _ = NormGrad(model, module, normgrad_variant=variant)(x, targets)
+    for i, target in enumerate(targets):  # the fork explains one image at a time
+        expected = fork_norm_grad(model, module, x[i:i + 1], target, variant)
         assert torch.allclose(maps[i:i + 1], expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
 
 
