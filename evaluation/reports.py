@@ -183,6 +183,49 @@ def write_density_report(out: Path, results: list[dict], skipped: list[dict], su
     _write_common(out, results, skipped, summary, ("positive", "negative"), density_table(summary))
 
 
+def confidence_table(summary: dict) -> str:
+    """Average drop %, increase in confidence % and the mean change of the class probability per row."""
+    lines = [
+        "Average drop / increase in confidence (Chattopadhay et al. 2018): the image multiplied by its [0, 1] map "
+        f"in normalised space; {summary['n_images']} images, target: {summary['target']}. Average drop: lower is "
+        "better; increase in confidence: higher is better. `*` = with UCAG.",
+        "",
+        "| Methods | Average drop % | Increase in confidence % | Mean probability change |",
+        "|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        lines.append(f"| {row['name']} | {100 * row['drop']:.2f} | {100 * row['increase']:.2f} "
+                     f"| {row['change']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confidence(path: Path, summary: dict) -> None:
+    """Bars of each row's average drop and increase in confidence (%)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [row["name"] for row in summary["rows"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    for axis, field, title in zip(axes, ("drop", "increase"), ("Average drop % (lower is better)",
+                                                                 "Increase in confidence % (higher is better)"),
+                                  strict=True):
+        values = [100 * row[field] for row in summary["rows"]]
+        bars = axis.bar(names, values, color=["tab:orange" if row["ucag"] else "tab:blue" for row in summary["rows"]])
+        axis.bar_label(bars, fmt="%.1f")
+        axis.set_title(f"{title}, {summary['n_images']} images", fontsize=10)
+        axis.set_ylim(0, max(100.0, *values) * 1.08)
+        axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_confidence_report(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
+    """confidence.py: per_image.csv, skipped.txt, summary.json, table.md and confidence.png."""
+    _write_common(out, results, skipped, summary, ("drop", "increase", "change"), confidence_table(summary))
+    plot_confidence(out / "confidence.png", summary)
+
+
 def segmentation_table(summary: dict) -> str:
     """Table 4's layout: mAP and pixel accuracy, original / with UCAG."""
     base = next(r for r in summary["rows"] if not r["ucag"])
