@@ -1,9 +1,13 @@
 """Average drop / increase in confidence (evaluation/confidence_change.py, confidence.py): by hand, against
-pytorch-grad-cam's DropInConfidence / IncreaseInConfidence on the same maps (a test-only peer), end to end."""
+pytorch-grad-cam's DropInConfidence / IncreaseInConfidence and torchcam's ClassificationMetric on the same maps
+(test-only peers), end to end."""
+import contextlib
 import json
 import math
+from functools import partial
 
 import numpy as np
+import pytest
 import torch
 from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
@@ -60,6 +64,39 @@ def test_equals_pytorch_grad_cam_on_the_same_maps(lite, photo_batch):
     np.testing.assert_allclose((ours["drop"] * original).numpy(), np.asarray(drop).ravel(), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(ours["increase"].numpy(), np.asarray(increase).ravel())
     assert ours["drop"].max() > 0  # the comparison is not all zeros
+
+
+class FixedMaps:
+    """A torchcam CAM extractor that returns given maps: torchcam's metric then scores exactly our maps."""
+
+    def __init__(self, model, maps):
+        self.model, self.maps = model, maps
+
+    def __call__(self, class_idx=None, scores=None, normalized=True, **options):
+        return [self.maps[:, 0]]
+
+    def fuse_cams(self, cams):
+        return cams[0]
+
+    def _hooks_off(self):
+        return contextlib.nullcontext()
+
+
+def test_equals_torchcam_on_the_same_maps(lite, photo_batch):
+    """torchcam's Average Drop is relu(Y - O) / (Y + 1e-7) (ours: / Y) and its increase 1[Y < O], both means
+    over the images, on the normalised input times the map, as ours."""
+    metrics = pytest.importorskip("torchcam.metrics")  # torchcam 0.5.0 needs Python >= 3.11
+    explainer = build_explainer("gradcam", lite)
+    raw, logits = explainer(photo_batch)
+    targets = logits.argmax(dim=1)
+    maps = explainer.finalize(raw, tuple(photo_batch.shape[-2:]))
+    ours = confidence_change(lite.model, photo_batch, maps, targets)
+    peer = metrics.ClassificationMetric(FixedMaps(lite.model, maps), partial(torch.softmax, dim=-1))
+    peer.update(photo_batch, class_idx=[int(t) for t in targets])
+    summary = peer.summary()
+    assert summary["avg_drop"] == pytest.approx(float(ours["drop"].mean()), rel=1e-5, abs=1e-7)
+    assert summary["conf_increase"] == pytest.approx(float(ours["increase"].mean()), abs=1e-12)
+    assert 0 < summary["avg_drop"]
 
 
 def test_script_outputs(tmp_path, capsys):
