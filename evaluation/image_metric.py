@@ -20,7 +20,8 @@ from evaluation.task import RunningMeans, RunningText, Task
 from methods.postprocess import official_ranking_maps, zero_maps
 from models import ModelSpec, preprocess
 
-# metric(model, images, maps01 (B,1,H,W), targets) -> {field: (B,) tensor or (B, K) curves}
+# metric(model, images, maps01 (B,1,H,W), targets) -> {field: (B,) tensor or (B, K) curves}; a metric whose
+# ``needs_keys`` is true also gets ``keys=`` the batch's item keys (ROAD seeds each image's noise by its key)
 ImageMetric = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict]
 # write(out, records, skipped, summary): a metric's report files (evaluation.reports)
 ReportWriter = Callable[[Path, Collection[dict], list[dict], dict], None]
@@ -115,7 +116,9 @@ class ImageMetricTask(Task):
         scores = {}
         for row, explanation, _ in explain_rows(self.rows, x, targets, logits):
             final = self.final_maps(row, explanation.maps, size)
-            scores[row.name] = {**self.metric(self.spec.model, x, final, targets), "zero_map": zero_maps(final)}
+            scored = (self.metric(self.spec.model, x, final, targets, keys=[r["key"] for r in batch])
+                      if getattr(self.metric, "needs_keys", False) else self.metric(self.spec.model, x, final, targets))
+            scores[row.name] = {**scored, "zero_map": zero_maps(final)}
         # every tensor comes to the host once (one copy per field), not once per image
         host = {name: {f: values.tolist() for f, values in fields.items()} for name, fields in scores.items()}
         classes = targets.tolist()

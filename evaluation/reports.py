@@ -121,16 +121,20 @@ def density_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_curves(results: Iterable[dict], rows: Sequence[str]) -> tuple[dict[tuple[str, str], np.ndarray], int]:
-    """({(row, game): mean curve}, number of images), summed in one pass over the records."""
+MeanCurves = dict[tuple[str, str], np.ndarray]
+
+
+def mean_curves(results: Iterable[dict], rows: Sequence[str],
+                fields: Sequence[str] = ("deletion_curve", "insertion_curve")) -> tuple[MeanCurves, int]:
+    """({(row, curve field): mean curve}, number of images), summed in one pass over the records."""
     sums: dict[tuple[str, str], np.ndarray] = {}
     count = 0
     for record in results:
         count += 1
         for name in rows:
-            for game in ("deletion", "insertion"):
-                curve = np.asarray(record["rows"][name][f"{game}_curve"], dtype=float)
-                key = (name, game)
+            for field in fields:
+                curve = np.asarray(record["rows"][name][field], dtype=float)
+                key = (name, field)
                 sums[key] = sums[key] + curve if key in sums else curve
     return {key: total / count for key, total in sums.items()}, count
 
@@ -144,7 +148,7 @@ def plot_curves(path: Path, results: Iterable[dict], rows: Sequence[str], summar
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for axis, game in zip(axes, ["deletion", "insertion"], strict=True):
         for name in rows:
-            mean = means[(name, game)]
+            mean = means[(name, f"{game}_curve")]
             auc = next(row[game] for row in summary_rows if row["name"] == name)
             axis.plot(np.linspace(0, 1, len(mean)), mean, label=f"{name} (AUC {auc:.1f})")
         axis.set_title(f"{game.capitalize()} game, mean of {count} images")
@@ -224,6 +228,67 @@ def write_confidence_report(out: Path, results: list[dict], skipped: list[dict],
     """confidence.py: per_image.csv, skipped.txt, summary.json, table.md and confidence.png."""
     _write_common(out, results, skipped, summary, ("drop", "increase", "change"), confidence_table(summary))
     plot_confidence(out / "confidence.png", summary)
+
+
+def road_table(summary: dict) -> str:
+    """ROAD per row: the MoRF and LeRF curves' means (class probability and still-predicted share), the
+    combined score and the unperturbed probability."""
+    percentiles = ", ".join(f"{p:g}" for p in summary["percentiles"])
+    lines = [
+        f"ROAD (Rong et al. 2022), noisy linear imputation (noise {summary['imputation_noise']:g}) of the removed "
+        f"pixels at {percentiles} %; {summary['n_images']} images, target: {summary['target']}. MoRF (most "
+        "relevant removed first): lower is better; LeRF (least relevant first) and combined = (LeRF - MoRF) / 2: "
+        "higher is better. Means over the percentiles. `*` = with UCAG.",
+        "",
+        "| Methods | MoRF probability | LeRF probability | Combined | MoRF accuracy % | LeRF accuracy % "
+        "| Unperturbed probability |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        lines.append(f"| {row['name']} | {row['morf']:.4f} | {row['lerf']:.4f} | {row['combined']:+.4f} "
+                     f"| {100 * row['morf_accuracy']:.1f} | {100 * row['lerf_accuracy']:.1f} | {row['original']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+ROAD_CURVES = ("morf_curve", "lerf_curve", "morf_correct", "lerf_correct")
+
+
+def plot_road(path: Path, summary: dict) -> None:
+    """The mean MoRF and LeRF probability curves of every row against the share removed (base dashed, UCAG
+    solid)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    percentiles = summary["percentiles"]
+    for axis, order, title in zip(axes, ("morf", "lerf"), ("MoRF: most relevant removed first (lower is better)",
+                                                         "LeRF: least relevant removed first (higher is better)"),
+                                  strict=True):
+        for row in summary["rows"]:
+            axis.plot(percentiles, row[f"{order}_mean_curve"], "-" if row["ucag"] else "--", marker="o",
+                      label=f"{row['name']} (mean {row[order]:.3f})")
+        axis.set_title(f"{title}, {summary['n_images']} images", fontsize=10)
+        axis.set_xlabel("pixels removed and imputed (%)")
+        axis.set_ylabel("probability of the explained class")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_road_report(out: Path, results: list[dict], skipped: list[dict], summary: dict) -> None:
+    """road.py: per_image.csv, skipped.txt, summary.json (with each row's mean curves), table.md and
+    road_curves.png."""
+    means, _ = mean_curves(results, _row_names(summary), ROAD_CURVES)
+    for row in summary["rows"]:
+        for field in ROAD_CURVES:
+            row[field.replace("_curve", "_mean_curve").replace("_correct", "_mean_correct")] = \
+                means[(row["name"], field)].tolist()
+    _write_common(out, results, skipped, summary, ("morf", "lerf", "combined", "morf_accuracy", "lerf_accuracy"),
+                  road_table(summary))
+    plot_road(out / "road_curves.png", summary)
 
 
 def segmentation_table(summary: dict) -> str:
