@@ -187,20 +187,21 @@ def write_density_report(out: Path, results: list[dict], skipped: list[dict], su
     _write_common(out, results, skipped, summary, ("positive", "negative"), density_table(summary))
 
 
+def markdown_table(caption: str, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A caption line, a blank line and a Markdown table of ``headers`` and ``rows`` (cells already formatted)."""
+    lines = [caption, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def confidence_table(summary: dict) -> str:
     """Average drop %, increase in confidence % and the mean change of the class probability per row."""
-    lines = [
-        "Average drop / increase in confidence (Chattopadhay et al. 2018): the image multiplied by its [0, 1] map "
-        f"in normalised space; {summary['n_images']} images, target: {summary['target']}. Average drop: lower is "
-        "better; increase in confidence: higher is better. `*` = with UCAG.",
-        "",
-        "| Methods | Average drop % | Increase in confidence % | Mean probability change |",
-        "|---|---|---|---|",
-    ]
-    for row in summary["rows"]:
-        lines.append(f"| {row['name']} | {100 * row['drop']:.2f} | {100 * row['increase']:.2f} "
-                     f"| {row['change']:+.4f} |")
-    return "\n".join(lines) + "\n"
+    caption = ("Average drop / increase in confidence (Chattopadhay et al. 2018): the image multiplied by its [0, 1] "
+               f"map in normalised space; {summary['n_images']} images, target: {summary['target']}. Average drop: "
+               "lower is better; increase in confidence: higher is better. `*` = with UCAG.")
+    return markdown_table(caption, ("Methods", "Average drop %", "Increase in confidence %", "Mean probability change"),
+                          ((row["name"], f"{100 * row['drop']:.2f}", f"{100 * row['increase']:.2f}",
+                            f"{row['change']:+.4f}") for row in summary["rows"]))
 
 
 def plot_confidence(path: Path, summary: dict) -> None:
@@ -234,20 +235,16 @@ def road_table(summary: dict) -> str:
     """ROAD per row: the MoRF and LeRF curves' means (class probability and still-predicted share), the
     combined score and the unperturbed probability."""
     percentiles = ", ".join(f"{p:g}" for p in summary["percentiles"])
-    lines = [
-        f"ROAD (Rong et al. 2022), noisy linear imputation (noise {summary['imputation_noise']:g}) of the removed "
-        f"pixels at {percentiles} %; {summary['n_images']} images, target: {summary['target']}. MoRF (most "
-        "relevant removed first): lower is better; LeRF (least relevant first) and combined = (LeRF - MoRF) / 2: "
-        "higher is better. Means over the percentiles. `*` = with UCAG.",
-        "",
-        "| Methods | MoRF probability | LeRF probability | Combined | MoRF accuracy % | LeRF accuracy % "
-        "| Unperturbed probability |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in summary["rows"]:
-        lines.append(f"| {row['name']} | {row['morf']:.4f} | {row['lerf']:.4f} | {row['combined']:+.4f} "
-                     f"| {100 * row['morf_accuracy']:.1f} | {100 * row['lerf_accuracy']:.1f} | {row['original']:.4f} |")
-    return "\n".join(lines) + "\n"
+    caption = (f"ROAD (Rong et al. 2022), noisy linear imputation (noise {summary['imputation_noise']:g}) of the "
+               f"removed pixels at {percentiles} %; {summary['n_images']} images, target: {summary['target']}. MoRF "
+               "(most relevant removed first): lower is better; LeRF (least relevant first) and combined = "
+               "(LeRF - MoRF) / 2: higher is better. Means over the percentiles. `*` = with UCAG.")
+    headers = ("Methods", "MoRF probability", "LeRF probability", "Combined", "MoRF accuracy %", "LeRF accuracy %",
+               "Unperturbed probability")
+    return markdown_table(caption, headers, ((row["name"], f"{row['morf']:.4f}", f"{row['lerf']:.4f}",
+                                              f"{row['combined']:+.4f}", f"{100 * row['morf_accuracy']:.1f}",
+                                              f"{100 * row['lerf_accuracy']:.1f}", f"{row['original']:.4f}")
+                                             for row in summary["rows"]))
 
 
 ROAD_CURVES = ("morf_curve", "lerf_curve", "morf_correct", "lerf_correct")
