@@ -8,8 +8,9 @@ For the removed set U of one image the values x_U solve, per channel, the sparse
 with w = 1/6 for the four edge neighbours, 1/12 for the four corners, N(i) the neighbours inside the image and
 s_i = sum_{j in N(i)} w_ij (1 at an interior pixel). It is the ROAD authors' system (pytorch-grad-cam and Quantus
 carry copies of their imputer) with both sides negated: here it is symmetric positive definite whenever one
-pixel is kept, and solved by a sparse LU on the host in float64 (SuperLU, minimum-degree ordering of A + A^T,
-1.5-7 x faster than ``spsolve``'s default column ordering on these systems). The system is built with array
+pixel is kept, and solved by a sparse LU on the host in float64: SuperLU in its symmetric mode (minimum-degree
+ordering of A + A^T, diagonal pivots: an SPD matrix needs no pivoting), 1.5 x faster than its general mode
+and 2 x faster than ``spsolve``'s default column ordering on these systems. The system is built with array
 operations, one pass per neighbour offset. Noise: ``noise`` x N(0, 1) added to every imputed value (the
 authors' 0.01, absolute, in the space the image is given in: the model's normalised input here, as both peers).
 """
@@ -63,7 +64,7 @@ def linear_fill(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     if not len(removed):
         return np.zeros((0, image.shape[0]))
     matrix, right = imputation_system(np.asarray(image, dtype=np.float64), removed)
-    return splu(matrix, permc_spec=ORDERING).solve(right)
+    return splu(matrix, permc_spec=ORDERING, diag_pivot_thresh=0.0, options={"SymmetricMode": True}).solve(right)
 
 
 def check_removed(shape: tuple[int, ...], removed: np.ndarray) -> None:
