@@ -23,6 +23,7 @@ from evaluation.image_metric import ImageMetric, ImageMetricTask, ReportWriter
 from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import open_dataset, read_difficult_list
 from evaluation.pointing_task import PointingGameTask
+from evaluation.reuse import ReusedBaseRow
 from evaluation.segmentation_task import SegmentationTask
 from evaluation.store import (
     ABOUT,
@@ -127,6 +128,10 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
         store = ResultStore(out, info.rank)
         store.lock()
         task, settings = make_task(setup, info)
+        identity = run_identity(args, setup, settings, metric)
+        base_from = getattr(args, "base_from", None)
+        if base_from is not None:
+            identity[ABOUT]["base_from"] = str(Path(base_from).resolve())
         problem = None
         if info.is_main:
             try:
@@ -135,17 +140,22 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
                     if aside is not None:
                         print(f"--fresh: moved the earlier results of {display_path(str(out))} to "
                               f"{display_path(str(aside))}/")
-                store.check_config(run_identity(args, setup, settings, metric), True)
+                store.check_config(identity, True)
             except StoreError as exc:
                 problem = str(exc)
         problem = info.from_main(problem)  # every rank stops on rank 0's refusal, none reads a stale folder
         if problem is not None:
             raise StoreError(problem)
+        if base_from is not None:
+            task.reuse_base(ReusedBaseRow(base_from, out, setup.method, identity, [task.key(i) for i in task.items]))
         if info.is_main:
             print(f"{len(task.items)} items, {info.world} process(es), device {setup.device}; "
                   f"results in {display_path(str(out))}/")
         run_task(task, store, info, args.batch_size, args.workers, on_batch, setup.precision.autocast,
                  pin_memory=setup.device.type == "cuda")
+        if base_from is not None and info.is_main:
+            print(f"--base-from: {task.reused.used} batch(es) took the {setup.method} row from "
+                  f"{display_path(str(base_from))}/")
     finally:
         if store is not None:
             store.release()
@@ -164,11 +174,16 @@ def described(setup: Setup) -> str:
 
 
 def image_metric_parser(prog: str, description: str) -> Parser:
-    """The flags of insdel.py and density.py: the common ones plus the dataset flags."""
+    """The flags of insdel.py, density.py, confidence.py and road.py: the common ones, the dataset flags and
+    --base-from."""
     parser = Parser(prog=prog, description=description)
     add_common_flags(parser)
     add_eval_flags(parser)
     add_fresh_flag(parser)
+    parser.add_argument("--base-from", default=None, metavar="FOLDER",
+                        help="take the method's own row from the run in FOLDER where it has it (that run's "
+                             "settings must equal this run's but for UCAG's): a sweep of UCAG's settings "
+                             "computes the base row once")
     return parser
 
 

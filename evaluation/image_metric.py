@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from common.images import display_path
 from evaluation.data import ImageFiles
 from evaluation.datasets import Sample
+from evaluation.reuse import ReusedBaseRow
 from evaluation.rows import Row, batch_targets, explain_rows
 from evaluation.task import RunningMeans, RunningText, Task
 from methods.postprocess import official_ranking_maps, zero_maps
@@ -82,6 +83,11 @@ class ImageMetricTask(Task):
     digits: int = field(default=1, kw_only=True)
     description: str = field(default="evaluating", kw_only=True)
     _warned: set = field(default_factory=set, init=False, repr=False)  # rows warned about an all-zero map
+    reused: ReusedBaseRow | None = field(default=None, init=False, repr=False)  # --base-from
+
+    def reuse_base(self, reused: ReusedBaseRow) -> None:
+        """Take the base row's scores from another run where it has them for a whole batch (--base-from)."""
+        self.reused = reused
 
     @property
     def items(self) -> Sequence[Sample]:
@@ -113,14 +119,19 @@ class ImageMetricTask(Task):
         labels = torch.tensor([r["sample"].label for r in batch], device=x.device) if self.target_mode == "gt" else None
         targets, logits = batch_targets(self.spec.model, x, labels)
         size = tuple(x.shape[-2:])
+        stored = self.reused.scores([r["key"] for r in batch]) if self.reused is not None else None
+        rows = self.rows if stored is None else [row for row in self.rows if row.name != self.reused.row]
         scores = {}
-        for row, explanation, _ in explain_rows(self.rows, x, targets, logits):
+        for row, explanation, _ in explain_rows(rows, x, targets, logits):
             final = self.final_maps(row, explanation.maps, size)
             scored = (self.metric(self.spec.model, x, final, targets, keys=[r["key"] for r in batch])
                       if getattr(self.metric, "needs_keys", False) else self.metric(self.spec.model, x, final, targets))
             scores[row.name] = {**scored, "zero_map": zero_maps(final)}
         # every tensor comes to the host once (one copy per field), not once per image
         host = {name: {f: values.tolist() for f, values in fields.items()} for name, fields in scores.items()}
+        if stored is not None:  # the base row as the other run stored it, in the table's row order
+            host = {row.name: host[row.name] if row.name in host else
+                    {f: [score[f] for score in stored] for f in stored[0]} for row in self.rows}
         classes = targets.tolist()
         self._note_zero_maps(host, batch)
         return [{"key": r["key"], "file": display_path(r["sample"].path), "target": classes[i],

@@ -138,6 +138,28 @@ def _differences(recorded: dict, config: dict) -> list[str]:
     return changed
 
 
+def identity_differences(recorded: dict, config: dict) -> list[str]:
+    """The settings in which a recorded run.json and a run's identity differ (see :func:`_differences`); a
+    setting the recorded run predates takes its implied value (IMPLIED_SETTINGS)."""
+    implied = {key: value for key, value in IMPLIED_SETTINGS.items() if key in config and key not in recorded}
+    return _differences({**recorded, **implied}, config)
+
+
+def read_run_json(out: Path) -> dict | None:
+    """A run folder's recorded identity (run.json), None when it has none; a damaged one is a StoreError."""
+    path = Path(out) / "run.json"
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{display_path(str(path))}: not valid JSON (line {exc.lineno}: {exc.msg}); "
+                         "repair it, or rerun with --fresh to move these results aside") from None
+    if not isinstance(recorded, dict):
+        raise StoreError(f"{display_path(str(path))}: not a settings object; repair it, or rerun with --fresh")
+    return recorded
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -257,17 +279,7 @@ class ResultStore:
     # ---- identity --------------------------------------------------------------------------------------------
 
     def _read_config(self) -> dict | None:
-        path = self.out / "run.json"
-        if not path.exists():
-            return None
-        try:
-            recorded = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{display_path(str(path))}: not valid JSON (line {exc.lineno}: {exc.msg}); "
-                             "repair it, or rerun with --fresh to move these results aside") from None
-        if not isinstance(recorded, dict):
-            raise StoreError(f"{display_path(str(path))}: not a settings object; repair it, or rerun with --fresh")
-        return recorded
+        return read_run_json(self.out)
 
     def has_results(self) -> bool:
         return (self.out / "run.json").exists() or any(self.parts.glob("part-*.jsonl"))
@@ -297,8 +309,7 @@ class ResultStore:
         compared."""
         recorded = self._read_config()
         if recorded is not None:
-            implied = {key: value for key, value in IMPLIED_SETTINGS.items() if key in config and key not in recorded}
-            changed = _differences({**recorded, **implied}, config)
+            changed = identity_differences(recorded, config)
             if changed:
                 raise StoreError(f"{display_path(str(self.out))} holds results of other settings "
                                  f"({', '.join(changed)}); "
@@ -451,6 +462,21 @@ class ResultStore:
                 where[key] = (part, offset, length)
         return (StoredRecords([where[key] for key in sorted(where)]),
                 [skipped[key] for key in sorted(skipped) if key not in where])
+
+
+def record_index(out: Path, keys: Collection[str]) -> dict[str, tuple[Path, int, int]]:
+    """Where each result of ``keys`` lies in the run folder ``out`` (part, offset, length; the first result
+    written wins, as in :meth:`ResultStore.merged`), read without locking or changing the folder."""
+    where: dict[str, tuple[Path, int, int]] = {}
+    for part in sorted((Path(out) / "parts").glob("part-*.jsonl")):
+        for number, offset, line in ResultStore._lines(part):
+            try:
+                record = json.loads(line.decode("utf-8", "surrogateescape"))
+            except json.JSONDecodeError:
+                raise StoreError(f"{display_path(str(part))}, line {number}: not a JSON record") from None
+            if isinstance(record, dict) and record.get("key") in keys and "skipped" not in record:
+                where.setdefault(record["key"], (part, offset, len(line)))
+    return where
 
 
 class StoredRecords:
