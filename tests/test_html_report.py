@@ -120,3 +120,28 @@ def test_the_sortable_table_sorts_numbers_as_numbers(page):
 def test_render_is_plain_text_in_and_out():
     text = render("t", [Table("c", ("a",), [(1,)])])
     assert text.startswith("<!DOCTYPE html>") and "<td>1</td>" in text
+
+
+def test_a_study_page_holds_every_point_row_picture_and_image(tmp_path):
+    from evaluation.study_page import write_study_page
+    study = {"name": "Scale", "script": "confidence", "points": []}
+    for alpha in (1, 2):
+        point = tmp_path / f"alpha={alpha}"
+        point.mkdir()
+        (point / "per_image.csv").write_text("file,target,gradcam_drop,gradcam*_drop\n"
+                                             f"a.jpg,1,0.{alpha},0.5\nb.jpg,2,0.3,0.{alpha}\n")
+        rows = [{"name": "gradcam", "ucag": False, "drop": 0.1 * alpha}, {"name": "gradcam*", "ucag": True,
+                                                                         "drop": 0.2}]
+        study["points"].append({"point": point.name, "sweep": {"alpha": alpha}, "argv": [],
+                                "summary": {"n_images": 2, "rows": rows}})
+    study["points"].append({"point": "alpha=3", "sweep": {"alpha": 3}, "argv": [], "summary": None})
+    figure = picture(tmp_path / "plot_drop.png", 9)
+    pictures = [("a.jpg", "gradcam", picture(tmp_path / "a.png", 1)),
+                ("b.jpg", "gradcam", picture(tmp_path / "b.png", 2))]
+    page = write_study_page(tmp_path, study, [figure], pictures)
+    counted = Counter()
+    counted.feed(browse(page, "--dump-dom").stdout)
+    # summary: header + 2 points x 2 rows + the point not run; gallery: header + 2 images; per image: header + 4
+    assert counted.tables == [6, 3, 5]
+    assert counted.images == 3
+    assert "(not run)" in counted.cells and "alpha=2" in counted.cells
