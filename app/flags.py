@@ -65,6 +65,11 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
     for option, methods in declared_options().items():
         options.add_argument(option.flag, type=option.type, nargs=option.nargs, default=None,
                              help=f"{', '.join(methods)}: {option.help} (default {option.default_text()})")
+    options.add_argument("--smooth", default=None, metavar="SPEC",
+                         help="smooth the method (UCAG then smooths every crop's map): noise:N,SIGMA (SmoothGrad: "
+                              "the mean map of N copies with Gaussian noise, sigma = SIGMA x the image's range) or "
+                              "tta:FLIPS,SCALES (the mean map over flips none|h|hv and input scales like 1/1.25)")
+    options.add_argument("--smooth-seed", type=int, default=0, help="seed of --smooth noise's noise (default 0)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",

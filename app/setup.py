@@ -16,6 +16,7 @@ from common.precision import Precision
 from evaluation.rows import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
 from methods.registry import declared_options
+from methods.smoothing import smoothed
 from models import ModelSpec, load_model
 from ucag import UCAG, UpscaledInput
 from ucag.config import UCAGConfig
@@ -195,10 +196,14 @@ def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], Mo
     config = check_geometry(args, spec)
     options = explainer_options(args, method)
     explainer = build_explainer(method, spec, **options)
+    smooth = getattr(args, "smooth", None)
+    if smooth is not None:
+        explainer = smoothed(explainer, smooth, args.smooth_seed)
     spec.model.to(memory_format=MEMORY_FORMATS[getattr(args, "memory_format", None) or explainer.memory_format])
     settings = {"model": spec.name, "weights": spec.weights, "layer": spec.target_layer, "method": method,
                 "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())},
-                "official": config.official}
+                "official": config.official, "smooth": smooth,
+                "smooth_seed": args.smooth_seed if smooth and smooth.startswith("noise") else None}
     if spec.timm_model:  # the pretrained tag timm resolved a bare name to (it may change with timm)
         settings["timm_model"] = spec.timm_model
     baseline = explainer

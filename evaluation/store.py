@@ -42,6 +42,8 @@ IMPLIED_SETTINGS = {
     "blend": "constant",  # UCAG's fold; only the paper's V(., Gamma) existed before
     "tie_order": "raster",  # insdel's order of equal saliencies; only the stable raster order existed before
     "deterministic": False,  # --deterministic did not exist before
+    "smooth": None,  # --smooth did not exist before
+    "smooth_seed": None,
 }
 
 
