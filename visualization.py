@@ -119,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_rgb(files[0])  # a single unreadable file is an error, not a skip
     root = Path(args.img_path) if Path(args.img_path).is_dir() else Path(args.img_path).parent
     out = check_output_folder(args.out)
-    stems = output_stems(files, root, out, setup.method)
-    if any(stem.name != f"{path.stem}_{setup.method}" for path, stem in stems.items()):
+    stems = output_stems(files, root, out, setup.file_label)
+    if any(stem.name != f"{path.stem}_{setup.file_label}" for path, stem in stems.items()):
         tqdm.write("note: some images share a file stem in one folder; their outputs keep the extension "
                    "(<stem>_<ext>_<method>)")
     label = setup.method if setup.ucag is None else f"{setup.method}+UCAG"

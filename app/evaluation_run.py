@@ -165,7 +165,7 @@ def run_evaluation(args: argparse.Namespace, default_out: Callable[[Setup], Path
 
 def results_folder(script: str, args: argparse.Namespace) -> Callable[[Setup], Path]:
     """results/<script>/<model>_<method>[_ucag]: the default --out."""
-    return lambda setup: Path("results") / script / f"{args.name}_{setup.method}{'_ucag' if args.ucag else ''}"
+    return lambda setup: Path("results") / script / f"{args.name}_{setup.file_label}{'_ucag' if args.ucag else ''}"
 
 
 def described(setup: Setup) -> str:
@@ -242,7 +242,7 @@ def run_pointing_game(args: argparse.Namespace, on_batch: Callable[[int], None] 
                       ABOUT: {"difficult_list": difficult_path}}
 
     def default_out(setup: Setup) -> Path:
-        return Path(f"results/pointing/{args.dataset}_{args.name}_{setup.method}{'_ucag' if args.ucag else ''}")
+        return Path(f"results/pointing/{args.dataset}_{args.name}_{setup.file_label}{'_ucag' if args.ucag else ''}")
 
     return run_evaluation(args, default_out, make_task, on_batch, load_spec=lambda device: load_multilabel(
         args.name, dataset.categories, args.weights, device, args.target_layer), metric="pointing_game")

@@ -15,7 +15,8 @@ from common.determinism import make_deterministic
 from common.precision import Precision
 from evaluation.rows import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
-from methods.registry import declared_options
+from methods.adapters import captum_version
+from methods.registry import CAPTUM_PREFIX, declared_options
 from methods.smoothing import smoothed
 from models import ModelSpec, load_model
 from ucag import UCAG, UpscaledInput
@@ -169,6 +170,11 @@ class Setup:
             rows.append(Row(f"{self.method}*", self.ucag, ucag=True))
         return rows
 
+    @property
+    def file_label(self) -> str:
+        """The method as part of a file or folder name ('captum:Saliency' -> 'captum-Saliency')."""
+        return self.method.replace(":", "-")
+
     def settings(self) -> dict:
         """Model, method and UCAG settings the numbers depend on (recorded in run.json)."""
         return dict(self.settings_recorded)
@@ -204,6 +210,8 @@ def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], Mo
                 "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())},
                 "official": config.official, "smooth": smooth,
                 "smooth_seed": args.smooth_seed if smooth and smooth.startswith("noise") else None}
+    if method.startswith(CAPTUM_PREFIX):  # an outside explainer's numbers may change with its version
+        settings["captum_version"] = captum_version()
     if spec.timm_model:  # the pretrained tag timm resolved a bare name to (it may change with timm)
         settings["timm_model"] = spec.timm_model
     baseline = explainer

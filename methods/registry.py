@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from methods import cam, cameras, excitation, extremal, gradients, igcam, normgrad, perturbation, sise
+from methods.adapters import CaptumExplainer, captum_class
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -59,11 +60,17 @@ def available_methods() -> list[str]:
 
 def method_options(name: str) -> tuple[str, ...]:
     """The names of the options ``name`` takes."""
-    return tuple(option.name for option in _OPTIONS[canonical_name(name)])
+    return tuple(option.name for option in _OPTIONS.get(canonical_name(name), ()))
+
+
+CAPTUM_PREFIX = "captum:"  # captum:<ClassName>: a Captum attribution class (methods.adapters.CaptumExplainer)
 
 
 def canonical_name(name: str) -> str:
-    """Registry name for ``name`` or an alias (case-insensitive); unknown names raise MethodError."""
+    """Registry name for ``name`` or an alias (case-insensitive); ``captum:<ClassName>`` names a Captum class
+    (checked, with close matches for a typo); unknown names raise MethodError."""
+    if name.lower().startswith(CAPTUM_PREFIX):
+        return CAPTUM_PREFIX + captum_class(name[len(CAPTUM_PREFIX):]).__name__
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
@@ -73,8 +80,11 @@ def canonical_name(name: str) -> str:
 
 def build_explainer(name: str, spec: ModelSpec, **options) -> Explainer:
     """The explainer ``name`` for the model described by ``spec``; a bad option value raises MethodError."""
+    key = canonical_name(name)
+    if key.startswith(CAPTUM_PREFIX):
+        return CaptumExplainer(spec.model, key[len(CAPTUM_PREFIX):], spec.layer, **options)
     try:
-        return _BUILDERS[canonical_name(name)](spec, **options)
+        return _BUILDERS[key](spec, **options)
     except ValueError as exc:
         raise MethodError(f"{name}: {exc}") from None
 

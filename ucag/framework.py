@@ -17,8 +17,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
+from methods.adapters import CallableExplainer
 from methods.base import (
     Explainer,
     Explanation,
@@ -107,7 +109,11 @@ class UCAG(Explainer):
                  alpha: float = UCAGConfig.alpha, patch_batch: int | None = None, confidence: bool | None = None,
                  official: bool = False, progress: bool = False, multilabel: bool = False,
                  blend: str = UCAGConfig.blend, crop_input: tuple[int, int] | None = None,
-                 protocol: Protocol | None = None, config: UCAGConfig | None = None):
+                 protocol: Protocol | None = None, config: UCAGConfig | None = None, model: nn.Module | None = None):
+        if not isinstance(explainer, Explainer):  # any f(x, targets) -> maps or (maps, logits), behind one check
+            if model is None:
+                raise SettingError("model", "the model a callable explainer explains (UCAG(f, model=...))", model)
+            explainer = CallableExplainer(model, explainer, name=getattr(explainer, "__name__", "callable"))
         super().__init__(explainer.model)
         if config is None:
             config = UCAGConfig(crop=crop, n=n, alpha=alpha, blend=blend, confidence=confidence,
