@@ -15,7 +15,7 @@ from common.determinism import make_deterministic
 from common.precision import Precision
 from evaluation.rows import Row
 from methods import Explainer, build_explainer, canonical_name, method_options
-from methods.adapters import captum_version
+from methods.adapters import GRADCAM_LIB_PREFIX, captum_version, gradcam_lib_version
 from methods.registry import CAPTUM_PREFIX, declared_options
 from methods.smoothing import smoothed
 from models import ModelSpec, load_model
@@ -212,6 +212,8 @@ def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], Mo
                 "smooth_seed": args.smooth_seed if smooth and smooth.startswith("noise") else None}
     if method.startswith(CAPTUM_PREFIX):  # an outside explainer's numbers may change with its version
         settings["captum_version"] = captum_version()
+    if method.startswith(GRADCAM_LIB_PREFIX):
+        settings["gradcam_lib_version"] = gradcam_lib_version()
     if spec.timm_model:  # the pretrained tag timm resolved a bare name to (it may change with timm)
         settings["timm_model"] = spec.timm_model
     baseline = explainer

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,3 +114,76 @@ class CaptumExplainer(CallableExplainer):
 def captum_version() -> str:
     import captum
     return captum.__version__
+
+
+GRADCAM_LIB_PREFIX = "gradcam-lib:"  # gradcam-lib:<ClassName>: a pytorch-grad-cam CAM class
+
+
+def gradcam_lib_class(name: str) -> type:
+    """The pytorch-grad-cam CAM class ``name`` (case-insensitive); an unknown one names its closest matches."""
+    try:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.base_cam import BaseCAM
+    except ImportError:
+        raise MethodError("gradcam-lib:<ClassName> needs pytorch-grad-cam: pip install grad-cam") from None
+    names = sorted(n for n, value in vars(pytorch_grad_cam).items()
+                   if isinstance(value, type) and issubclass(value, BaseCAM) and value is not BaseCAM)
+    exact = {n.lower(): n for n in names}.get(name.lower())
+    if exact is not None:
+        return getattr(pytorch_grad_cam, exact)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; pytorch-grad-cam has {', '.join(names)}"
+    raise MethodError(f"unknown pytorch-grad-cam class '{name}'{hint}")
+
+
+def has_raw_maps(cls: type) -> bool:
+    """Whether ``cls`` computes its map through BaseCAM's own steps (forward, compute_cam_per_layer), so its raw
+    map (before the library's ReLU, min-max and cv2 resize) can be taken from ``get_cam_image``."""
+    from pytorch_grad_cam.base_cam import BaseCAM
+    return cls.forward is BaseCAM.forward and cls.compute_cam_per_layer is BaseCAM.compute_cam_per_layer
+
+
+class GradCamLibExplainer(CallableExplainer):
+    """A pytorch-grad-cam CAM class on ``model`` at ``layer`` (``reshape_transform``: tokens to (B, C, h, w), the
+    toolkit's token layout for ViT/Swin). Raw path (``normalised=False``, where :func:`has_raw_maps`): the
+    library's activations, gradients and ``get_cam_image`` give the signed map at the layer's resolution, as
+    the toolkit's own CAMs. Otherwise (``normalised=True``, or a class with its own pipeline such as FullGrad or
+    AblationCAM) the library's final map: ReLU'd and min-max normalised per image in NumPy at the input size,
+    which loses each crop's scale that UCAG's confidence-weighted fold relies on (a warning says so). A new
+    CAM object per call: the library's hooks come off the model every time."""
+
+    def __init__(self, model: nn.Module, class_name: str, layer: nn.Module, reshape_transform=None,
+                 normalised: bool = False):
+        self.cls = gradcam_lib_class(class_name)
+        self.layer, self.reshape_transform = layer, reshape_transform
+        self.normalised = normalised or not has_raw_maps(self.cls)
+        if self.normalised and not normalised:
+            warnings.warn(f"gradcam-lib:{self.cls.__name__} has no raw map in pytorch-grad-cam: its maps come ReLU'd "
+                          "and min-max normalised per image, so UCAG's fold loses each crop's scale",
+                          RuntimeWarning, stacklevel=2)
+        super().__init__(model, self._cam, name=f"gradcam-lib:{self.cls.__name__}")
+
+    def _cam(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        classes = [ClassifierOutputTarget(int(t)) for t in targets.tolist()]
+        cam = self.cls(model=self.model, target_layers=[self.layer], reshape_transform=self.reshape_transform)
+        try:
+            with torch.enable_grad():
+                if self.normalised:
+                    return torch.from_numpy(cam(input_tensor=x, targets=classes)).to(x.device, torch.float32)
+                outputs = cam.activations_and_grads(x)
+                if cam.uses_gradients:
+                    self.model.zero_grad()
+                    sum(target(output) for target, output in zip(classes, outputs, strict=True)).backward()
+                activations = cam.activations_and_grads.activations[0].cpu().numpy()
+                gradients = cam.activations_and_grads.gradients[0].cpu().numpy() if cam.uses_gradients else None
+                raw = cam.get_cam_image(x, self.layer, classes, activations, gradients, False)
+        finally:
+            cam.activations_and_grads.release()
+            self.model.zero_grad(set_to_none=True)
+        return torch.from_numpy(np.ascontiguousarray(raw)).to(x.device, torch.float32)
+
+
+def gradcam_lib_version() -> str:
+    from importlib.metadata import version
+    return version("grad-cam")

@@ -7,7 +7,13 @@ from collections.abc import Callable
 import torch
 
 from methods import cam, cameras, excitation, extremal, gradients, igcam, normgrad, perturbation, sise
-from methods.adapters import CaptumExplainer, captum_class
+from methods.adapters import (
+    GRADCAM_LIB_PREFIX,
+    CaptumExplainer,
+    GradCamLibExplainer,
+    captum_class,
+    gradcam_lib_class,
+)
 from methods.base import Explainer
 from methods.baselines import Center
 from methods.cam import GradCAM, GradCAMPlusPlus, LayerCAM, WGradCAM, XGradCAM
@@ -71,6 +77,8 @@ def canonical_name(name: str) -> str:
     (checked, with close matches for a typo); unknown names raise MethodError."""
     if name.lower().startswith(CAPTUM_PREFIX):
         return CAPTUM_PREFIX + captum_class(name[len(CAPTUM_PREFIX):]).__name__
+    if name.lower().startswith(GRADCAM_LIB_PREFIX):
+        return GRADCAM_LIB_PREFIX + gradcam_lib_class(name[len(GRADCAM_LIB_PREFIX):]).__name__
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
@@ -83,6 +91,9 @@ def build_explainer(name: str, spec: ModelSpec, **options) -> Explainer:
     key = canonical_name(name)
     if key.startswith(CAPTUM_PREFIX):
         return CaptumExplainer(spec.model, key[len(CAPTUM_PREFIX):], spec.layer, **options)
+    if key.startswith(GRADCAM_LIB_PREFIX):
+        tokens = spec.activation_post if spec.token_layout else None  # ViT/Swin tokens -> (B, C, h, w)
+        return GradCamLibExplainer(spec.model, key[len(GRADCAM_LIB_PREFIX):], spec.layer, tokens, **options)
     try:
         return _BUILDERS[key](spec, **options)
     except ValueError as exc:

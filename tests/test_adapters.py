@@ -122,3 +122,54 @@ def test_the_scripts_take_captum_names(tmp_path, capsys):
     code, err = visualize(["captum:NoSuchThing", "--img-path", str(EXAMPLES / "chelsea.jpg"),
                            "--out", str(tmp_path / "x")])
     assert code != 0 and "unknown Captum attribution class" in err and "Traceback" not in err
+
+
+def test_gradcam_lib_raw_gradcam_is_our_gradcam(lite, two):
+    ours = build_explainer("gradcam", lite)(two, TARGETS).maps
+    peer = build_explainer("gradcam-lib:GradCAM", lite)(two, TARGETS).maps
+    torch.testing.assert_close(peer, ours, rtol=1e-5, atol=1e-6)
+    ucag_ours = UCAG(build_explainer("gradcam", lite), crop=180, n=2, alpha=1.0)(two, TARGETS).maps
+    ucag_peer = UCAG(build_explainer("gradcam-lib:GradCAM", lite), crop=180, n=2, alpha=1.0)(two, TARGETS).maps
+    torch.testing.assert_close(ucag_peer, ucag_ours, rtol=1e-5, atol=1e-6)
+    assert hook_count(lite.model) == 0
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_ucag_over_gradcam_lib_eigencam_equals_the_crops_written_out(lite, two):
+    from pytorch_grad_cam import EigenCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    ours = UCAG(build_explainer("gradcam-lib:EigenCAM", lite), crop=160, n=2, alpha=1.5)(two, TARGETS).maps
+
+    def attribute(piece, target):
+        cam = EigenCAM(lite.model, [lite.layer])
+        try:
+            with torch.no_grad():
+                cam.activations_and_grads(piece)
+            activations = cam.activations_and_grads.activations[0].numpy()
+            raw = cam.get_cam_image(piece, lite.layer, [ClassifierOutputTarget(target)], activations, None, False)
+        finally:
+            cam.activations_and_grads.release()
+        return torch.from_numpy(raw)[:, None].float()
+
+    expected = crop_by_crop(lite.model, two, TARGETS, attribute, 160, 2, 1.5)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_gradcam_lib_normalised_maps_lose_the_crop_scale(lite, two):
+    """The library's own output (ReLU, min-max per crop, cv2 resize) under UCAG: the crops' relative scales are
+    gone, the fold is another map (tests the warning and measures how far, README "Bring your own")."""
+    from methods.adapters import GradCamLibExplainer
+    raw = UCAG(build_explainer("gradcam-lib:GradCAM", lite), crop=180, n=2, alpha=1.0)
+    normalised = UCAG(GradCamLibExplainer(lite.model, "GradCAM", lite.layer, normalised=True), crop=180, n=2,
+                      alpha=1.0)
+    final_raw = raw.finalize(raw(two, TARGETS).maps, (224, 224)).flatten(1)
+    final_normalised = normalised.finalize(normalised(two, TARGETS).maps, (224, 224)).flatten(1)
+    correlation = torch.corrcoef(torch.cat([final_raw, final_normalised]))[:2, 2:].diagonal()
+    assert torch.all(correlation < 0.999) and torch.all(correlation > 0.5)
+    with pytest.warns(RuntimeWarning, match="no raw map in pytorch-grad-cam"):
+        build_explainer("gradcam-lib:FullGrad", lite)
+    with pytest.raises(MethodError, match="did you mean EigenCAM"):
+        canonical_name("gradcam-lib:EigenCam2")
