@@ -42,6 +42,7 @@ IMPLIED_SETTINGS = {
     "blend": "constant",  # UCAG's fold; only the paper's V(., Gamma) existed before
     "tie_order": "raster",  # insdel's order of equal saliencies; only the stable raster order existed before
     "deterministic": False,  # --deterministic did not exist before
+    "input_scale": 1.0,  # the base row's upscaling of the whole image (--input-scale); none before the flag
 }
 
 
