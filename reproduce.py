@@ -19,8 +19,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from app.flags import Parser
+from app.evaluation_run import check_limit
+from app.flags import Parser, UsageError
 from app.lifecycle import run_cli
+from app.setup import check_flags
 from app.study import Point, Study, count_images, point_state, read_study
 from common.errors import ToolkitError
 from common.images import display_path
@@ -78,6 +80,18 @@ def study_record(study: Study, out: Path) -> dict:
                         "summary": read_summary(out / p.name)} for p in study.points]}
 
 
+def check_points(study: Study) -> None:
+    """Every point's common flags checked as its script will (app.setup.check_flags), before the first point
+    runs: a bad value of the tenth point is not found after nine runs."""
+    for point in study.points:
+        try:
+            if hasattr(point.args, "alpha"):  # the common flags (app.flags.add_common_flags)
+                check_flags(point.args)
+            check_limit(getattr(point.args, "limit", None))
+        except UsageError as exc:
+            raise UsageError(f"{display_path(str(study.path))}: point {point.name}: {exc}") from None
+
+
 def run_study(study: Study, out: Path, on_batch: Callable[[str, int], None] | None = None) -> int:
     """Every point in turn, the script called in-process; under torchrun the process group is joined once
     here and every point is sharded by its script; rank 0 writes the study's outputs."""
@@ -124,6 +138,7 @@ def main(argv: Sequence[str] | None = None, on_batch: Callable[[str, int], None]
     """``on_batch(point, batch number)``: called after every batch of every point (tests)."""
     args = build_parser().parse_args(argv)
     study = read_study(args.study)
+    check_points(study)
     out = Path(args.out) if args.out else STUDIES / Path(args.study).stem
     if args.dry_run:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -203,17 +203,24 @@ class Setup:
         return dict(self.settings_recorded)
 
 
-def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], ModelSpec] | None = None) -> Setup:
-    """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper.
-
-    load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
-    """
+def check_flags(args: argparse.Namespace) -> tuple[UCAGConfig, float]:
+    """The common flags' own checks, before anything is built (a study checks every point's so): batch size,
+    UCAG settings, --input-scale, workers. Returns the UCAG settings and the input scale."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
     config = ucag_config(args)  # UCAG's flags refused before the model loads
     scale = input_scale(args, config)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {args.workers})")
+    return config, scale
+
+
+def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], ModelSpec] | None = None) -> Setup:
+    """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper.
+
+    load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
+    """
+    _, scale = check_flags(args)
     method = canonical_name(args.method)
     if getattr(args, "deterministic", False):
         make_deterministic()  # before the model's first CUDA product: cuBLAS reads its setting then

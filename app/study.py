@@ -276,13 +276,15 @@ class StudyReader:
             for key, value in merged.items():
                 table = "sweep" if key in chosen else "args"
                 words.append(self.flag_argv(table, key, value, actions[key]))
-            positional = [w for (key, _), w in zip(merged.items(), words, strict=True) if not actions[key].option_strings]
-            flags = [w for (key, _), w in zip(merged.items(), words, strict=True) if actions[key].option_strings]
+            pairs = list(zip(merged, words, strict=True))
+            positional = [w for key, w in pairs if not actions[key].option_strings]
+            flags = [w for key, w in pairs if actions[key].option_strings]
             argv = [*itertools.chain(*positional), *itertools.chain(*flags)]
             name = point_name(chosen)
             if name in names:
-                raise self.error("sweep", keys[0], f"points {names[name]} and {chosen} share the folder {name!r}: "
-                                                   "give values that differ in their letters and digits")
+                key = next(k for k in keys if names[name][k] != chosen[k])
+                raise self.error("sweep", key, f"the values {names[name][key]!r} and {chosen[key]!r} share the "
+                                               f"folder {name!r}: give values that differ in their letters and digits")
             names[name] = chosen
             points.append(Point(name, chosen, argv, self.parse(parser, argv, merged, chosen, actions)))
         return points

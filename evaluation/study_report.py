@@ -81,7 +81,8 @@ def plot_study(out: Path, study: dict, plot: dict, fields: Sequence[str] | None)
     points = [p for p in study["points"] if p.get("summary")]
     x_key = plot["x"]
     keys = list(study["points"][0]["sweep"]) if study["points"] else []
-    others = ([plot["series"]] if plot.get("series") else []) + [k for k in keys if k not in (x_key, plot.get("series"))]
+    series_key = plot.get("series")
+    others = ([series_key] if series_key else []) + [k for k in keys if k not in (x_key, series_key)]
     xs = []
     for point in study["points"]:
         value = point["sweep"][x_key]
