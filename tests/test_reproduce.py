@@ -4,6 +4,7 @@ runs nothing."""
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch.distributed as torch_dist
@@ -323,3 +324,28 @@ def test_the_process_group_outlives_the_scripts_that_did_not_create_it(monkeypat
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
     assert os.environ["WORLD_SIZE"] == "2"
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_each_shipped_study_parses_and_dry_runs(path, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # the studies name their data relative to the repository
+    study = read_study(path)
+    assert study.points and study.script in SCRIPTS
+    code, stdout, err = run(reproduce, [str(path), "--dry-run", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert stdout.startswith(f"study {study.name!r}: {study.script}.py, {len(study.points)} point(s)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_study_is_the_scale_sweep_and_two_methods_on_the_bundled_photos(tmp_path, capsys, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    study = read_study(root / "studies" / "demo.toml")
+    assert study.sweep == {"method": ["gradcam", "layercam"], "input-scale": [1.0, 2.0, 3.0]}
+    assert study.plot == {"x": "input-scale", "series": "method"} and study.args["img-path"] == "examples"
+    code, stdout, _ = run(reproduce, ["studies/demo.toml", "--dry-run"], capsys)
+    assert code == 0 and "folder results/studies/demo/" in stdout.splitlines()[0]
+    assert stdout.count(": 4 image(s), ") == 6 and stdout.splitlines()[-1] == "24 image(s) over all points"
