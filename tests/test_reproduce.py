@@ -349,3 +349,35 @@ def test_the_demo_study_is_the_scale_sweep_and_two_methods_on_the_bundled_photos
     code, stdout, _ = run(reproduce, ["studies/demo.toml", "--dry-run"], capsys)
     assert code == 0 and "folder results/studies/demo/" in stdout.splitlines()[0]
     assert stdout.count(": 4 image(s), ") == 6 and stdout.splitlines()[-1] == "24 image(s) over all points"
+
+
+@pytest.mark.slow
+def test_a_study_under_torchrun_equals_one_process(finished, tmp_path):
+    """Two ranks: the process group joined once by reproduce.py, every point sharded by its script (a part per
+    rank), the study's outputs written by rank 0, the summaries those of one process."""
+    import subprocess
+    import sys
+    path, clean = finished
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}"]
+    out = tmp_path / "two"
+    result = subprocess.run([*launcher, "reproduce.py", str(path), "--out", str(out)],
+                            cwd=Path(reproduce.__file__).parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for point in ("method=gradcam", "method=layercam"):
+        assert sorted(p.name for p in (out / point / "parts").glob("part-*.jsonl")) == ["part-0.jsonl", "part-1.jsonl"]
+        assert close(summary(out / point), summary(clean / point))  # ranks' thread counts: float rounding
+    two, one = (json.loads((folder / "study.json").read_text())["points"] for folder in (out, clean))
+    assert all(close(a["summary"], b["summary"]) for a, b in zip(two, one, strict=True))
+    assert result.stdout.count("wrote ") == 1  # rank 0 only
+
+
+def close(a, b) -> bool:
+    """Summaries equal up to float rounding (rel 1e-5); names, flags and counts exactly."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and not isinstance(b, bool):
+        return b == pytest.approx(a, rel=1e-5, nan_ok=True)
+    return a == b
