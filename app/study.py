@@ -282,7 +282,10 @@ class StudyReader:
             argv = [*itertools.chain(*positional), *itertools.chain(*flags)]
             name = point_name(chosen)
             if name in names:
-                key = next(k for k in keys if names[name][k] != chosen[k])
+                key = next((k for k in keys if names[name][k] != chosen[k]), None)
+                if key is None:
+                    twice = next(k for k in keys if len(set(map(repr, sweep[k]))) < len(sweep[k]))
+                    raise self.error("sweep", twice, "holds a value twice: give each value once")
                 raise self.error("sweep", key, f"the values {names[name][key]!r} and {chosen[key]!r} share the "
                                                f"folder {name!r}: give values that differ in their letters and digits")
             names[name] = chosen

@@ -169,6 +169,8 @@ MISTAKES = [
     (lambda t: t.replace("a = 1.0", "a = true"), "a = true", "[args] a: takes a value, not true"),
     (lambda t: t.replace('script = "confidence"', 'script = "table9"'), 'script = "table9"',
      "script: unknown script 'table9'"),
+    (lambda t: t.replace('method = ["gradcam", "layercam"]', 'method = ["gradcam", "gradcam"]'),
+     'method = ["gradcam", "gradcam"]', "[sweep] method: holds a value twice"),
     (lambda t: t.replace('method = ["gradcam", "layercam"]', 'method = "gradcam"'), 'method = "gradcam"',
      "[sweep] method: must be a list of values"),
     (lambda t: t.replace("ucag = true", "ucag = true\nmethod = \"gradcam\""), 'method = ["gradcam", "layercam"]',
