@@ -23,7 +23,7 @@ from app.evaluation_run import check_limit
 from app.flags import Parser, UsageError
 from app.lifecycle import run_cli
 from app.setup import check_flags
-from app.study import Point, Study, count_images, point_state, read_study
+from app.study import Point, Script, Study, count_images, point_state, read_study
 from common.errors import ToolkitError
 from common.images import display_path
 from evaluation import distributed
@@ -31,6 +31,18 @@ from evaluation.store import check_output_folder
 from evaluation.study_report import write_study_report
 
 PROG = "reproduce.py"
+
+# The scripts a study can name (each with build_parser, main(argv, on_batch) and PROG), the summary-row fields its
+# study.md and plots show and their digits; a new script is one line here.
+SCRIPTS = {
+    "insdel": Script("insdel", ("deletion", "insertion"), 2),
+    "density": Script("density", ("positive", "negative"), 3),
+    "confidence": Script("confidence", ("drop", "increase", "change"), 4),
+    "road": Script("road", ("morf", "lerf", "combined"), 4),
+    "pointing_game": Script("pointing_game", ("pointing_all", "pointing_difficult", "energy_all",
+                                              "energy_difficult"), 1),
+    "segmentation": Script("segmentation", ("pixel_accuracy", "map"), 2),
+}
 STUDIES = Path("results") / "studies"
 
 
@@ -137,7 +149,7 @@ def _rewordable(exc: ToolkitError) -> bool:
 def main(argv: Sequence[str] | None = None, on_batch: Callable[[str, int], None] | None = None) -> int:
     """``on_batch(point, batch number)``: called after every batch of every point (tests)."""
     args = build_parser().parse_args(argv)
-    study = read_study(args.study)
+    study = read_study(args.study, SCRIPTS)
     check_points(study)
     out = Path(args.out) if args.out else STUDIES / Path(args.study).stem
     if args.dry_run:

@@ -2,7 +2,7 @@
 any work, every mistake a one-line error naming the file, the key and its line.
 
     name = "Image scale factor"
-    script = "insdel"          # a name of SCRIPTS
+    script = "insdel"          # a name of the caller's script table (reproduce.SCRIPTS)
     [args]                     # flags without dashes, as on the command line: every point gets them
     method = "gradcam"         # the positional
     ucag = true                # a switch given (false: left out)
@@ -38,9 +38,9 @@ else:  # pragma: no cover - Python 3.10
 
 @dataclass(frozen=True)
 class Script:
-    """A script a study can run: its module (``build_parser``, ``main(argv, on_batch)``, ``PROG``), the
-    fields of its summary rows that study.md and the plots show (None: every number of a row) and the digits
-    they are shown with."""
+    """A script a study can run (an entry of reproduce.SCRIPTS): its module (``build_parser``, ``main(argv,
+    on_batch)``, ``PROG``), the fields of its summary rows that study.md and the plots show (None: every number
+    of a row) and the digits they are shown with. The module is imported by name when a study names it."""
 
     module: str
     fields: tuple[str, ...] | None = None
@@ -49,17 +49,6 @@ class Script:
     def load(self):
         return importlib.import_module(self.module)
 
-
-# The scripts a study names; a new script is one line here.
-SCRIPTS = {
-    "insdel": Script("insdel", ("deletion", "insertion"), 2),
-    "density": Script("density", ("positive", "negative"), 3),
-    "confidence": Script("confidence", ("drop", "increase", "change"), 4),
-    "road": Script("road", ("morf", "lerf", "combined"), 4),
-    "pointing_game": Script("pointing_game", ("pointing_all", "pointing_difficult", "energy_all",
-                                              "energy_difficult"), 1),
-    "segmentation": Script("segmentation", ("pixel_accuracy", "map"), 2),
-}
 
 TOP_LEVEL = ("name", "script", "args", "sweep", "plot")
 PLOT_KEYS = ("x", "series")
@@ -113,17 +102,14 @@ class Study:
     sweep: dict
     plot: dict | None
     points: list[Point]
-
-    @property
-    def entry(self) -> Script:
-        return SCRIPTS[self.script]
+    entry: Script
 
 
 class StudyReader:
     """Reads and checks one study file; :meth:`error` words a mistake with the file, the key and its line."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, scripts: dict[str, Script]):
+        self.path, self.scripts = Path(path), scripts
         self.shown = display_path(str(path))
         try:
             self.text = self.path.read_text(encoding="utf-8")
@@ -157,12 +143,13 @@ class StudyReader:
         if not isinstance(name, str) or not name.strip():
             raise self.error(None, "name", "must be a non-empty string")
         script = data.get("script")
+        known = ", ".join(self.scripts)
         if script is None:
-            raise UsageError(f"{self.shown}: no 'script' key (one of {', '.join(SCRIPTS)})")
-        if script not in SCRIPTS:
-            raise self.error(None, "script", f"unknown script {script!r} (one of {', '.join(SCRIPTS)})")
+            raise UsageError(f"{self.shown}: no 'script' key (one of {known})")
+        if not isinstance(script, str) or script not in self.scripts:
+            raise self.error(None, "script", f"unknown script {script!r} (one of {known})")
         args, sweep, plot = (self.table(key) for key in ("args", "sweep", "plot"))
-        parser = SCRIPTS[script].load().build_parser()
+        parser = self.scripts[script].load().build_parser()
         actions = self.flag_actions(parser)
         for table, values in (("args", args), ("sweep", sweep)):
             for key in values:
@@ -185,7 +172,7 @@ class StudyReader:
                 self.flag_argv("sweep", key, value, actions[key])
         plot = self.check_plot(plot, sweep)
         points = self.points(parser, args, sweep, actions)
-        return Study(self.path, name, script, args, sweep, plot, points)
+        return Study(self.path, name, script, args, sweep, plot, points, self.scripts[script])
 
     def table(self, key: str) -> dict:
         value = self.data.get(key, {})
@@ -342,8 +329,9 @@ def _text(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def read_study(path: str | Path) -> Study:
-    return StudyReader(path).read()
+def read_study(path: str | Path, scripts: dict[str, Script]) -> Study:
+    """The study file at ``path``, checked whole; ``scripts``: the scripts it may name (reproduce.SCRIPTS)."""
+    return StudyReader(path, scripts).read()
 
 
 def count_images(args: argparse.Namespace, out: Path) -> int:

@@ -12,9 +12,11 @@ import torch.distributed as torch_dist
 import confidence
 import reproduce
 from app.evaluation_run import NOT_IDENTITY_FLAGS, run_identity
-from app.study import SCRIPTS, key_lines, point_name, read_study
+from app.study import key_lines, point_name
+from app.study import read_study as read_with
 from evaluation import distributed
 from evaluation.study_report import write_study_report
+from reproduce import SCRIPTS
 from tests.conftest import EXAMPLES
 from tests.test_eval_scripts import run
 from tests.test_resume import one_line_error
@@ -43,6 +45,10 @@ x = "method"
 """
 HAND = ["--ucag", "-n", "2", "-a", "1.0", "-c", "180", "--workers", "0", "--device", "cpu",
         "--img-path", str(EXAMPLES), "--limit", "2", "--batch-size", "1"]
+
+
+def read_study(path):
+    return read_with(path, SCRIPTS)
 
 
 def study_file(tmp_path, text=STUDY, name="two.toml"):
