@@ -104,6 +104,11 @@ def explain_batch(setup: Setup, records: list[ImageRecord], target: int | None, 
     return maps, targets, target_probabilities(explained[0][1].logits, targets, setup.spec.multilabel)
 
 
+def base_title(setup: Setup) -> str:
+    """The base row's panel title: the method, with --input-scale S its factor ('gradcam x2.0')."""
+    return setup.method if setup.input_scale == 1 else f"{setup.method} x{round(setup.input_scale, 3)}"
+
+
 def ucag_title(setup: Setup, args, blend: str) -> str:
     crop_input = setup.ucag.crop_input if setup.ucag is not None else None
     scale = f"a={args.alpha:g}" if crop_input is None else f"crops at {crop_input[1]}x{crop_input[0]}"
@@ -175,7 +180,7 @@ def save_outputs(setup: Setup, args, record: ImageRecord, stem: Path,
         save_npy(Path(f"{stem}_ucag.npy" if row.ucag else f"{stem}.npy"), final)
         if shown is not None:
             final = row.final(shown, (height, width))[0, 0].cpu().numpy().astype(np.float32)
-        title = ucag_title(setup, args, blend or row.explainer.blend) if row.ucag else setup.method
+        title = ucag_title(setup, args, blend or row.explainer.blend) if row.ucag else base_title(setup)
         panels.append(((signed_overlay if row.explainer.signed else overlay)(record.image, final), title))
     header = f"{display_path(record.path.name)}: {class_name} (class {target}), p={prob:.3f}"
     save_panels(Path(f"{stem}.png"), panels, header=header)

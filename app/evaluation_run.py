@@ -92,6 +92,11 @@ def labels_identity(labels: str | None) -> dict:
     return identity
 
 
+# The flags that are not part of a run's identity (see run_identity): they change no recorded number, so a
+# study (reproduce.py) refuses to sweep them; --out and --fresh say where the results go, not what they are.
+NOT_IDENTITY_FLAGS = ("batch-size", "workers", "score-batch", "patch-batch", "limit", "out", "fresh")
+
+
 def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric: str) -> dict:
     """Everything that can change a recorded number: model and method settings, the weights file's hash
     (path in 'about'), the script's settings, the metric's code version, device type, precision and --deterministic.
@@ -99,7 +104,8 @@ def run_identity(args: argparse.Namespace, setup: Setup, settings: dict, metric:
     Not part of it, because they change no number (only how the work is split, up to float rounding):
     --batch-size, --workers, --score-batch (how many perturbed images share one no-grad forward: each image's
     probability is computed alone, as in eval mode nothing mixes images), --patch-batch, --limit (the summary
-    covers exactly the invocation's images) and torchrun's process count."""
+    covers exactly the invocation's images) and torchrun's process count; these flags (with --out and --fresh)
+    are NOT_IDENTITY_FLAGS."""
     settings = dict(settings)
     about = dict(settings.pop(ABOUT, {}))
     identity = {**setup.settings(), **settings}

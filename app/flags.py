@@ -56,6 +56,11 @@ def add_common_flags(parser: argparse.ArgumentParser, default_batch: int = 8) ->
                       help="official code's quirks: divide by Gamma+1, blur the final map, no confidence "
                            "weighting unless --score")
     ucag.add_argument("--score", action="store_true", help="with --official: weight crops by confidence")
+    ucag.add_argument("--input-scale", type=float, default=1.0, metavar="S",
+                      help="the base row explains the whole image upscaled by S (bicubic, as UCAG's crops): the "
+                           "paper's plain-upscaling rows and Figure 2's resolutions (S = 1, 324/224, ..., 924/224); "
+                           "default 1, the image as the model takes it; the UCAG row is unchanged; not with "
+                           "--official and -a != 1, whose base row is already upscaled by alpha")
     ucag.add_argument("--blend", choices=BLENDS, default=None,
                       help="[V(., Gamma)] how overlapping crop maps are joined: 'constant' (the paper's sum / "
                            "Gamma, default; the map shows the crop grid) or 'gaussian' (each crop map weighted by a "

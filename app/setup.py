@@ -4,6 +4,7 @@ the flags; only what depends on the model is checked here (crops too small for i
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,34 @@ def ucag_config(args: argparse.Namespace) -> UCAGConfig:
     except BlendRefused as exc:
         raise UsageError(f"--blend {exc.blend} is not the {exc.protocol} code's fold: drop --official "
                          "or --blend") from None
+
+
+def input_scale(args: argparse.Namespace, config: UCAGConfig) -> float:
+    """--input-scale S (the base row's upscaling of the whole image): finite and > 0; not with --official and
+    alpha != 1, whose base row is the image upscaled by alpha already. 1 for callers without the flag."""
+    scale = getattr(args, "input_scale", 1.0)
+    if scale is None:
+        return 1.0
+    if not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"--input-scale must be positive and finite (got {scale:g})")
+    if scale != 1 and config.protocol.baseline_is_upscaled(config.alpha):
+        raise UsageError(f"--input-scale {scale:g} with --official and -a {config.alpha:g}: the official base row "
+                         "is already the image upscaled by alpha; drop --input-scale or --official")
+    return float(scale)
+
+
+def check_input_scale(scale: float, spec: ModelSpec) -> None:
+    """The upscaled whole image of --input-scale: a size the model takes, within MAX_SCALED_SIDE."""
+    if spec.fixed_input:
+        raise UsageError(f"--input-scale {scale:g}: {spec.name} takes {spec.input_size[0]}x{spec.input_size[1]} inputs "
+                         "only; drop --input-scale")
+    sides = [int(side * scale) for side in spec.input_size]
+    if max(sides) > MAX_SCALED_SIDE:
+        raise UsageError(f"--input-scale {scale:g} would make the image {sides[1]}x{sides[0]} px, above the "
+                         f"{MAX_SCALED_SIDE} px limit; lower --input-scale")
+    if min(sides) < spec.min_side:
+        raise UsageError(f"--input-scale {scale:g} would make the image {sides[1]}x{sides[0]} px, below the "
+                         f"{spec.min_side} px {spec.name} accepts; raise --input-scale")
 
 
 def check_geometry(args: argparse.Namespace, spec: ModelSpec) -> UCAGConfig:
@@ -161,6 +190,7 @@ class Setup:
     ucag: UCAG | None
     settings_recorded: dict = field(default_factory=dict)
     precision: Precision = field(default_factory=Precision)
+    input_scale: float = 1.0  # --input-scale: the base row explains the image upscaled by it
 
     def rows(self, center: bool = False) -> list[Row]:
         """The table's rows: (center baseline,) the method, the method with UCAG ('name*')."""
@@ -180,16 +210,24 @@ class Setup:
         return dict(self.settings_recorded)
 
 
+def check_flags(args: argparse.Namespace) -> tuple[UCAGConfig, float]:
+    """The common flags' own checks, before anything is built (a study checks every point's so): batch size,
+    UCAG settings, --input-scale, workers. Returns the UCAG settings and the input scale."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    config = ucag_config(args)  # UCAG's flags refused before the model loads
+    scale = input_scale(args, config)
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more (got {args.workers})")
+    return config, scale
+
+
 def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], ModelSpec] | None = None) -> Setup:
     """Check the flags, then build device, model, explainer and (with --ucag) its UCAG wrapper.
 
     load_spec: builds the model for the device instead of the ImageNet registry (pointing-game models).
     """
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    ucag_config(args)  # UCAG's flags refused before the model loads
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more (got {args.workers})")
+    _, scale = check_flags(args)
     method = canonical_name(args.method)
     if getattr(args, "deterministic", False):
         make_deterministic()  # before the model's first CUDA product: cuBLAS reads its setting then
@@ -220,6 +258,10 @@ def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], Mo
     if config.protocol.baseline_is_upscaled(config.alpha):
         baseline = UpscaledInput(explainer, config.alpha)
         settings["baseline_alpha"] = args.alpha
+    elif scale != 1:
+        check_input_scale(scale, spec)
+        baseline = UpscaledInput(explainer, scale)
+    settings["input_scale"] = scale
     wrapped = None
     if args.ucag:
         crop_input = fixed_crop_input(args, spec)
@@ -232,6 +274,6 @@ def build_setup(args: argparse.Namespace, load_spec: Callable[[torch.device], Mo
         settings["ucag"] = False
         if getattr(args, "blend", None):
             warnings.warn("--blend has no effect without --ucag", stacklevel=2)
-    return Setup(device, spec, method, baseline, wrapped, settings, precision)
+    return Setup(device, spec, method, baseline, wrapped, settings, precision, scale)
 
 

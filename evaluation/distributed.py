@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -24,6 +24,9 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # whether init() created the process group (finish() ends it) or found it joined already (by reproduce.py,
+    # which runs several scripts in one process: the group outlives each of them)
+    owns_group: bool = field(default=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -89,9 +92,10 @@ def init(device_request: str | None) -> tuple[Dist, str | None]:
                   "per GPU): ranks exchange their few messages through gloo", file=sys.stderr)
         torch.cuda.set_device(index)
         device_request = f"cuda:{index}"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend)
-    return Dist(rank, world, local_rank), device_request
+    return Dist(rank, world, local_rank, owns), device_request
 
 
 def gpu_placement(local_rank: int, local_world: int, device_count: int) -> tuple[int, str]:
@@ -113,6 +117,8 @@ def _number(name: str, default: str) -> int:
 
 
 def finish(info: Dist) -> None:
+    """Wait for every rank; end the process group where :func:`init` created it."""
     if info.world > 1 and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if info.owns_group:
+            dist.destroy_process_group()

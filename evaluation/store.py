@@ -44,6 +44,7 @@ IMPLIED_SETTINGS = {
     "deterministic": False,  # --deterministic did not exist before
     "smooth": None,  # --smooth did not exist before
     "smooth_seed": None,
+    "input_scale": 1.0,  # the base row's upscaling of the whole image (--input-scale); none before the flag
 }
 
 

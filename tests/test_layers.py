@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["common", "models", "methods", "ucag", "evaluation", "app"]
-SCRIPTS = ["visualization", "insdel", "density", "pointing_game", "segmentation"]
+SCRIPTS = ["visualization", "insdel", "density", "pointing_game", "segmentation", "reproduce"]
 LEVEL = {name: level for level, name in enumerate(LAYERS)} | {name: len(LAYERS) for name in SCRIPTS}
 
 

@@ -15,7 +15,8 @@ readme_command = readme_command_module.readme_command
 
 
 def requirement_names(path: Path) -> set[str]:
-    """Direct dependencies named in a requirements file, following its -r includes."""
+    """Direct dependencies named in a requirements file for the running interpreter (a line whose marker does not
+    apply, e.g. tomli on Python >= 3.11, is left out), following its -r includes."""
     names = set()
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -24,7 +25,9 @@ def requirement_names(path: Path) -> set[str]:
         if line.startswith("-r "):
             names |= requirement_names(path.parent / line[3:].strip())
         else:
-            names.add(canonicalize_name(Requirement(line).name))
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate():
+                names.add(canonicalize_name(requirement.name))
     return names
 
 
