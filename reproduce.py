@@ -6,8 +6,11 @@
     torchrun --nproc_per_node=4 reproduce.py studies/scale.toml
 
 Every point runs the script in this process with --out DIR/<point> (its own outputs, run.json identity and
-resume): a rerun of a stopped study continues where it stopped. Writes DIR/study.json (every point's summary),
-DIR/study.md (one table) and, with [plot], DIR/plot_<field>.png. DIR defaults to results/studies/<file stem>.
+resume): a rerun of a stopped study continues where it stopped. Points that differ only in UCAG's settings
+take the base row from the first of them (--base-from, checked through the run identity). Writes
+DIR/study.json (every point's summary), DIR/study.md (one table), with [plot] DIR/plot_<field>.png, and
+DIR/report.html (tables, figures, a gallery of maps, the per-image scores). DIR defaults to
+results/studies/<file stem>.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from common.errors import ToolkitError
 from common.images import display_path
 from evaluation import distributed
 from evaluation.store import check_output_folder
+from evaluation.study_page import write_study_page
 from evaluation.study_report import write_study_report
 
 PROG = "reproduce.py"
@@ -56,14 +60,81 @@ def build_parser() -> Parser:
     return parser
 
 
-def point_argv(point: Point, out: Path) -> list[str]:
-    return [*point.argv, "--out", str(out / point.name)]
+# Flags (argparse dests) that concern only the UCAG row or no number at all: points equal in every other flag
+# share the base row (--base-from the first of them; the script checks it through the run identity)
+UCAG_ROW_FLAGS = {"ucag", "alpha", "crop_size", "num_patches", "no_confidence", "blend", "patch_batch", "out",
+                  "fresh", "base_from", "batch_size", "workers", "score_batch"}
+GALLERY_IMAGES = 4  # images of the report's gallery
+# the common flags the gallery's visualization.py runs take from a point (argparse dest -> flag)
+GALLERY_FLAGS = {"name": "--name", "weights": "--weights", "target_layer": "--target-layer", "alpha": "-a",
+                 "crop_size": "-c", "num_patches": "-n", "blend": "--blend", "input_scale": "--input-scale",
+                 "smooth": "--smooth", "smooth_seed": "--smooth-seed", "device": "--device",
+                 "precision": "--precision", "img_path": "--img-path"}
+GALLERY_SWITCHES = {"no_confidence": "--no-confidence", "official": "--official", "score": "--score"}
+
+
+def base_sources(study: Study) -> dict[str, str]:
+    """{point: the earlier point whose base row it takes}: points of a script with --base-from that differ
+    only in UCAG's settings (not under --official, where alpha also upscales the base row)."""
+    first: dict[tuple, str] = {}
+    sources = {}
+    for point in study.points:
+        flags = vars(point.args)
+        if "base_from" not in flags or flags.get("official"):
+            continue
+        key = tuple(sorted((name, repr(value)) for name, value in flags.items() if name not in UCAG_ROW_FLAGS))
+        if key in first:
+            sources[point.name] = first[key]
+        else:
+            first[key] = point.name
+    return sources
+
+
+def point_argv(point: Point, out: Path, source: str | None = None) -> list[str]:
+    base = [] if source is None else ["--base-from", str(out / source)]
+    return [*point.argv, "--out", str(out / point.name), *base]
+
+
+def gallery_argv(point: Point, folder: Path) -> list[str]:
+    """visualization.py's flags for the gallery of ``point``'s method: its model, UCAG and input flags."""
+    flags = vars(point.args)
+    argv = [flags["method"], "--ucag", "--limit", str(GALLERY_IMAGES), "--out", str(folder)]
+    for name, flag in GALLERY_FLAGS.items():
+        if flags.get(name) is not None:
+            argv += [flag, str(flags[name])]
+    return argv + [flag for name, flag in GALLERY_SWITCHES.items() if flags.get(name)]
+
+
+def make_gallery(study: Study, out: Path) -> list[tuple[str, str, Path]]:
+    """(image, method, picture) for the report: visualization.py on the first images, once per method (the
+    first point of each), into DIR/gallery/<method>/; a method whose pictures are there already is not redone.
+    Scripts without an image folder (the localization datasets) have no gallery."""
+    import visualization
+    pictures = []
+    done = set()
+    for point in study.points:
+        flags = vars(point.args)
+        if flags.get("img_path") is None or flags["method"] in done:
+            continue
+        done.add(flags["method"])
+        folder = out / "gallery" / flags["method"].replace(":", "-")
+        if len(list(folder.glob("*.png"))) < GALLERY_IMAGES:
+            try:
+                visualization.main(gallery_argv(point, folder))
+            except ToolkitError as exc:  # the points' results stand; the report goes without these pictures
+                tqdm.write(f"note: no gallery for {flags['method']}: {exc}")
+                continue
+        label = flags["method"].replace(":", "-")
+        for path in sorted(folder.rglob(f"*_{label}.png")):
+            pictures.append((path.name[:-len(f"_{label}.png")], flags["method"], path))
+    return pictures
 
 
 def dry_run(study: Study, out: Path) -> int:
     """The points, each one's images and state, and the command it runs; nothing is written."""
     print(f"study {study.name!r}: {study.script}.py, {len(study.points)} point(s), folder {display_path(str(out))}/")
     total = 0
+    sources = base_sources(study)
     for point in study.points:
         folder = out / point.name
         try:
@@ -74,7 +145,7 @@ def dry_run(study: Study, out: Path) -> int:
             images, count = None, f"data missing: {exc}"
         state = point_state(folder, images)
         print(f"  {point.name}: {count}, {state}")
-        print(f"    {study.script}.py {shlex.join(point_argv(point, out))}")
+        print(f"    {study.script}.py {shlex.join(point_argv(point, out, sources.get(point.name)))}")
     print(f"{total} image(s) over all points")
     return 0
 
@@ -87,8 +158,9 @@ def read_summary(folder: Path) -> dict | None:
 
 
 def study_record(study: Study, out: Path) -> dict:
+    sources = base_sources(study)
     return {"name": study.name, "script": study.script,
-            "points": [{"point": p.name, "sweep": p.sweep, "argv": point_argv(p, out),
+            "points": [{"point": p.name, "sweep": p.sweep, "argv": point_argv(p, out, sources.get(p.name)),
                         "summary": read_summary(out / p.name)} for p in study.points]}
 
 
@@ -114,12 +186,13 @@ def run_study(study: Study, out: Path, on_batch: Callable[[str, int], None] | No
             check_output_folder(out)
         bar = tqdm(total=len(study.points), unit="point", desc=f"study {study.name}", position=0,
                    disable=not info.is_main)
+        sources = base_sources(study)
         try:
             for point in study.points:
                 bar.set_postfix_str(point.name, refresh=True)
                 hook = None if on_batch is None else (lambda number, name=point.name: on_batch(name, number))
                 try:
-                    module.main(point_argv(point, out), on_batch=hook)
+                    module.main(point_argv(point, out, sources.get(point.name)), on_batch=hook)
                 except ToolkitError as exc:
                     if not _rewordable(exc):
                         raise
@@ -128,8 +201,10 @@ def run_study(study: Study, out: Path, on_batch: Callable[[str, int], None] | No
         finally:
             bar.close()
         if info.is_main:
-            written = write_study_report(out, study_record(study, out), study.entry.fields, study.entry.digits,
-                                         study.plot)
+            record = study_record(study, out)
+            written = write_study_report(out, record, study.entry.fields, study.entry.digits, study.plot)
+            figures = [path for path in written if path.name.startswith("plot_")]
+            written.append(write_study_page(out, record, figures, make_gallery(study, out)))
             print(f"study {study.name!r}: {len(study.points)} point(s); wrote "
                   + ", ".join(display_path(str(path)) for path in written))
     finally:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from app.evaluation_run import output_folders
+from app.evaluation_run import check_limit, output_folders
 from app.flags import Parser, UsageError, add_common_flags
 from app.lifecycle import run_cli
 from app.setup import Setup, build_setup, parse_target
@@ -58,6 +58,7 @@ def build_parser() -> Parser:
                         help="image file or folder, read recursively (default examples/)")
     parser.add_argument("--target", default="pred", help="'pred' (predicted class, default) or a class index")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images (in path order)")
     return parser
 
 
@@ -119,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup = build_setup(args)
     target = parse_target(args.target, setup.spec)
-    files = find_images(args.img_path, output_folders(args.out, args.img_path))
+    check_limit(args.limit)
+    files = find_images(args.img_path, output_folders(args.out, args.img_path))[:args.limit]
     if len(files) == 1:
         load_rgb(files[0])  # a single unreadable file is an error, not a skip
     root = Path(args.img_path) if Path(args.img_path).is_dir() else Path(args.img_path).parent

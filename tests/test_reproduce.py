@@ -389,3 +389,62 @@ def close(a, b) -> bool:
     if isinstance(a, float) and not isinstance(b, bool):
         return b == pytest.approx(a, rel=1e-5, nan_ok=True)
     return a == b
+
+
+SCALE_STUDY = f"""name = "Scale"
+script = "confidence"
+
+[args]
+method = "gradcam"
+{ARGS.replace("a = 1.0", "")}
+[sweep]
+a = [1.0, 1.5]
+"""
+
+
+def test_the_base_row_of_a_ucag_sweep_is_computed_once(tmp_path, capsys, monkeypatch):
+    import evaluation.rows
+    explained = []
+    original = evaluation.rows.Row.explain_folds
+
+    def counted(self, *args, **kwargs):
+        explained.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation.rows.Row, "explain_folds", counted)
+    path = study_file(tmp_path, SCALE_STUDY, "scale.toml")
+    code, _, err = run(reproduce, [str(path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    # point a=1.0: both rows of its two batches (batch size 1); point a=1.5: the UCAG row only; then the
+    # report's gallery (visualization.py, one batch of both rows)
+    assert explained == ["gradcam", "gradcam*"] * 2 + ["gradcam*"] * 2 + ["gradcam", "gradcam*"]
+    out = tmp_path / "out"
+    record = json.loads((out / "study.json").read_text())
+    assert record["points"][1]["argv"][-2:] == ["--base-from", str(out / "a=1.0")]
+    by_hand = tmp_path / "hand"
+    hand = [*HAND, "-a", "1.5"]
+    hand[hand.index("-a") + 1] = "1.5"
+    assert run(confidence, ["gradcam", *hand[:-2], "--out", str(by_hand)], capsys)[0] == 0
+    assert summary(out / "a=1.5")["rows"] == summary(by_hand)["rows"]
+
+
+def test_the_report_page_in_chromium(finished):
+    """report.html: the study's table (a line per point and row), the figure, the gallery (a picture per image
+    and method), the per-image table; rendered by headless Chromium."""
+    from tests.test_html_report import Counter, browse
+    _, out = finished
+    page = out / "report.html"
+    counted = Counter()
+    counted.feed(browse(page, "--dump-dom").stdout)
+    # summary: header + 2 points x 2 rows; gallery: header + the 4 bundled photos (the gallery's own limit, not
+    # the study's --limit 2); per image: header + 2 points x 2 images
+    assert counted.tables == [5, 5, 5]
+    figures = sorted(path.name for path in out.glob("plot_*.png"))
+    assert figures == ["plot_change.png", "plot_drop.png", "plot_increase.png"]
+    assert counted.images == len(figures) + 4 * 2  # the plots, 4 photos x 2 methods
+    assert all(source.startswith("data:image/png;base64,") for source in counted.sources)
+    shot = out.parent / "shot.png"
+    browse(page, f"--screenshot={shot}", "--window-size=1200,1600")
+    import numpy as np
+    from PIL import Image
+    assert np.asarray(Image.open(shot).convert("L"), dtype=float).std() > 5
