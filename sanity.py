@@ -11,25 +11,11 @@ reruns resume.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from app.evaluation_run import (
-    described,
-    image_metric_parser,
-    labels_identity,
-    output_folders,
-    results_folder,
-    run_evaluation,
-)
-from app.flags import Parser, UsageError
+from app.evaluation_run import image_metric_parser, run_sanity
+from app.flags import Parser
 from app.lifecycle import run_cli
-from app.setup import Setup
-from evaluation.datasets import discover
-from evaluation.distributed import Dist
 from evaluation.randomisation import MODES
-from evaluation.sanity_report import write_sanity_report
-from evaluation.sanity_task import SanityTask
-from evaluation.store import ABOUT
 
 PROG = "sanity.py"
 DEFAULT_SEED = 42  # Quantus' MPRT and RandomLogit default
@@ -52,31 +38,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None, on_batch=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1 (got {args.max_steps})")
-    if args.max_steps is not None and args.mode == "logit":
-        raise UsageError("--max-steps has no effect with --mode logit (one step, the model unchanged)")
-    if args.weights_seed < 0:
-        raise UsageError(f"--weights-seed must be 0 or more (got {args.weights_seed})")
-
-    def make_task(setup: Setup, info: Dist) -> tuple[SanityTask, dict]:
-        outputs = output_folders(args.out or results_folder("sanity", args)(setup), args.img_path)
-        samples = info.on_main(lambda: discover(args.img_path, args.labels, setup.spec.num_classes,
-                                                need_labels=args.target == "gt", outputs=outputs, limit=args.limit))
-        target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
-        header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, "mode": args.mode,
-                  "weights_seed": args.weights_seed}
-        task = SanityTask(samples, setup.spec, setup.device, setup.rows(), args.mode, args.weights_seed,
-                          target_mode, args.max_steps, header, report=write_sanity_report,
-                          description=f"sanity {args.mode} {described(setup)}")
-        labels = labels_identity(args.labels)
-        layers = task.labels if args.mode != "logit" else []
-        return task, {"target": target_mode, "img_path": str(Path(args.img_path).resolve()), **labels,
-                      "mode": args.mode, "weights_seed": args.weights_seed, "layers": layers,
-                      ABOUT: labels[ABOUT]}
-
-    return run_evaluation(args, results_folder("sanity", args), make_task, on_batch, metric="sanity")
+    return run_sanity(build_parser().parse_args(argv), on_batch)
 
 
 if __name__ == "__main__":

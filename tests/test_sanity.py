@@ -13,7 +13,14 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 import sanity
-from evaluation.randomisation import RandomisationError, RandomWeights, draw_layer, parameter_layers, randomised, set_step
+from evaluation.randomisation import (
+    RandomisationError,
+    RandomWeights,
+    draw_layer,
+    parameter_layers,
+    randomised,
+    set_step,
+)
 from evaluation.rows import Row
 from evaluation.sanity_task import SanityTask, random_class
 from evaluation.similarity import FIELDS, Reference, compare, hog_features, input_maps, ranks, ssim

@@ -199,7 +199,8 @@ def test_segmentation_task_summarizes_pixel_accuracy_and_map():
     assert task.items == ["00000", "00001"] and task.key("00001") == "00001"
 
 
-@pytest.mark.parametrize("script", ["pointing_game.py", "segmentation.py", "insdel.py", "density.py", "confidence.py"])
+@pytest.mark.parametrize("script", ["pointing_game.py", "segmentation.py", "insdel.py", "density.py", "confidence.py",
+                                    "sanity.py"])
 def test_metric_scripts_are_a_parser_and_one_call(script):
     text = (REPO / script).read_text(encoding="utf-8")
     assert len(text.splitlines()) < 80, f"{script}: {len(text.splitlines())} lines"
