@@ -193,14 +193,15 @@ class SanityTask(Task):
     def process(self, batch: list[dict]) -> list[dict]:
         x = self.images(batch)
         targets, logits = self.targets(batch, x)
-        references = {name: Reference.of(maps) for name, maps in self.originals(x, targets, logits).items()}
+        # every row's maps are compared in one call (one sort of all of them, which runs rows in parallel)
+        reference = Reference.of(torch.cat(list(self.originals(x, targets, logits).values())))
         others = self.other_classes(batch, targets) if self.mode == "logit" else None
         scores = {row.name: {name: [] for name in FIELDS} for row in self.rows}
 
         def visit(step: int, maps: dict) -> None:
-            for name, values in maps.items():
-                for field_name, value in compare(references[name], values).items():
-                    scores[name][field_name].append(value)
+            for field_name, value in compare(reference, torch.cat([maps[row.name] for row in self.rows])).items():
+                for row, part in zip(self.rows, value.split(len(batch)), strict=True):
+                    scores[row.name][field_name].append(part)
 
         self.step_maps(x, targets, logits, others, visit)
         # (steps, B) per field -> each image's per-step lists

@@ -4,7 +4,7 @@ Which maps: a row's raw map (signed, no ReLU or min-max) bilinear-resized to the
 (:func:`input_maps`; anti-aliased only when shrinking, as every script resizes). From it:
 
 * ``spearman``: Spearman's rank correlation of the two raw maps, ranks with average ties (as
-  ``scipy.stats.spearmanr``), batched on the maps' device in float64;
+  ``scipy.stats.spearmanr``), batched on the maps' device, correlated in float64;
 * ``spearman_abs``: the same of their absolute values;
 * ``ssim``: the structural similarity of the two maps min-max normalised to [0, 1] (each map alone), with
   ``skimage.metrics.structural_similarity``'s definition and defaults (7 x 7 uniform window, K1 0.01, K2 0.03,
@@ -138,8 +138,18 @@ class Reference:
     def of(cls, maps: torch.Tensor) -> Reference:
         """``maps``: the original (B, 1, H, W) maps at the input size (:func:`input_maps`)."""
         flat = maps.flatten(1)
+        both = signed_and_absolute_ranks(flat)
         maps01 = min_max(maps)
-        return cls(ranks(flat), ranks(flat.abs()), maps01, hog_features(maps01), constant(maps))
+        return cls(both[:len(flat)], both[len(flat):], maps01, hog_features(maps01), constant(maps))
+
+
+def signed_and_absolute_ranks(flat: torch.Tensor) -> torch.Tensor:
+    """(2B, N): the ranks of the B maps, then of their absolute values, in one sort (which runs its rows in
+    parallel: one image's two sorts share the cores); a batch without negative values ranks once."""
+    if bool((flat >= 0).all()):
+        once = ranks(flat)
+        return torch.cat([once, once])
+    return ranks(torch.cat([flat, flat.abs()]))
 
 
 def compare(reference: Reference, maps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -147,8 +157,9 @@ def compare(reference: Reference, maps: torch.Tensor) -> dict[str, torch.Tensor]
     maps at the input size); NaN where either map is constant."""
     flat = maps.flatten(1)
     maps01 = min_max(maps)
-    scores = torch.stack([pearson(reference.ranks, ranks(flat)),
-                          pearson(reference.ranks_abs, ranks(flat.abs())),
+    both = signed_and_absolute_ranks(flat)
+    scores = torch.stack([pearson(reference.ranks, both[:len(flat)]),
+                          pearson(reference.ranks_abs, both[len(flat):]),
                           ssim(reference.maps01, maps01),
                           pearson(reference.hog, hog_features(maps01))])
     undefined = reference.constant | constant(maps)
