@@ -24,7 +24,7 @@ import torch
 from common.images import display_path
 from evaluation.datasets import Sample
 from evaluation.image_metric import load_sample
-from evaluation.randomisation import RandomWeights, parameter_layers, randomised, set_step
+from evaluation.randomisation import RandomWeights, denormals_flushed, parameter_layers, randomised, set_step
 from evaluation.rows import Row, batch_targets, explain_rows
 from evaluation.similarity import FIELDS, Reference, compare, input_maps
 from evaluation.task import RunningText, Task
@@ -148,14 +148,15 @@ class SanityTask(Task):
     def step_maps(self, x: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor | None,
                   others: torch.Tensor | None, visit, wanted: Collection[int] | None = None) -> None:
         """Call ``visit(step, {row name: maps at the input size})`` for every step (``wanted``: only those):
-        inside the randomisation (the original weights restored afterwards, also after an error), or once for
+        inside the randomisation (the original weights restored afterwards, also after an error; denormal
+        floats flushed to zero meanwhile, see :func:`evaluation.randomisation.denormals_flushed`), or once for
         the random classes ``others``."""
         size = tuple(x.shape[-2:])
         if self.mode == "logit":
             visit(0, {row.name: input_maps(explanation.maps, size)
                       for row, explanation, _ in explain_rows(self.rows, x, others, logits)})
             return
-        with randomised(self.layers) as snapshot:
+        with randomised(self.layers) as snapshot, denormals_flushed():
             for index in range(len(self.layers)):
                 set_step(self.weights, snapshot, self.mode, index)
                 if wanted is None or index in wanted:

@@ -168,6 +168,7 @@ def test_keyboard_interrupt_mid_randomisation_restores_the_model_bitwise():
         task.step_maps(x, torch.tensor([1, 2]), None, None, visit)
     assert calls == [0, 1, 2]
     assert_bitwise(net, before)
+    assert float(torch.tensor([1e-39]) * 1.0) > 0  # denormals are no longer flushed to zero
 
 
 def test_random_weights_do_not_depend_on_the_device(device):
