@@ -81,11 +81,19 @@ def _window_means(maps: torch.Tensor, size: int) -> torch.Tensor:
     return total / (size * size)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """(B,) structural similarity of (B, 1, H, W) maps, skimage's definition (see the module), float64."""
+def ssim_moments(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w): the window means of a map and of its square (float64), what SSIM needs of one side."""
+    maps = maps.double()
+    return _window_means(torch.cat([maps, maps * maps], dim=1), SSIM_WINDOW)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0,
+         moments_a: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) structural similarity of (B, 1, H, W) maps, skimage's definition (see the module), float64.
+    ``moments_a``: :func:`ssim_moments` of ``a`` computed before (a reference compared many times)."""
     a, b = a.double(), b.double()
-    means = _window_means(torch.cat([a, b, a * a, b * b, a * b], dim=1), SSIM_WINDOW)
-    ux, uy, uxx, uyy, uxy = means.unbind(dim=1)
+    ux, uxx = (ssim_moments(a) if moments_a is None else moments_a).unbind(dim=1)
+    uy, uyy, uxy = _window_means(torch.cat([b, b * b, a * b], dim=1), SSIM_WINDOW).unbind(dim=1)
     points = SSIM_WINDOW * SSIM_WINDOW
     norm = points / (points - 1)
     vx, vy, vxy = norm * (uxx - ux * ux), norm * (uyy - uy * uy), norm * (uxy - ux * uy)
@@ -126,11 +134,13 @@ def hog_features(maps01: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Reference:
-    """What the comparisons with a batch's original maps reuse: their ranks, [0, 1] maps and HOG features."""
+    """What the comparisons with a batch's original maps reuse: their ranks, [0, 1] maps, SSIM window moments
+    and HOG features."""
 
     ranks: torch.Tensor
     ranks_abs: torch.Tensor
     maps01: torch.Tensor
+    moments: torch.Tensor
     hog: torch.Tensor
     constant: torch.Tensor
 
@@ -140,7 +150,8 @@ class Reference:
         flat = maps.flatten(1)
         both = signed_and_absolute_ranks(flat)
         maps01 = min_max(maps)
-        return cls(both[:len(flat)], both[len(flat):], maps01, hog_features(maps01), constant(maps))
+        return cls(both[:len(flat)], both[len(flat):], maps01, ssim_moments(maps01), hog_features(maps01),
+                   constant(maps))
 
 
 def signed_and_absolute_ranks(flat: torch.Tensor) -> torch.Tensor:
@@ -160,7 +171,7 @@ def compare(reference: Reference, maps: torch.Tensor) -> dict[str, torch.Tensor]
     both = signed_and_absolute_ranks(flat)
     scores = torch.stack([pearson(reference.ranks, both[:len(flat)]),
                           pearson(reference.ranks_abs, both[len(flat):]),
-                          ssim(reference.maps01, maps01),
+                          ssim(reference.maps01, maps01, moments_a=reference.moments),
                           pearson(reference.hog, hog_features(maps01))])
     undefined = reference.constant | constant(maps)
     scores = torch.where(undefined, torch.full_like(scores, float("nan")), scores).cpu()  # one copy to the host
