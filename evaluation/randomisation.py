@@ -58,11 +58,26 @@ def _own_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _cpu_replica(module: nn.Module) -> nn.Module:
+    """A CPU copy of ``module`` to reset: its own parameters and buffers cloned to the host, its children deep
+    copies (a reset may touch them), everything else shared (hooks, references to other objects: a deep copy
+    of a module could copy a whole explainer or model through them)."""
+    replica = copy.copy(module)
+    replica._parameters = {name: None if p is None else nn.Parameter(p.detach().to("cpu", copy=True),
+                                                                      p.requires_grad)
+                           for name, p in module._parameters.items()}
+    replica._buffers = {name: None if b is None else b.detach().to("cpu", copy=True)
+                        for name, b in module._buffers.items()}
+    replica._modules = {name: None if child is None else copy.deepcopy(child).to("cpu")
+                        for name, child in module._modules.items()}
+    return replica
+
+
 def draw_layer(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """The random own parameters and buffers of ``module``, on the CPU, in their dtypes: a CPU copy reset
     under ``manual_seed(seed + 1)`` (the global CPU generator is restored afterwards)."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        replica = copy.deepcopy(module).to("cpu")
+        replica = _cpu_replica(module)
         torch.manual_seed(seed + 1)
         if hasattr(replica, "reset_parameters"):
             replica.reset_parameters()

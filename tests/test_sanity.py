@@ -116,6 +116,24 @@ def test_random_weights_are_quantus_reset_and_leave_the_global_generator_alone()
     assert torch.equal(norm["running_mean"], torch.zeros(6)) and torch.equal(norm["running_var"], torch.ones(6))
 
 
+class NoCopy:
+    """A hook's owner that must not be deep-copied (an explainer holding the whole model)."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("deep-copied")
+
+    def hook(self, module, inputs, output):
+        return output
+
+
+def test_drawing_copies_only_the_layer_not_what_its_hooks_hold():
+    net = tiny_net()
+    net[3].register_forward_hook(NoCopy().hook)
+    weight = net[3].weight.clone()
+    drawn = draw_layer(net[3], seed=0)
+    assert torch.equal(net[3].weight, weight) and not torch.equal(drawn["weight"], weight)
+
+
 class Scale(nn.Module):
     """A module owning a parameter but no reset_parameters: the normal_(std=0.01) fallback."""
 
