@@ -1,8 +1,8 @@
 """How every metric script runs: flags -> output folder check, device, model, rows, lock, run identity
 (resume check) -> the one evaluation driver (:func:`evaluation.driver.run_task`). A script contributes its
-parser and one call: :func:`run_image_metric` (insdel.py, density.py), :func:`run_pointing_game` or
-:func:`run_segmentation`, each building the script's :class:`evaluation.task.Task` and the settings its
-numbers depend on."""
+parser and one call: :func:`run_image_metric` (insdel.py, density.py), :func:`run_pointing_game`,
+:func:`run_segmentation` or :func:`run_sanity`, each building the script's :class:`evaluation.task.Task` and the
+settings its numbers depend on."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,8 @@ from evaluation.imagenet_seg import ImageNetSegmentation
 from evaluation.localization_data import open_dataset, read_difficult_list
 from evaluation.pointing_task import PointingGameTask
 from evaluation.reuse import ReusedBaseRow
+from evaluation.sanity_report import write_sanity_report
+from evaluation.sanity_task import SanityTask
 from evaluation.segmentation_task import SegmentationTask
 from evaluation.store import (
     ABOUT,
@@ -269,3 +271,32 @@ def run_segmentation(args: argparse.Namespace, on_batch: Callable[[int], None] |
         return task, {"data": str(Path(args.data).resolve()), "data_hash": file_sha256(args.data), "ap": args.ap}
 
     return run_evaluation(args, results_folder("segmentation", args), make_task, on_batch, metric="segmentation")
+
+
+def run_sanity(args: argparse.Namespace, on_batch: Callable[[int], None] | None = None) -> int:
+    """sanity.py: model-parameter randomisation (cascading, independent) or the random-logit test
+    (:class:`evaluation.sanity_task.SanityTask`) over ImageNet-style data, layouts and labels as insdel.py; the
+    mode, the weights' seed and the randomised layers' names are part of the run's identity."""
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if args.max_steps is not None and args.mode == "logit":
+        raise UsageError("--max-steps has no effect with --mode logit (one step, the model unchanged)")
+    if args.weights_seed < 0:
+        raise UsageError(f"--weights-seed must be 0 or more (got {args.weights_seed})")
+
+    def make_task(setup: Setup, info: Dist) -> tuple[Task, dict]:
+        outputs = output_folders(args.out or results_folder("sanity", args)(setup), args.img_path)
+        samples = info.on_main(lambda: discover(args.img_path, args.labels, setup.spec.num_classes,
+                                                need_labels=args.target == "gt", outputs=outputs, limit=args.limit))
+        target_mode = args.target or ("gt" if samples[0].label is not None else "pred")
+        header = {"model": setup.spec.name, "method": setup.method, "target": target_mode, "mode": args.mode,
+                  "weights_seed": args.weights_seed}
+        task = SanityTask(samples, setup.spec, setup.device, setup.rows(), args.mode, args.weights_seed,
+                          target_mode, args.max_steps, header, report=write_sanity_report,
+                          description=f"sanity {args.mode} {described(setup)}")
+        labels = labels_identity(args.labels)
+        return task, {"target": target_mode, "img_path": str(Path(args.img_path).resolve()), **labels,
+                      "mode": args.mode, "weights_seed": args.weights_seed,
+                      "layers": task.labels if args.mode != "logit" else [], ABOUT: labels[ABOUT]}
+
+    return run_evaluation(args, results_folder("sanity", args), make_task, on_batch, metric="sanity")

@@ -31,7 +31,8 @@ from evaluation.errors import StoreError
 
 # Bump a metric's number whenever a change of its code changes the numbers it records: a folder holding
 # records of another version is then refused instead of mixed with new ones.
-METRIC_VERSIONS = {"insdel": 1, "density": 1, "pointing_game": 1, "segmentation": 1, "confidence": 1, "road": 1}
+METRIC_VERSIONS = {"insdel": 1, "density": 1, "pointing_game": 1, "segmentation": 1, "confidence": 1, "road": 1,
+                   "sanity": 1}
 # The layout of the records in parts/ (2: skip records are retried, a later result supersedes them).
 RECORD_FORMAT = 2
 # run.json keys that describe a run without being part of its identity (paths of hashed files).

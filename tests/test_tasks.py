@@ -200,7 +200,7 @@ def test_segmentation_task_summarizes_pixel_accuracy_and_map():
 
 
 @pytest.mark.parametrize("script", ["pointing_game.py", "segmentation.py", "insdel.py", "density.py", "confidence.py",
-                                    "road.py"])
+                                    "road.py", "sanity.py"])
 def test_metric_scripts_are_a_parser_and_one_call(script):
     text = (REPO / script).read_text(encoding="utf-8")
     assert len(text.splitlines()) < 80, f"{script}: {len(text.splitlines())} lines"
