@@ -43,6 +43,7 @@ SCRIPTS = {
     "density": Script("density", ("positive", "negative"), 3),
     "confidence": Script("confidence", ("drop", "increase", "change"), 4),
     "road": Script("road", ("morf", "lerf", "combined"), 4),
+    "sanity": Script("sanity", ("spearman", "spearman_abs", "ssim", "hog"), 3),  # at the verdict's step
     "pointing_game": Script("pointing_game", ("pointing_all", "pointing_difficult", "energy_all",
                                               "energy_difficult"), 1),
     "segmentation": Script("segmentation", ("pixel_accuracy", "map"), 2),

@@ -22,7 +22,7 @@ DEFAULT_SEED = 42  # Quantus' MPRT and RandomLogit default
 
 
 def build_parser() -> Parser:
-    parser = image_metric_parser(PROG, __doc__.split("\n")[0])
+    parser = image_metric_parser(PROG, __doc__.split("\n")[0], base_from=False)
     check = parser.add_argument_group("sanity check")
     check.add_argument("--mode", choices=MODES, default="cascading",
                        help="cascading (default): randomise the layers from the logits down, cumulatively; "

@@ -181,18 +181,23 @@ def described(setup: Setup) -> str:
     return f"{setup.method}{' + UCAG' if setup.ucag else ''}"
 
 
-def image_metric_parser(prog: str, description: str) -> Parser:
-    """The flags of insdel.py, density.py, confidence.py and road.py: the common ones, the dataset flags and
-    --base-from."""
+def image_metric_parser(prog: str, description: str, base_from: bool = True) -> Parser:
+    """The flags of insdel.py, density.py, confidence.py, road.py and sanity.py: the common ones, the dataset
+    flags and (``base_from``: the metrics of ImageMetricTask) --base-from."""
     parser = Parser(prog=prog, description=description)
     add_common_flags(parser)
     add_eval_flags(parser)
     add_fresh_flag(parser)
+    if base_from:
+        add_base_from_flag(parser)
+    return parser
+
+
+def add_base_from_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-from", default=None, metavar="FOLDER",
                         help="take the method's own row from the run in FOLDER where it has it (that run's "
                              "settings must equal this run's but for UCAG's): a sweep of UCAG's settings "
                              "computes the base row once")
-    return parser
 
 
 def run_image_metric(args: argparse.Namespace, script: str, metric: ImageMetric, fields: Sequence[str],

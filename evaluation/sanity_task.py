@@ -26,6 +26,7 @@ from evaluation.datasets import Sample
 from evaluation.image_metric import load_sample
 from evaluation.randomisation import RandomWeights, denormals_flushed, parameter_layers, randomised, set_step
 from evaluation.rows import Row, batch_targets, explain_rows
+from evaluation.sanity_report import verdict_step
 from evaluation.similarity import FIELDS, Reference, compare, input_maps
 from evaluation.task import RunningText, Task
 from models import ModelSpec, preprocess
@@ -219,11 +220,13 @@ class SanityTask(Task):
 
     def summarize(self, records: Collection[dict]) -> dict:
         statistics = step_statistics(records, self.rows, len(self.labels))
-        return {**self.header, "n_images": len(records), "layers": self.labels,
-                "rows": [{"name": row.name, "ucag": row.ucag,
-                          "steps": [{"layer": label, **values} for label, values in zip(self.labels, steps,
-                                                                                         strict=True)]}
-                         for row, steps in zip(self.rows, statistics, strict=True)]}
+        rows = [{"name": row.name, "ucag": row.ucag,
+                 "steps": [{"layer": label, **values} for label, values in zip(self.labels, steps, strict=True)]}
+                for row, steps in zip(self.rows, statistics, strict=True)]
+        for row in rows:  # the similarities the verdict reads, as the row's own numbers (study tables, plots)
+            decisive = verdict_step(row, self.mode)
+            row.update({name: decisive[name] for name in FIELDS}, verdict_layer=decisive["layer"])
+        return {**self.header, "n_images": len(records), "layers": self.labels, "rows": rows}
 
     def write(self, out: Path, records: Collection[dict], skipped: list[dict], summary: dict) -> None:
         self.report(self, out, records, skipped, summary)
