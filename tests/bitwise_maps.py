@@ -45,9 +45,23 @@ def inputs() -> tuple[torch.Tensor, list[int]]:
     return torch.randn(2, 3, 40, 40, generator=generator), [3, 7]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; the machine's processor string elsewhere): one PyTorch build with the
+    same vector capability still rounds differently on another vendor's CPU (its BLAS and oneDNN code paths)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform as host
+    return host.processor() or host.machine()
+
+
 def platform() -> dict:
-    """What the bits depend on beyond the code: the PyTorch build and the CPU kernels it picks."""
-    return {"torch": str(torch.__version__), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """What the bits depend on beyond the code: the PyTorch build, the CPU kernels it picks and the CPU."""
+    return {"torch": str(torch.__version__), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": cpu_model()}
 
 
 def fingerprint(tensor: torch.Tensor) -> dict:
