@@ -75,21 +75,26 @@ class CallableExplainer(Explainer):
         return f"CallableExplainer({self.name})"
 
 
+def named_class(name: str, module, names: list[str], what: str) -> type:
+    """The class ``name`` of ``module`` among ``names`` (case-insensitive); else a MethodError naming the closest
+    matches (or every name)."""
+    exact = {n.lower(): n for n in names}.get(name.lower())
+    if exact is not None:
+        return getattr(module, exact)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {', '.join(names)}"
+    raise MethodError(f"unknown {what} class '{name}'{hint}")
+
+
 def captum_class(name: str) -> type:
-    """The Captum attribution class ``name`` (captum.attr); an unknown one names its closest matches."""
+    """The Captum attribution class ``name`` (captum.attr)."""
     try:
-        import captum
         from captum import attr
     except ImportError:
         raise MethodError("captum:<ClassName> needs Captum: pip install captum") from None
     names = sorted(n for n, value in vars(attr).items() if not n.startswith("_") and isinstance(value, type)
                    and issubclass(value, attr.Attribution) and "attribute" in dir(value))
-    exact = {n.lower(): n for n in names}.get(name.lower())
-    if exact is not None:
-        return getattr(attr, exact)
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; Captum {captum.__version__} has {', '.join(names)}"
-    raise MethodError(f"unknown Captum attribution class '{name}'{hint}")
+    return named_class(name, attr, names, "Captum attribution")
 
 
 class CaptumExplainer(CallableExplainer):
@@ -120,7 +125,7 @@ GRADCAM_LIB_PREFIX = "gradcam-lib:"  # gradcam-lib:<ClassName>: a pytorch-grad-c
 
 
 def gradcam_lib_class(name: str) -> type:
-    """The pytorch-grad-cam CAM class ``name`` (case-insensitive); an unknown one names its closest matches."""
+    """The pytorch-grad-cam CAM class ``name``."""
     try:
         import pytorch_grad_cam
         from pytorch_grad_cam.base_cam import BaseCAM
@@ -128,12 +133,7 @@ def gradcam_lib_class(name: str) -> type:
         raise MethodError("gradcam-lib:<ClassName> needs pytorch-grad-cam: pip install grad-cam") from None
     names = sorted(n for n, value in vars(pytorch_grad_cam).items()
                    if isinstance(value, type) and issubclass(value, BaseCAM) and value is not BaseCAM)
-    exact = {n.lower(): n for n in names}.get(name.lower())
-    if exact is not None:
-        return getattr(pytorch_grad_cam, exact)
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; pytorch-grad-cam has {', '.join(names)}"
-    raise MethodError(f"unknown pytorch-grad-cam class '{name}'{hint}")
+    return named_class(name, pytorch_grad_cam, names, "pytorch-grad-cam")
 
 
 def has_raw_maps(cls: type) -> bool:

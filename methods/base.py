@@ -219,3 +219,20 @@ class Explainer(ABC):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
+
+
+class Wrapper(Explainer):
+    """An explainer around another one (``explainer``, on its model): the sign of its maps and whether the
+    official code ranks them raw are the inner explainer's (UCAG's upscaled baseline, the smoothing wrappers)."""
+
+    def __init__(self, explainer: Explainer):
+        super().__init__(explainer.model)
+        self.explainer = explainer
+
+    @property
+    def signed(self) -> bool:
+        return self.explainer.signed
+
+    @property
+    def official_raw(self) -> bool:
+        return self.explainer.official_raw

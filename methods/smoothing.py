@@ -17,27 +17,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from methods.base import Explainer, Explanation
+from methods.base import Explainer, Explanation, Wrapper
 from methods.batching import batch_for_memory, even_chunks, run_chunks
 from methods.errors import MethodError
 
 FLIPS = {"none": ((),), "h": ((), (3,)), "hv": ((), (3,), (2,), (2, 3))}  # flip dims of each copy
 
 
-class _Wrapper(Explainer):
-    """An explainer around another one: its sign, raw-ranking and layout properties are the inner one's."""
-
-    def __init__(self, explainer: Explainer):
-        super().__init__(explainer.model)
-        self.explainer = explainer
-
-    @property
-    def signed(self) -> bool:
-        return self.explainer.signed
-
-    @property
-    def official_raw(self) -> bool:
-        return self.explainer.official_raw
+class _Wrapper(Wrapper):
+    """A smoothing wrapper: also the inner explainer's model layout and final maps."""
 
     @property
     def memory_format(self) -> str:

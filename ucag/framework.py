@@ -25,6 +25,7 @@ from methods.base import (
     Explainer,
     Explanation,
     Targets,
+    Wrapper,
     as_targets,
     check_batch,
     outside_inference,
@@ -53,7 +54,7 @@ def crop_confidence(logits: torch.Tensor, targets: torch.Tensor, multilabel: boo
     return target_probabilities(logits, targets, multilabel).exp()
 
 
-class UpscaledInput(Explainer):
+class UpscaledInput(Wrapper):
     """The official code's baseline for alpha != 1: ``explainer`` on the whole image upscaled by alpha
     (bicubic, align_corners=False, as UCAG's crops); maps come at the explainer's own resolution for the
     upscaled image and :meth:`finalize` brings them to any size."""
@@ -61,16 +62,8 @@ class UpscaledInput(Explainer):
     name = "upscaled"
 
     def __init__(self, explainer: Explainer, alpha: float):
-        super().__init__(explainer.model)
-        self.explainer, self.alpha = explainer, check_alpha(alpha)
-
-    @property
-    def signed(self) -> bool:
-        return self.explainer.signed
-
-    @property
-    def official_raw(self) -> bool:
-        return self.explainer.official_raw
+        super().__init__(explainer)
+        self.alpha = check_alpha(alpha)
 
     def explain(self, x: torch.Tensor, targets: torch.Tensor) -> Explanation:
         height, width = x.shape[-2:]
