@@ -377,7 +377,8 @@ def test_a_study_under_torchrun_equals_one_process(finished, tmp_path):
         assert close(summary(out / point), summary(clean / point))  # ranks' thread counts: float rounding
     two, one = (json.loads((folder / "study.json").read_text())["points"] for folder in (out, clean))
     assert all(close(a["summary"], b["summary"]) for a, b in zip(two, one, strict=True))
-    assert result.stdout.count("wrote ") == 1  # rank 0 only
+    assert result.stdout.count("point(s); wrote ") == 1  # the study's outputs: rank 0 only
+    assert (out / "report.html").is_file() and len(list((out / "gallery").rglob("*.png"))) == 4 * 2
 
 
 def close(a, b) -> bool:
