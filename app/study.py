@@ -289,9 +289,8 @@ class StudyReader:
         parser.error = refuse
         try:
             return parser.parse_args(argv)
-        except _Refused:
-            pass
-        message = problems[0]
+        except _Refused:  # argparse's message, in problems, is mapped back to the key that gave it
+            message = problems[0]
         for key in merged:
             action = actions[key]
             label = "/".join(action.option_strings) or action.metavar or action.dest

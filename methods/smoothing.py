@@ -145,10 +145,11 @@ def parse_smooth(text: str) -> tuple[str, tuple]:
             return "noise", (int(parts[0]), float(parts[1]))
         if kind == "tta" and len(parts) == 2:
             return "tta", (parts[0], tuple(float(s) for s in parts[1].split("/")))
-    except ValueError:
-        pass
+        problem = "not of either form"
+    except ValueError as exc:
+        problem = str(exc)
     raise MethodError(f"--smooth must be noise:N,SIGMA (e.g. noise:16,0.15) or tta:FLIPS,SCALES (FLIPS one of "
-                      f"{', '.join(FLIPS)}; SCALES like 1/1.25), got {text!r}")
+                      f"{', '.join(FLIPS)}; SCALES like 1/1.25), got {text!r} ({problem})")
 
 
 def smoothed(explainer: Explainer, text: str, seed: int = 0) -> Explainer:

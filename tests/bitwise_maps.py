@@ -48,14 +48,11 @@ def inputs() -> tuple[torch.Tensor, list[int]]:
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo; the machine's processor string elsewhere): one PyTorch build with the
     same vector capability still rounds differently on another vendor's CPU (its BLAS and oneDNN code paths)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform as host
-    return host.processor() or host.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else host.processor() or host.machine()
 
 
 def platform() -> dict:

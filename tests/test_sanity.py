@@ -417,7 +417,7 @@ def test_batch_size_does_not_change_the_numbers(mode, tmp_path, capsys):
 
 
 class Stop(Exception):
-    pass
+    """Raised by a test's hook to stop a run part-way."""
 
 
 def test_an_error_after_the_first_batch_resumes_to_the_uninterrupted_result(tmp_path, capsys):

@@ -81,7 +81,7 @@ def _config_setting(name: str) -> property:
     return property(lambda self: getattr(self.config, name), doc=f"UCAGConfig.{name} (read-only)")
 
 
-class UCAG(Explainer):
+class UCAG(Wrapper):
     """Wraps ``explainer`` (any registered method) into Unfold and Conquer Attribution Guidance.
 
     config: a :class:`ucag.config.UCAGConfig`; or its settings as keywords (the same names and defaults):
@@ -107,7 +107,7 @@ class UCAG(Explainer):
             if model is None:
                 raise SettingError("model", "the model a callable explainer explains (UCAG(f, model=...))", model)
             explainer = CallableExplainer(model, explainer, name=getattr(explainer, "__name__", "callable"))
-        super().__init__(explainer.model)
+        super().__init__(explainer)
         if config is None:
             config = UCAGConfig(crop=crop, n=n, alpha=alpha, blend=blend, confidence=confidence,
                                 crop_input=crop_input, multilabel=multilabel, patch_batch=patch_batch,
@@ -130,14 +130,6 @@ class UCAG(Explainer):
     crop_input = _config_setting("crop_input")
     multilabel = _config_setting("multilabel")
     patch_batch = _config_setting("patch_batch")
-
-    @property
-    def signed(self) -> bool:
-        return self.explainer.signed
-
-    @property
-    def official_raw(self) -> bool:
-        return self.explainer.official_raw
 
     def grid(self, height: int, width: int) -> CropGrid:
         return CropGrid(height, width, self.crop, self.n)
